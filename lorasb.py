@@ -375,14 +375,14 @@ def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Cal
         model.train()
         seen = 0
         for batch in batches:
-            if seen == num_samples:
-                break
             n = min(_batch_size(batch), num_samples - seen)
             batch = _first_examples(batch, n)
             loss = loss_fn(model, batch)
             loss = loss / n if rule == "adamw" else loss * (n / total)
             loss.backward()
             seen += n
+            if seen == num_samples:
+                break
         if seen < num_samples:
             raise ValueError(f"the batches held only {seen} examples but num_samples={num_samples}: "
                              "pass more data or lower num_samples")
