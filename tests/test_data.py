@@ -1,0 +1,516 @@
+"""Tests of data.py: downloads against a loopback server, GSM8K / MetaMathQA loading, the authors' prompt format and
+label rule, resumable batching, and the authors' GSM8K scoring rules."""
+
+import hashlib
+import json
+import os
+import random
+import socket
+import threading
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_DIR = Path(os.environ.get("LORASB_GSM8K_DIR", REPO.parent / "shared" / "gsm8k"))
+SMOLLM2_DIR = Path(os.environ.get("LORASB_SMOLLM2_DIR",
+                                  Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
+needs_gsm8k = pytest.mark.skipif(not (GSM8K_DIR / "test.jsonl").is_file(), reason=f"GSM8K not found in {GSM8K_DIR}")
+
+# the first GSM8K test problem, verbatim
+JANET_Q = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
+           "her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh "
+           "duck egg. How much in dollars does she make every day at the farmers' market?")
+JANET_A = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at the "
+           "farmer\u2019s market.\n#### 18")
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer: UTF-8 bytes, with BOS 256 in front; EOS 257 doubles as pad (as in the authors' setup)."""
+
+    bos_id, eos_id, pad_id = 256, 257, 257
+
+    def encode(self, text, add_special_tokens=True):
+        return ([self.bos_id] if add_special_tokens else []) + list(text.encode("utf-8"))
+
+
+class MergingTokenizer(ByteTokenizer):
+    """Like ByteTokenizer, but ':' followed by a letter is one token (id 300 + letter), as some tokenizers merge."""
+
+    def encode(self, text, add_special_tokens=True):
+        ids, raw, i = [self.bos_id] if add_special_tokens else [], text.encode("utf-8"), 0
+        while i < len(raw):
+            if raw[i] == ord(":") and i + 1 < len(raw) and chr(raw[i + 1]).isalpha():
+                ids.append(300 + raw[i + 1])
+                i += 2
+            else:
+                ids.append(raw[i])
+                i += 1
+        return ids
+
+
+# -----------------------------------------------------------------------------
+# a loopback HTTP server for the download tests
+
+
+@pytest.fixture
+def serve():
+    """serve(files, ignore_range=False, cut=0) -> (base_url, log, state): serves files (path -> bytes) on 127.0.0.1
+    with Range support. ignore_range answers every request with 200 and the whole file; the first state["cut"]
+    responses send only half their body and close. log lists (path, Range header) per request."""
+    servers = []
+
+    def start(files, ignore_range=False, cut=0):
+        log, state = [], {"cut": cut}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                log.append((self.path, self.headers.get("Range")))
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start_byte, range_header = 0, self.headers.get("Range")
+                if range_header and not ignore_range:
+                    start_byte = int(range_header.removeprefix("bytes=").rstrip("-"))
+                    if start_byte >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start_byte}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                payload = body[start_byte:]
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if state["cut"] > 0:
+                    state["cut"] -= 1
+                    payload = payload[:len(payload) // 2]
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", log, state
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port_url() -> str:
+    """A loopback URL on which nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def sha(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+BLOB = random.Random(0).randbytes(300_000)
+
+
+# -----------------------------------------------------------------------------
+# downloads
+
+
+def test_download_verifies_and_skips_a_present_file(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB})
+    dest = tmp_path / "sub" / "f.bin"
+    assert data.download_file(url + "/f.bin", dest, sha256=sha(BLOB)) == dest
+    assert dest.read_bytes() == BLOB and not (tmp_path / "sub" / "f.bin.part").exists()
+    data.download_file(url + "/f.bin", dest, sha256=sha(BLOB))
+    assert len(log) == 1  # present with the right hash: no second request
+
+
+def test_download_checksum_mismatch_leaves_no_file(serve, tmp_path):
+    url, _, _ = serve({"/f.bin": BLOB})
+    dest = tmp_path / "f.bin"
+    with pytest.raises(data.DownloadError) as e:
+        data.download_file(url + "/f.bin", dest, sha256="0" * 64)
+    assert str(dest) in str(e.value) and "0" * 64 in str(e.value) and sha(BLOB) in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_resumes_a_cut_transfer_with_range(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB}, cut=1)
+    dest = data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert dest.read_bytes() == BLOB
+    assert log == [("/f.bin", None), ("/f.bin", f"bytes={len(BLOB) // 2}-")]
+
+
+def test_download_resumes_a_partial_file_from_an_earlier_run(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB})
+    (tmp_path / "f.bin.part").write_bytes(BLOB[:1000])
+    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
+
+
+def test_download_restarts_when_the_server_ignores_range(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB}, ignore_range=True)
+    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # would corrupt the file if appended to
+    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
+
+
+def test_download_restarts_after_416_on_a_too_long_partial_file(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB})
+    (tmp_path / "f.bin.part").write_bytes(BLOB + b"extra")
+    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", None)
+
+
+def test_download_keeps_the_partial_file_when_cut_repeatedly_and_resumes_later(serve, tmp_path):
+    url, log, state = serve({"/f.bin": BLOB}, cut=10)
+    with pytest.raises(data.DownloadError, match="interrupted.*run again to resume"):
+        data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    part = tmp_path / "f.bin.part"
+    kept = part.stat().st_size
+    assert len(log) == 3 and 0 < kept < len(BLOB) and not (tmp_path / "f.bin").exists()
+    state["cut"] = 0
+    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", f"bytes={kept}-")
+
+
+def test_download_errors_name_the_url(serve, tmp_path):
+    offline = closed_port_url() + "/f.bin"
+    with pytest.raises(data.DownloadError, match=offline):
+        data.download_file(offline, tmp_path / "f.bin")
+    url, _, _ = serve({})
+    with pytest.raises(data.DownloadError, match="HTTP 404") as e:
+        data.download_file(url + "/missing.bin", tmp_path / "f.bin")
+    assert e.value.__cause__.code == 404  # model.py reads the HTTP status from the cause
+    assert issubclass(data.DownloadError, OSError)
+
+
+# -----------------------------------------------------------------------------
+# GSM8K and MetaMathQA
+
+
+@needs_gsm8k
+def test_load_gsm8k_from_a_local_dir():
+    train, test = data.load_gsm8k("train", data_dir=GSM8K_DIR), data.load_gsm8k("test", data_dir=GSM8K_DIR)
+    assert (len(train), len(test)) == (7473, 1319)
+    assert test[0] == {"question": JANET_Q, "answer": JANET_A}
+
+
+def test_load_gsm8k_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"test\.jsonl.*--data_dir"):
+        data.load_gsm8k("test", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        data.load_gsm8k("validation", data_dir=tmp_path)
+    good = json.dumps({"question": "q", "answer": "a\n#### 1"})
+    cases = [([good, "{not json"], "train.jsonl:2"),
+             ([good, "", good, '{"question": "q"}'], "train.jsonl:4"),  # blank lines still count
+             (["[1, 2]"], "train.jsonl:1"),
+             ([json.dumps({"question": "q", "answer": 3})], "train.jsonl:1")]
+    for lines, where in cases:
+        (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=where):
+            data.load_gsm8k("train", data_dir=tmp_path)
+
+
+def test_load_gsm8k_downloads_into_the_cache_once(serve, tmp_path, monkeypatch):
+    rows = [{"question": "What is 2 + 2?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"}]
+    payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    url, log, _ = serve({"/gsm/test.jsonl": payload})
+    monkeypatch.setenv("LORASB_GSM8K_URL", url + "/gsm")
+    monkeypatch.setitem(data.GSM8K_SHA256, "test", sha(payload))
+    assert data.load_gsm8k("test", cache_dir=tmp_path) == rows
+    assert data.load_gsm8k("test", cache_dir=tmp_path) == rows
+    assert len(log) == 1 and (tmp_path / "test.jsonl").read_bytes() == payload
+
+
+def test_load_gsm8k_offline_says_where_to_put_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASB_GSM8K_URL", closed_port_url())
+    with pytest.raises(data.DownloadError, match=r"(?s)could not download.*--data_dir"):
+        data.load_gsm8k("train", cache_dir=tmp_path)
+
+
+def test_load_metamathqa_takes_the_first_rows_in_order(serve, tmp_path, monkeypatch):
+    rows = [{"query": f"q{i}", "response": f"r{i}\nThe answer is: {i}", "type": "GSM_AnsAug"} for i in range(5)]
+    expected = [{"query": r["query"], "response": r["response"]} for r in rows[:3]]
+    (tmp_path / "m.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert data.load_metamathqa(3, path=tmp_path / "m.json") == expected
+    assert data.load_metamathqa(3, path=tmp_path / "m.jsonl") == expected
+    with pytest.raises(ValueError, match="holds 5 examples, fewer than the 6"):
+        data.load_metamathqa(6, path=tmp_path / "m.json")
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"query": "q"}]))
+    with pytest.raises(ValueError, match=r"bad\.json\[1\].*'response'"):
+        data.load_metamathqa(2, path=tmp_path / "bad.json")
+    url, log, _ = serve({"/" + data.METAMATHQA_FILE: json.dumps(rows).encode()})
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    assert data.load_metamathqa(3, cache_dir=tmp_path / "cache") == expected
+    assert len(log) == 1 and (tmp_path / "cache" / "MetaMathQA-395K.json").is_file()
+
+
+# -----------------------------------------------------------------------------
+# prompt format, GSM8K targets, tokenization
+
+
+def test_prompts_are_the_authors_strings():
+    assert data.TRAIN_PROMPT.format(instruction="Q?") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nQ?\n\n### Response:")
+    assert data.eval_prompt("Q {x}?") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nQ {x}?\n\n### Response: Let's think step by step.")
+
+
+def test_gsm8k_response_removes_annotations_and_ends_with_the_answer():
+    assert data.gsm8k_response(JANET_A) == ("Janet sells 16 - 3 - 4 = 9 duck eggs a day.\nShe makes 9 * 2 = $18 every "
+                                            "day at the farmer\u2019s market.\nThe answer is: 18")
+    with_comma = "1000 + 200 = <<1000+200=1200>>1,200\n#### 1,200"
+    assert data.gsm8k_response(with_comma) == "1000 + 200 = 1,200\nThe answer is: 1200"  # comma dropped in the answer
+    with pytest.raises(ValueError, match="####"):
+        data.gsm8k_response("no final line")
+
+
+@needs_gsm8k
+def test_gsm8k_targets_and_gold_answers_on_every_line():
+    for split in ("train", "test"):
+        for row in data.load_gsm8k(split, data_dir=GSM8K_DIR):
+            response = data.gsm8k_response(row["answer"])
+            gold = data.gold_answer(row["answer"])
+            assert "<<" not in response and ">>" not in response and "####" not in response
+            assert response.count("\n") == row["answer"].count("\n")
+            assert data.extract_answer(response) == gold  # training targets score as correct
+            assert gold == int(data.official_answer(row["answer"]))  # the authors' and the official parser agree
+
+
+def test_labels_mask_exactly_the_prompt():
+    tok, prompt, response = ByteTokenizer(), data.TRAIN_PROMPT.format(instruction="1+1?"), "2\nThe answer is: 2"
+    ex = data.tokenize_example(tok, prompt, response, max_length=512)
+    n_prompt = 1 + len(prompt.encode())
+    assert ex["input_ids"] == [256] + list((prompt + response).encode()) + [257]
+    assert ex["labels"] == [-100] * n_prompt + ex["input_ids"][n_prompt:]
+    assert ex["labels"][-1] == tok.eos_id and not ex["truncated"] and ex["prompt_is_prefix"]
+
+
+def test_truncation_cuts_from_the_right_and_is_counted():
+    tok = ByteTokenizer()
+    pairs = [("P" * 10, "r" * 5), ("P" * 10, "r" * 20), ("P" * 40, "r"), ("P" * 10, "r" * 18)]
+    examples, num_truncated = data.tokenize_dataset(tok, pairs, max_length=30)
+    assert num_truncated == 2  # 1 + 10 + 20 + 1 = 32 and 1 + 40 + 1 + 1 = 43 exceed 30; 1 + 10 + 18 + 1 = 30 fits
+    assert [len(e["input_ids"]) for e in examples] == [17, 30, 30, 30]
+    assert examples[1]["input_ids"][-1] != tok.eos_id and examples[3]["input_ids"][-1] == tok.eos_id
+    assert examples[1]["labels"] == [-100] * 11 + [ord("r")] * 19
+    assert examples[2]["labels"] == [-100] * 30  # the prompt alone is longer than max_length: nothing to learn
+    assert set(examples[0]) == {"input_ids", "labels"}
+
+
+def test_a_label_boundary_that_tokenizes_differently_is_reported():
+    tok, prompt = MergingTokenizer(), data.TRAIN_PROMPT.format(instruction="Q")
+    ex = data.tokenize_example(tok, prompt, "Janet sells", max_length=512)
+    assert not ex["prompt_is_prefix"]
+    with pytest.warns(UserWarning, match="1 of 2 prompts"):
+        data.tokenize_dataset(tok, [(prompt, "Janet sells"), (prompt, " 9 eggs")], max_length=512)
+    no_eos = ByteTokenizer()
+    no_eos.eos_id = None
+    with pytest.raises(ValueError, match="EOS"):
+        data.tokenize_example(no_eos, prompt, "x", max_length=10)
+
+
+@needs_gsm8k
+def test_real_tokenizer_keeps_the_authors_boundary_exact():
+    if not (SMOLLM2_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 tokenizer not found in {SMOLLM2_DIR}")
+    tok = data.Tokenizer.from_dir(SMOLLM2_DIR)
+    rows = data.load_gsm8k("train", data_dir=GSM8K_DIR)[:200]
+    pairs = [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a boundary mismatch would warn
+        examples, num_truncated = data.tokenize_dataset(tok, pairs, max_length=512)
+    assert num_truncated == 0
+    for (prompt, response), ex in zip(pairs, examples):
+        n_prompt = len(tok.encode(prompt))
+        assert ex["labels"][:n_prompt] == [-100] * n_prompt and -100 not in ex["labels"][n_prompt:]
+        assert ex["input_ids"][-1] == tok.eos_id
+        assert tok.decode(ex["labels"][n_prompt:-1]) == response
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def make_examples(n: int, seed: int = 0) -> list[dict]:
+    """n examples of random length 3..40 whose first token is their index (to track them through batching)."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        length, n_prompt = rng.randint(3, 40), rng.randint(1, 2)
+        ids = [i] + [rng.randint(0, 99) for _ in range(length - 1)]
+        examples.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    return examples
+
+
+def epoch_indices(batches: data.Batches) -> list[list[int]]:
+    """The example indices of each batch of the rest of the current epoch, read from the batches themselves."""
+    return [b["input_ids"][:, 0].tolist() for b in batches]
+
+
+def padding(batches: data.Batches) -> int:
+    return sum(int((~b["attention_mask"]).sum()) for b in batches)
+
+
+def test_batches_are_right_padded_with_masks_by_length():
+    examples = make_examples(10)
+    batch = next(iter(data.Batches(examples, batch_size=4, seed=0, pad_id=-7)))
+    assert batch["input_ids"].dtype == torch.long and batch["labels"].dtype == torch.long
+    assert batch["attention_mask"].dtype == torch.bool and batch["input_ids"].shape == batch["labels"].shape
+    for row in range(4):
+        ex = examples[batch["input_ids"][row, 0]]
+        n = len(ex["input_ids"])
+        assert batch["attention_mask"][row].tolist() == [True] * n + [False] * (batch["input_ids"].shape[1] - n)
+        assert batch["input_ids"][row].tolist() == ex["input_ids"] + [-7] * (batch["input_ids"].shape[1] - n)
+        assert batch["labels"][row].tolist() == ex["labels"] + [-100] * (batch["input_ids"].shape[1] - n)
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+    examples = make_examples(50)
+    a, b, other = (data.Batches(examples, batch_size=4, seed=s) for s in (3, 3, 4))
+    epoch0, epoch1 = epoch_indices(a), epoch_indices(a)
+    assert epoch0 == epoch_indices(b) and epoch1 == epoch_indices(b)
+    assert epoch0 != epoch1 and epoch0 != epoch_indices(other)
+    for epoch in (epoch0, epoch1):
+        assert sorted(i for batch in epoch for i in batch) == list(range(50))
+        assert [len(batch) for batch in epoch].count(2) == 1  # 50 = 12 * 4 + 2: one short batch
+    assert epoch_indices(data.Batches(examples, batch_size=5, seed=0, shuffle=False))[1] == [5, 6, 7, 8, 9]
+
+
+def test_bucketing_reduces_padding_and_keeps_every_example():
+    examples = make_examples(400)
+    plain = data.Batches(examples, batch_size=8, seed=0)
+    bucketed = [data.Batches(examples, batch_size=8, seed=0, bucket_by_length=True) for _ in range(2)]
+    assert padding(bucketed[0]) < padding(plain) / 3
+    assert bucketed[0].epoch_batches(0) == bucketed[1].epoch_batches(0)
+    order = bucketed[0].epoch_batches(1)
+    assert sorted(i for batch in order for i in batch) == list(range(400))
+    assert order != sorted(order, key=lambda batch: -len(examples[batch[0]]["input_ids"]))  # batch order shuffled
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_ranks_get_disjoint_shards_of_equal_length(bucket):
+    examples = make_examples(103)  # 26 batches of 4 (the last one 3): 8 per rank, 2 dropped
+    ranks = [data.Batches(examples, batch_size=4, seed=1, bucket_by_length=bucket, rank=r, world_size=3)
+             for r in range(3)]
+    assert [len(b) for b in ranks] == [8, 8, 8] == [len(b.epoch_batches(0)) for b in ranks]
+    seen = [i for b in ranks for batch in epoch_indices(b) for i in batch]
+    assert len(seen) == len(set(seen)) and len(seen) >= 103 - 2 * 4
+    with pytest.raises(ValueError, match="per rank"):
+        data.Batches(examples[:7], batch_size=4, seed=0, world_size=3)
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+@pytest.mark.parametrize("consumed", [5, 24, 37])  # mid-epoch, just before the end of epoch 0 (26 batches), in epoch 1
+def test_resume_continues_exactly_where_it_stopped(bucket, consumed):
+    examples = make_examples(103)
+    make = lambda: data.Batches(examples, batch_size=4, seed=7, bucket_by_length=bucket)  # noqa: E731
+    uninterrupted = make()
+    reference = [uninterrupted.next_batch() for _ in range(consumed + 6)][consumed:]
+    stopped = make()
+    for _ in range(consumed):
+        stopped.next_batch()
+    state = json.loads(json.dumps(stopped.state_dict()))  # survives a JSON round trip
+    assert state == {"seed": 7, "epoch": consumed // 26, "position": consumed % 26}
+    resumed = make()
+    resumed.load_state_dict(state)
+    for expected, batch in zip(reference, (resumed.next_batch() for _ in range(6))):
+        assert all(torch.equal(expected[k], batch[k]) for k in expected)
+
+
+def test_iterating_yields_the_rest_of_the_epoch():
+    batches = data.Batches(make_examples(30), batch_size=4, seed=0)
+    assert len(batches) == 8
+    first = [batches.next_batch() for _ in range(3)]
+    rest = list(batches)
+    assert len(first) + len(rest) == 8 and batches.state_dict() == {"seed": 0, "epoch": 1, "position": 0}
+    assert len(list(batches)) == 8
+
+
+def test_load_state_dict_rejects_a_different_run():
+    batches = data.Batches(make_examples(30), batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="seed 1"):
+        batches.load_state_dict({"seed": 1, "epoch": 0, "position": 0})
+    with pytest.raises(ValueError, match="outside"):
+        batches.load_state_dict({"seed": 0, "epoch": 0, "position": 8})
+    with pytest.raises(ValueError, match="missing"):
+        batches.load_state_dict({"seed": 0, "epoch": 0})
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("so the total is 42.", None),  # no "The answer is: "
+    ("The answer is 18", None),  # no colon
+    ("The answer is:18", None),  # no space
+    ("The answer is: none", None),
+    ("The answer is: 5.\nThe answer is: 7", 7),  # the last one counts
+    ("The answer is:  42 apples\n", 42),
+    ("The answer is: -3", -3),
+    ("The answer is: +4", 4),
+    ("The answer is: $1,200.", 1200),
+    ("The answer is: 1,234,567", 1234),  # one separator only
+    ("The answer is: 12,5", 125),
+    ("The answer is: 17.6", 18),
+    ("The answer is: 2.5", 2),  # banker's rounding
+    ("The answer is: 3.5", 4),
+    ("The answer is: -2.5", -2),
+    ("The answer is: .5", 0),
+    ("The answer is: 7/2", 4),  # round(3.5)
+    ("The answer is: 5/2", 2),  # round(2.5)
+    ("The answer is: -9/4", -2),
+    ("The answer is: 3/0", 3),  # the authors' denominator "0" rule
+    ("The answer is: 3/00", None),
+    ("The answer is: -/4", None),  # their is_number("-") fails
+    ("The answer is: " + "9" * 400, None),  # float overflows to inf
+    ("The answer is: -" + "9" * 400, None),
+])
+def test_extract_answer_follows_the_authors_rules(completion, expected):
+    assert data.extract_answer(completion) == expected
+
+
+def test_is_correct_has_the_authors_percentage_leniency():
+    assert data.is_correct(18, 18) and data.is_correct(18.0, 18)
+    assert data.is_correct(1800, 18) and data.is_correct(18, 1800)  # gold * 100 and gold / 100
+    assert data.is_correct(100009, 100000) and not data.is_correct(100011, 100000)  # rel_tol 1e-4
+    assert data.is_correct(0, 0) and not data.is_correct(17, 18) and not data.is_correct(None, 18)
+
+
+def test_score_counts_correct_and_invalid():
+    completions = ["x\nThe answer is: 18", "The answer is: 1800", "The answer is 18", "The answer is: 3"]
+    assert data.score(completions, [18, 18, 18, 4]) == {"accuracy": 0.5, "correct": 2, "invalid": 1, "total": 4}
+    with pytest.raises(ValueError, match="as many"):
+        data.score(completions, [18])
+
+
+def test_gold_and_official_answer_parsing():
+    assert data.gold_answer(JANET_A) == 18 and data.gold_answer("x\n#### 1,200") == 1200
+    assert data.gold_answer("x\n#### -3") == -3
+    assert data.official_answer("x\n#### 1,200") == "1200" and data.official_answer("The answer is: 5") == "[invalid]"
+    with pytest.raises(ValueError, match="####"):
+        data.gold_answer("The answer is: 5")
+
+
+def test_cut_at_stop_removes_the_stop_string_and_the_rest():
+    assert data.cut_at_stop("3 + 4 = 7\nThe answer is: 7\n\n### Instruction:\nNext") == (
+        "3 + 4 = 7\nThe answer is: 7\n\n### ", True)
+    assert data.cut_at_stop("Responses vary. Instruction: x") == ("", True)  # the earliest stop string wins
+    assert data.cut_at_stop("The answer is: 7") == ("The answer is: 7", False)
