@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny Llama checkpoint folder with a byte-level tokenizer, and a tiny GSM8K-format data folder,
+all written by the tests themselves (no download, no reference library)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorasb
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_DIR = Path(os.environ.get("LORASB_SMOLLM2_DIR",
+                                  Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
+GSM8K_DIR = Path(os.environ.get("LORASB_GSM8K_DIR", REPO.parent / "shared" / "gsm8k"))
+
+TINY_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 264, "hidden_size": 32,
+               "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024, "hidden_act": "silu",
+               "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": 256, "torch_dtype": "float32"}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def write_byte_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json with the 256 byte tokens, a few merges and one special token (EOS, id 256)."""
+    table = bytes_to_unicode()
+    vocab = {**{table[b]: b for b in range(256)}, "<|endoftext|>": 256}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None}))
+
+
+def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """config.json + model.safetensors of a 2-layer random Llama (hidden 32) + the byte-level tokenizer."""
+    import model as model_lib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    skeleton = model_lib.build_model(model_lib.ModelConfig.from_hf(TINY_CONFIG), device="meta")
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, p in skeleton.named_parameters():
+        is_norm = name.endswith("norm.weight")
+        tensors[name] = torch.ones(p.shape) if is_norm else torch.randn(p.shape, generator=g) * 0.1
+    lorasb.save_safetensors(folder / "model.safetensors", tensors)
+    write_byte_tokenizer(folder)
+    return folder
+
+
+def write_tiny_gsm8k(folder: Path, num_train: int = 48, num_test: int = 6) -> Path:
+    """GSM8K-format train.jsonl / test.jsonl with short arithmetic problems (calculator annotations included)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, offset in (("train", num_train, 0), ("test", num_test, 1000)):
+        rows = []
+        for i in range(offset, offset + n):
+            a, b = i % 7 + 1, i % 5 + 2
+            rows.append({"question": f"Tom has {a} apples and gets {b} more. How many?",
+                         "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gsm8k_dir(tmp_path_factory) -> Path:
+    return write_tiny_gsm8k(tmp_path_factory.mktemp("tiny-gsm8k"))

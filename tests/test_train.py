@@ -1,0 +1,118 @@
+"""End-to-end tests of train_gsm8k.py on CPU with a tiny model, tokenizer and GSM8K-format data made by the tests."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lorasb
+import train_gsm8k
+from conftest import REPO
+
+
+def run(tmp_path, model_dir, data_dir, *extra, name="run"):
+    out = tmp_path / name
+    argv = ["--model", str(model_dir), "--data_dir", str(data_dir), "--out_dir", str(out), "--device", "cpu",
+            "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "4", "--rank", "4", "--lr", "1e-2",
+            "--num_init_samples", "6", "--eval_limit", "4", "--max_new_tokens", "6", "--log_every", "1", *extra]
+    return out, train_gsm8k.main(argv)
+
+
+@pytest.mark.parametrize("method", ["lorasb", "loraxs", "lora", "full"])
+def test_each_method_trains_saves_and_evaluates(tmp_path, tiny_model_dir, tiny_gsm8k_dir, method):
+    out, summary = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--method", method)
+    assert summary["total"] == 4 and summary["method"] == method
+    config = json.loads((out / "config.json").read_text())
+    assert config["grad_accum"] == 2 and config["total_steps"] == 4 and config["lr_1"] == pytest.approx(1e-2)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(set(m) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} for m in metrics)
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and set(predictions[0]) == {"index", "question", "completion", "extracted", "gold",
+                                                             "correct"}
+    assert json.loads((out / "summary.json").read_text())["trainable_parameters"] == summary["trainable_parameters"]
+    per_layer = {"lorasb": 16, "loraxs": 16}
+    if method in per_layer:
+        assert summary["trainable_parameters"] == 2 * 7 * per_layer[method]
+    if method == "full":
+        assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    else:
+        assert (out / "adapter.safetensors").is_file() and (out / "peft_adapter" / "adapter_config.json").is_file()
+
+
+def test_resume_after_a_stop_ends_with_the_same_adapter_bitwise(tmp_path, tiny_model_dir, tiny_gsm8k_dir, monkeypatch):
+    straight, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2", name="straight")
+    real_save = train_gsm8k.save_checkpoint
+
+    def save_then_stop(out, step, *args):
+        real_save(out, step, *args)
+        raise KeyboardInterrupt  # the job is killed right after its step-2 checkpoint
+
+    monkeypatch.setattr(train_gsm8k, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2", name="stopped")
+    monkeypatch.setattr(train_gsm8k, "save_checkpoint", real_save)
+    resumed, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2", "--resume", name="stopped")
+    a, _ = lorasb.load_safetensors(straight / "adapter.safetensors")
+    b, _ = lorasb.load_safetensors(resumed / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert (resumed / "checkpoints" / "latest").read_text() == "step-0000004"
+
+
+def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+    trained, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, name="trained")
+    evaluated, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_only", "--adapter",
+                       str(trained / "adapter.safetensors"), name="evaluated")
+    assert (evaluated / "predictions.jsonl").read_text() == (trained / "predictions.jsonl").read_text()
+    assert not (evaluated / "checkpoints").exists()
+
+
+def test_bad_input_is_refused_at_once_with_every_problem(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+    with pytest.raises(SystemExit) as refused:
+        run(tmp_path, tiny_model_dir, tmp_path / "missing", "--method", "dora", "--batch_size", "5",
+            "--init_rule", "adam")
+    message = str(refused.value)
+    for expected in ["--method 'dora'", "--batch_size 5 is not a multiple", "--data_dir", "--init_rule 'adam'"]:
+        assert expected in message
+    with pytest.raises(SystemExit, match=r"--rank 20 is too large for model.layers.0.self_attn.k_proj \(16 x 32\)"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--rank", "20")
+    out, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--max_steps", "1", name="taken")
+    before = (out / "summary.json").read_text()
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, name="taken")
+    assert (out / "summary.json").read_text() == before
+
+
+def test_learning_rate_schedule_starts_at_lr_1_and_decays_to_zero():
+    lrs = [train_gsm8k.learning_rate(step, 1e-4, 4, 100) for step in range(1, 101)]
+    assert lrs[0] == pytest.approx(1e-4 / 4) and lrs[3] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0, abs=1e-12)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_with_two_cpu_processes(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(REPO / "train_gsm8k.py"), "--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir),
+               "--out_dir", str(out), "--device", "cpu", "--batch_size", "4", "--micro_batch_size", "2",
+               "--max_steps", "2", "--rank", "4", "--num_init_samples", "6", "--eval_limit", "5",
+               "--max_new_tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total"] == 5  # the questions were split over the two ranks and gathered back
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in predictions] == [0, 1, 2, 3, 4]
+    assert json.loads((out / "config.json").read_text())["grad_accum"] == 1
