@@ -5,9 +5,9 @@
 #
 #     bash gpu_check.sh
 #
-# Mistral-7B full fine-tuning runs as train_gsm8k.py --dtype bfloat16 runs it: bf16 weights, gradients and AdamW
-# states, 8 bytes per parameter (~58 GB) plus activations, which fits in ~139 GB; fp32 AdamW states (~112 GB with
-# the rest) would not. Should it still run out of memory, its row says so and the other rows are measured.
+# Mistral-7B full fine-tuning is measured with bf16 weights, gradients and AdamW states, 8 bytes per parameter
+# (~58 GB) plus activations, to fit in ~139 GB; train_gsm8k.py keeps trained weights in fp32 (16 bytes per
+# parameter), so its 7B full fine-tuning needs more than one GPU. Should it still run out of memory, its row says so and the other rows are measured.
 set -u
 cd "$(dirname "$0")"
 OUT="${OUT:-./gpu_results}"

@@ -22,7 +22,7 @@ Usage on any torch.nn.Module whose target layers are nn.Linear (a Hugging Face m
     updates = estimate_first_update(model, batches, loss_fn, num_samples=64, lr=lr_1)
     report = add_adapters(model, "lorasb", rank=32, updates=updates)   # freezes everything but R
     ... train the parameters with requires_grad ...
-    save_adapter(model, "adapter.safetensors", base_model="org/name")
+    save_adapter(model, "adapter.safetensors", method="lorasb", base_model="org/name")
     export_peft(model, "peft_adapter/", base_model="org/name")         # loads in PEFT and vLLM
 
 This file needs torch and the standard library only: copy it into your project.
@@ -423,6 +423,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; give the permissions a plain open() would
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -137,6 +137,9 @@ def check_args(args, world_size: int) -> list[str]:
         problems.append(f"--data_dir {args.data_dir}: needs train.jsonl and test.jsonl (GSM8K)")
     if args.metamathqa_path and not Path(args.metamathqa_path).is_file():
         problems.append(f"--metamathqa_path {args.metamathqa_path}: no such file")
+    if args.num_init_samples is not None and args.num_init_samples < world_size:
+        problems.append(f"--num_init_samples {args.num_init_samples} is fewer than the {world_size} processes: "
+                        "every rank needs at least one example for the estimate")
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: choose one")
     if args.resume and args.eval_only:
@@ -191,13 +194,13 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
 
 
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
-    """LR of optimizer step `step` (1-based): linear warmup peak * step / warmup_steps, then cosine decay to 0.
+    """LR of optimizer step `step` (1-based): linear warmup peak * step / warmup_steps, then cosine decay towards 0.
 
     Step 1 gets peak / warmup_steps, not 0 (HF's warmup starts at 0), so lr_1, the LR that LoRA-SB's first-step
     estimate assumes, is the LR the first step really uses."""
     if step <= warmup_steps:
         return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step - warmup_steps) / (total_steps - warmup_steps + 1)  # the last step's LR is small, not 0
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -218,24 +221,25 @@ def save_trainable(model, path: Path, method: str, base_model: str) -> None:
         lorasb.save_adapter(model, path, method, base_model)
 
 
-def rng_states() -> dict:
-    """Every RNG the run could draw from, in types that torch.load(weights_only=True) accepts."""
+def rng_states(device: torch.device) -> dict:
+    """Every RNG the run could draw from (on CUDA, this rank's device only), in types torch.load(weights_only=True)
+    accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device: torch.device) -> None:
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, batches, args) -> None:
+def save_checkpoint(out: Path, step: int, model, optimizer, batches, args, device) -> None:
     folder = out / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
@@ -243,7 +247,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, batches, args) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_trainable(model, tmp / "trainable.safetensors", args.method, args.model)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": rng_states(),
+    state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": rng_states(device),
              "args": vars(args)}
     lorasb.atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
     shutil.rmtree(folder / name, ignore_errors=True)
@@ -311,8 +315,10 @@ def held_out_loss(model, tokenizer, questions: list[dict], args, device, rank: i
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
     for start in range(0, len(examples), args.micro_batch_size):
         batch = to_device(data.collate(examples[start:start + args.micro_batch_size], tokenizer.pad_id), device)
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        sums += torch.stack([causal_lm_loss(model, batch).double() * tokens, tokens.double()])
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"][:, 1:].flatten()
+        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels, ignore_index=-100, reduction="sum")
+        sums += torch.stack([loss_sum.double(), (labels != -100).sum().double()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
@@ -345,14 +351,21 @@ def main(argv=None) -> dict:
     if problems:
         refuse(problems)
 
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device is None:
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per rank
+    if distributed:  # gloo too on GPU: the estimate's sample count and CPU accumulators are CPU tensors
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    compute_dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # Frozen weights can be stored in bf16; weights that train are kept in fp32 (bf16 would round small updates away)
+    # and run under bf16 autocast, like mixed-precision training elsewhere.
+    weights_dtype = torch.float32 if args.method == "full" and not args.eval_only else compute_dtype
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
     out = Path(args.out_dir)
@@ -360,13 +373,18 @@ def main(argv=None) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
 
+    if distributed and rank != 0:
+        dist.barrier()  # rank 0 downloads first; the others then find the files in the cache
     folder = model_lib.resolve_model(args.model)
+    questions = data.load_gsm8k("test", data_dir=args.data_dir)[:args.eval_limit]
+    pairs = None if args.eval_only else training_pairs(args)
+    if distributed and rank == 0:
+        dist.barrier()
     config = model_lib.load_config(folder)
-    problems = check_model(args, config)
+    problems = [] if args.eval_only else check_model(args, config)
     if problems:
         refuse(problems)
     tokenizer = data.Tokenizer.from_dir(folder)
-    questions = data.load_gsm8k("test", data_dir=args.data_dir)[:args.eval_limit]
     eos_ids = {tokenizer.eos_id, *config.eos_token_ids} - {None}
 
     if main_process:
@@ -375,19 +393,21 @@ def main(argv=None) -> dict:
             for stale in ("metrics.jsonl", "predictions.jsonl", "summary.json"):
                 (out / stale).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-    model = model_lib.load_model(folder, device=device, dtype=dtype)
+    model = model_lib.load_model(folder, device=device, dtype=weights_dtype)
     num_base = sum(p.numel() for p in model.parameters())
     lora32 = sum(32 * (m.out_features + m.in_features) for m in lorasb.find_targets(model, args.targets).values())
     num_trainable = 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if compute_dtype == torch.bfloat16 else nullcontext()
     init_seconds = train_seconds = 0.0
 
     if args.eval_only:
         if args.adapter:
             info = lorasb.load_adapter(model, args.adapter)
+            args.method, args.rank = info["method"], info["rank"]  # the summary describes what was evaluated
             log(f"loaded {info['method']} adapter (rank {info['rank']}) from {args.adapter}")
+        else:
+            args.method, args.rank = "base", None
     else:
-        pairs = training_pairs(args)
         examples, num_truncated = data.tokenize_dataset(tokenizer, pairs, args.max_length)
         log(f"training examples: {len(examples)} ({num_truncated} truncated to {args.max_length} tokens)")
         grad_accum = args.batch_size // (args.micro_batch_size * world_size)
@@ -444,7 +464,9 @@ def main(argv=None) -> dict:
         num_trainable = sum(p.numel() for p in trainable)
         if report:
             log(report)
-        log(f"trainable parameters: {num_trainable:,} = 1/{lora32 / num_trainable:.1f} of LoRA r=32 ({lora32:,}) = "
+        versus_lora = (f"1/{lora32 / num_trainable:.1f} of" if num_trainable <= lora32
+                       else f"{num_trainable / lora32:.1f}x")
+        log(f"trainable parameters: {num_trainable:,} = {versus_lora} LoRA r=32 ({lora32:,}) = "
             f"{100 * num_trainable / num_base:.4f}% of full fine-tuning ({num_base:,})")
 
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -452,7 +474,7 @@ def main(argv=None) -> dict:
         if resume_state:
             optimizer.load_state_dict(resume_state["optimizer"])
             batches.load_state_dict(resume_state["data"])
-            set_rng_states(resume_state["rng"])
+            set_rng_states(resume_state["rng"], device)
             log(f"resumed from {checkpoint} at step {start_step}")
         run_model = torch.compile(model) if args.compile else model
         if distributed:  # B and A are identical on every rank by construction: no need to broadcast buffers
@@ -466,7 +488,7 @@ def main(argv=None) -> dict:
             metrics_path = out / "metrics.jsonl"
             kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
                     if json.loads(line)["step"] <= start_step]  # a resumed run rewrites what came after its checkpoint
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+            lorasb.atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
         log(f"training: {total_steps} steps of {args.batch_size} examples ({grad_accum} x {args.micro_batch_size} x "
             f"{world_size}), lr {args.lr:g} (warmup {warmup_steps}, cosine), weight decay {args.weight_decay:g}")
@@ -505,7 +527,7 @@ def main(argv=None) -> dict:
                         f.write(json.dumps(row) + "\n")
             if done % args.save_every == 0 or done == total_steps:
                 if main_process:
-                    save_checkpoint(out, done, model, optimizer, batches, args)
+                    save_checkpoint(out, done, model, optimizer, batches, args, device)
                 if distributed:
                     dist.barrier()
         train_seconds = time.time() - t0
@@ -520,7 +542,10 @@ def main(argv=None) -> dict:
             lorasb.export_peft(model, out / "peft_adapter", base_model=args.model)
 
     model.eval()
-    lorasb.merge_adapters(model)  # evaluation runs at the base model's cost
+    if weights_dtype == torch.float32:
+        lorasb.merge_adapters(model)  # evaluation runs at the base model's cost
+    # In bf16, W0 + B R A would round the small trained delta away (bf16 keeps ~3 digits of W0): run unmerged then,
+    # at the cost of three thin matmuls per layer.
     with torch.no_grad(), autocast:
         test_loss = held_out_loss(model, tokenizer, questions, args, device, rank, world_size)
         rows = evaluate(model, tokenizer, questions, args, eos_ids, rank, world_size)
