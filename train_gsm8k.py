@@ -187,10 +187,12 @@ def training_pairs(args) -> list[tuple[str, str]]:
     return [(data.TRAIN_PROMPT.format(instruction=r["query"]), r["response"]) for r in rows]
 
 
-def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of next-token prediction over the labelled (response) tokens of a batch, in fp32."""
+def causal_lm_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of next-token prediction over the labelled (response) tokens of a batch, in fp32: their mean,
+    or with reduction="sum" their sum."""
     logits = model(batch["input_ids"], batch["attention_mask"])
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -315,10 +317,8 @@ def held_out_loss(model, tokenizer, questions: list[dict], args, device, rank: i
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
     for start in range(0, len(examples), args.micro_batch_size):
         batch = to_device(data.collate(examples[start:start + args.micro_batch_size], tokenizer.pad_id), device)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        labels = batch["labels"][:, 1:].flatten()
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels, ignore_index=-100, reduction="sum")
-        sums += torch.stack([loss_sum.double(), (labels != -100).sum().double()])
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        sums += torch.stack([causal_lm_loss(model, batch, reduction="sum").double(), tokens.double()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
