@@ -289,16 +289,10 @@ def evaluate(model, tokenizer, questions: list[dict], args, eos_ids: set[int], r
     # Stop strings are matched on the generated text only (the prompt contains "Instruction:" and "Response:");
     # the last few tokens suffice to see a new one, so each check decodes a short tail.
     stop = lambda new: any(s in tokenizer.decode(new[-8:]) for s in data.STOP_STRINGS)  # noqa: E731
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
-    completions = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc="evaluating", disable=rank != 0) as bar:
-        for start in range(0, len(order), args.eval_batch_size):
-            chunk = order[start:start + args.eval_batch_size]
-            outputs = model_lib.generate(model, [prompts[i] for i in chunk], args.max_new_tokens, eos_ids,
-                                         tokenizer.pad_id, stop=stop, batch_size=args.eval_batch_size)
-            for i, new in zip(chunk, outputs):
-                completions[i] = data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0]
-            bar.update(len(chunk))
+    # generate sorts the prompts by length into batches (less padding) and shows a progress bar over them
+    outputs = model_lib.generate(model, prompts, args.max_new_tokens, eos_ids, tokenizer.pad_id, stop=stop,
+                                 batch_size=args.eval_batch_size)
+    completions = [data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0] for new in outputs]
     rows = []
     for i, completion in zip(mine, completions):
         gold = data.gold_answer(questions[i]["answer"])
