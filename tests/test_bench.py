@@ -3,7 +3,7 @@ bench.py prints, not what tests check)."""
 
 import json
 
-import bench
+from experiments import bench
 
 
 def test_bench_reports_every_method_with_positive_figures(tmp_path, monkeypatch, capsys):

@@ -16,11 +16,7 @@ import torch
 
 import data
 
-REPO = Path(__file__).resolve().parents[1]
-GSM8K_DIR = Path(os.environ.get("LORASB_GSM8K_DIR", REPO.parent / "shared" / "gsm8k"))
-SMOLLM2_DIR = Path(os.environ.get("LORASB_SMOLLM2_DIR",
-                                  Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
-needs_gsm8k = pytest.mark.skipif(not (GSM8K_DIR / "test.jsonl").is_file(), reason=f"GSM8K not found in {GSM8K_DIR}")
+from conftest import GSM8K_DIR, SMOLLM2_DIR, needs_gsm8k, needs_smollm2
 
 # the first GSM8K test problem, verbatim
 JANET_Q = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
@@ -327,9 +323,8 @@ def test_a_label_boundary_that_tokenizes_differently_is_reported():
 
 
 @needs_gsm8k
+@needs_smollm2
 def test_real_tokenizer_keeps_the_authors_boundary_exact():
-    if not (SMOLLM2_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not found in {SMOLLM2_DIR}")
     tok = data.Tokenizer.from_dir(SMOLLM2_DIR)
     rows = data.load_gsm8k("train", data_dir=GSM8K_DIR)[:200]
     pairs = [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import model as M
+from conftest import SMOLLM2_DIR as SMOLLM2, has_file
 from lorasb import load_safetensors, save_safetensors
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -537,13 +538,10 @@ def test_download_errors(hub_env, hub, monkeypatch):
 # the real SmolLM2-135M-Instruct checkpoint, when present
 # ---------------------------------------------------------------------------------------------------------------------
 
-SMOLLM2 = Path(os.environ.get("LORASB_SMOLLM2_DIR", Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    if not (SMOLLM2 / "model.safetensors").is_file():
-        pytest.skip(f"SmolLM2 checkpoint not found at {SMOLLM2} (set LORASB_SMOLLM2_DIR)")
+    if not has_file(SMOLLM2, "model.safetensors"):
+        pytest.skip("set LORASB_SMOLLM2_DIR to the SmolLM2-135M-Instruct folder")
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()

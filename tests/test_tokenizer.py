@@ -32,9 +32,7 @@ def reference(path):
         pytest.skip("parity test: tokenizers is not installed")
     return tokenizers.Tokenizer.from_file(str(path))
 
-REPO = Path(__file__).resolve().parents[1]
-GSM8K_DIR = Path(os.environ.get("LORASB_GSM8K_DIR", REPO.parent / "shared" / "gsm8k"))
-SMOLLM2_DIR = Path(os.environ.get("LORASB_SMOLLM2_DIR", Path.home() / ".cache/lorasb-dev/SmolLM2-135M-Instruct"))
+from conftest import GSM8K_DIR, SMOLLM2_DIR, has_file
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                  r"|\s+(?!\S)|\s+")
@@ -78,9 +76,9 @@ def random_texts(n=300, seed=0):
 
 
 def gsm8k_texts(split):
-    path = GSM8K_DIR / f"{split}.jsonl"
-    if not path.is_file():
+    if not has_file(GSM8K_DIR, f"{split}.jsonl"):
         return []
+    path = GSM8K_DIR / f"{split}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [row[key] for row in rows for key in ("question", "answer")]
 
@@ -242,7 +240,7 @@ def test_family_matches_tokenizers_on_stress_and_random_text(family, family_file
 def test_family_matches_tokenizers_on_gsm8k_test(family, family_files):
     texts = gsm8k_texts("test")
     if not texts:
-        pytest.skip(f"GSM8K not found in {GSM8K_DIR} (set LORASB_GSM8K_DIR)")
+        pytest.skip("set LORASB_GSM8K_DIR to GSM8K's folder")
     path = family_files[family]
     ours, ref = Tokenizer.from_file(path), reference(path)
     assert [ours.encode(t) for t in texts] == [e.ids for e in ref.encode_batch(texts)]
@@ -488,8 +486,8 @@ def test_bos_eos_pad_from_tokenizer_config_and_special_tokens_map(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    if not (SMOLLM2_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 not found in {SMOLLM2_DIR} (set LORASB_SMOLLM2_DIR)")
+    if not has_file(SMOLLM2_DIR, "tokenizer.json"):
+        pytest.skip("set LORASB_SMOLLM2_DIR to the SmolLM2-135M-Instruct folder")
     return SMOLLM2_DIR
 
 

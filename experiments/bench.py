@@ -2,12 +2,12 @@
 transformers + PEFT, printed as one markdown table (paste it into the README).
 
 The SmolLM2-135M checkpoint (env LORASB_SMOLLM2_DIR, default ~/.cache/lorasb-dev/SmolLM2-135M-Instruct), on CPU or GPU:
-    python bench.py
+    python -m experiments.bench
 Any local Hugging Face model folder:
-    python bench.py --model path/to/model --device cuda
+    python -m experiments.bench --model path/to/model --device cuda
 Random weights with the shapes of a real model (no download; speed and memory do not depend on weight values):
-    python bench.py --config qwen2.5-0.5b --device cuda --batch 8 --seq 512
-    python bench.py --config mistral-7b --device cuda --batch 4 --seq 512 --json out/mistral-7b.json
+    python -m experiments.bench --config qwen2.5-0.5b --device cuda --batch 8 --seq 512
+    python -m experiments.bench --config mistral-7b --device cuda --batch 4 --seq 512 --json out/mistral-7b.json
 
 What one run measures (CUDA timings are synchronized; bf16 weights run under bf16 autocast, as in train_gsm8k.py):
   - the training step, forward + backward + gradient clipping + AdamW (the trainer's step), on one fixed batch of
@@ -46,10 +46,9 @@ from train_gsm8k import causal_lm_loss, learning_rate
 
 from data import Tokenizer
 
-REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = os.environ.get("LORASB_SMOLLM2_DIR",
                                str(Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
-GSM8K_DIR = Path(os.environ.get("LORASB_GSM8K_DIR", REPO.parent / "shared" / "gsm8k"))
+GSM8K_DIR = os.environ.get("LORASB_GSM8K_DIR")  # a folder with GSM8K train.jsonl, for the tokenizer figures
 
 # config.json of real models (the shapes are all that matters here), and a tiny one for tests.
 CONFIGS = {
@@ -103,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.model = args.model or DEFAULT_MODEL
         if not (Path(args.model) / "config.json").is_file():
             raise FileNotFoundError(f"--model {args.model}: no config.json there; pass a local model folder (set "
-                                    f"LORASB_SMOLLM2_DIR or run /work/shared/tools/make_smollm2.py for the default), "
+                                    f"LORASB_SMOLLM2_DIR for the default), "
                                     f"or --config NAME for random weights")
     if args.dtype not in (None, "bfloat16", "float32"):
         problems.append(f"--dtype {args.dtype!r}: choose bfloat16 or float32")
@@ -399,8 +398,8 @@ def bench_tokenizers(args) -> dict | str:
     folder = Path(args.model)
     if not (folder / "tokenizer.json").is_file():
         return f"skipped: {folder} has no tokenizer.json"
-    if not (GSM8K_DIR / "train.jsonl").is_file():
-        return f"skipped: no GSM8K train.jsonl in {GSM8K_DIR} (set LORASB_GSM8K_DIR)"
+    if not GSM8K_DIR or not (Path(GSM8K_DIR) / "train.jsonl").is_file():
+        return f"skipped: no GSM8K train.jsonl (set LORASB_GSM8K_DIR to a folder holding it)"
     texts = [row[key] for row in data.load_gsm8k("train", data_dir=GSM8K_DIR) for key in ("question", "answer")]
     encoders = {"ours": Tokenizer.from_dir(folder).encode}
     if importlib.util.find_spec("tokenizers"):

@@ -3,13 +3,13 @@
 # network), bf16, in under 10 minutes on one H100/H200-class GPU. Writes each table (markdown), its figures (JSON)
 # and its log to $OUT (default ./gpu_results), and prints the tables.
 #
-#     bash gpu_check.sh
+#     bash experiments/gpu_check.sh
 #
 # Mistral-7B full fine-tuning is measured with bf16 weights, gradients and AdamW states, 8 bytes per parameter
 # (~58 GB) plus activations, to fit in ~139 GB; train_gsm8k.py keeps trained weights in fp32 (16 bytes per
 # parameter), so its 7B full fine-tuning needs more than one GPU. Should it still run out of memory, its row says so and the other rows are measured.
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_results}"
 PYTHON="${PYTHON:-python}"
 mkdir -p "$OUT"
@@ -24,8 +24,8 @@ status=0
 run() {  # run NAME TIMEOUT_S BENCH_ARGS...
     local name="$1" limit="$2"
     shift 2
-    echo "=== $name: python bench.py $* (at most ${limit} s)"
-    timeout "$limit" "$PYTHON" bench.py "$@" --device cuda --dtype bfloat16 --json "$OUT/$name.json" \
+    echo "=== $name: python -m experiments.bench $* (at most ${limit} s)"
+    timeout "$limit" "$PYTHON" -m experiments.bench "$@" --device cuda --dtype bfloat16 --json "$OUT/$name.json" \
         > "$OUT/$name.md" 2> "$OUT/$name.log"
     local rc=$?
     cat "$OUT/$name.md"
