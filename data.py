@@ -11,16 +11,11 @@ Needs torch, numpy, tqdm and the standard library.
 """
 
 import functools
-import hashlib
 import heapq
-import http.client
 import json
 import math
-import os
 import re
 import unicodedata
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -670,110 +665,6 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# downloads
-
-
-class DownloadError(OSError):
-    """A download failed (network, HTTP status, interrupted transfer or checksum). Callers catch it to add a hint."""
-
-
-def sha256_file(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-class _Interrupted(Exception):
-    """The body ended before Content-Length; `received` bytes of this response were written."""
-
-    def __init__(self, received: int):
-        super().__init__(f"connection closed early ({received} bytes received)")
-        self.received = received
-
-
-def _fetch(url: str, part: Path, headers: dict, desc: str) -> None:
-    """One HTTP request that appends to (206) or rewrites (200) `part`; raises _Interrupted if the body is cut short."""
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={offset}-"} if offset else {})})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        if response.status == 206:
-            if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-                raise DownloadError(f"{url}: the server answered a resume from byte {offset} with "
-                                    f"Content-Range {response.headers.get('Content-Range')!r}")
-        else:
-            offset = 0  # a 200 is the whole file: the server ignored (or does not support) Range, so start over
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        received = 0
-        with open(part, "ab" if offset else "wb") as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                                             desc=desc) as bar:
-            try:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            except (http.client.IncompleteRead, ConnectionError, TimeoutError) as e:
-                raise _Interrupted(received) from e
-            finally:
-                f.flush()
-                os.fsync(f.fileno())
-        # http.client returns b"" instead of raising when the connection closes before Content-Length is met
-        if total is not None and offset + received < total:
-            raise _Interrupted(received)
-
-
-def download_file(url: str, dest, sha256: str | None = None, headers: dict | None = None,
-                  desc: str | None = None) -> Path:
-    """Download `url` to `dest` with the standard library and return `dest`.
-
-    The bytes go to `dest.part`; an interrupted transfer leaves it there and the next attempt resumes it with an HTTP
-    Range request (up to 3 attempts per call while each makes progress; a later call resumes too). With `sha256` the
-    finished file is checked before the atomic rename; a mismatch deletes the .part file. A `dest` that already exists
-    is kept when its hash matches (or when no hash is given), else downloaded again. Every failure raises
-    DownloadError naming the URL.
-    """
-    dest = Path(dest)
-    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(dest.suffix + ".part")
-    for attempt in range(3):
-        try:
-            _fetch(url, part, headers or {}, desc or dest.name)
-            break
-        except _Interrupted as e:
-            if attempt == 2 or e.received == 0:
-                raise DownloadError(f"download of {url} was interrupted: {e}; the partial file {part} is kept, "
-                                    f"run again to resume") from None
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and attempt == 0 and part.exists():
-                part.unlink()  # the .part is as long as the file or longer (a stale leftover): start over once
-                continue
-            raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
-        except DownloadError:
-            raise
-        except (urllib.error.URLError, OSError) as e:
-            raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
-    if sha256 is not None:
-        actual = sha256_file(part)
-        if actual != sha256:
-            part.unlink()
-            raise DownloadError(f"{dest}: sha256 mismatch for {url}: expected {sha256}, got {actual}; "
-                                f"the partial file was deleted, run again to retry")
-    os.replace(part, dest)
-    if os.name == "posix":  # make the rename itself durable
-        fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return dest
-
-
-# -----------------------------------------------------------------------------
 # datasets
 
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
@@ -781,8 +672,7 @@ GSM8K_SHA256 = {
     "train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",  # 7473 problems
     "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",  # 1319 problems
 }
-METAMATHQA_FILE = "datasets/meta-math/MetaMathQA/resolve/main/MetaMathQA-395K.json"
-CACHE_DIR = Path.home() / ".cache" / "lorasb"
+METAMATHQA_FILE = "datasets/meta-math/MetaMathQA/resolve/main/MetaMathQA-395K.json"  # on the Hugging Face hub
 
 
 def _check_row(row, keys: tuple, where: str) -> dict:
@@ -812,49 +702,23 @@ def read_jsonl(path, keys: tuple, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def load_gsm8k(split: str, data_dir=None, cache_dir=None) -> list[dict]:
-    """GSM8K `split` ("train": 7473, "test": 1319) as dicts with keys question, answer.
-
-    From `data_dir/{split}.jsonl` when given; otherwise from the cache (default ~/.cache/lorasb/gsm8k), downloading
-    the official file (github.com/openai/grade-school-math, sha256-checked) the first time. The environment variable
-    LORASB_GSM8K_URL replaces the base URL (a mirror, or a test server).
-    """
+def load_gsm8k(split: str, data_dir) -> list[dict]:
+    """GSM8K `split` ("train": 7473, "test": 1319) from `data_dir/{split}.jsonl`, as dicts with keys question, answer.
+    (train_gsm8k.py downloads the official files into a cache folder when no --data_dir is given.)"""
     if split not in GSM8K_SHA256:
         raise ValueError(f"GSM8K split must be one of {sorted(GSM8K_SHA256)}, got {split!r}")
-    if data_dir is not None:
-        path = Path(data_dir) / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: --data_dir must hold GSM8K's train.jsonl and test.jsonl "
-                                    f"(from {GSM8K_URL})")
-    else:
-        cache = Path(cache_dir) if cache_dir is not None else CACHE_DIR / "gsm8k"
-        url = f"{os.environ.get('LORASB_GSM8K_URL', GSM8K_URL).rstrip('/')}/{split}.jsonl"
-        try:
-            path = download_file(url, cache / f"{split}.jsonl", sha256=GSM8K_SHA256[split], desc=f"GSM8K {split}")
-        except DownloadError as e:
-            raise DownloadError(f"{e}\nGSM8K could not be downloaded. Offline? Copy train.jsonl and test.jsonl from "
-                                f"{GSM8K_URL} into {cache} or into a folder passed with --data_dir.") from e
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --data_dir must hold GSM8K's train.jsonl and test.jsonl "
+                                f"(from {GSM8K_URL})")
     return read_jsonl(path, ("question", "answer"))
 
 
-def load_metamathqa(num_examples: int, path=None, cache_dir=None) -> list[dict]:
-    """The first `num_examples` rows of MetaMathQA in dataset order (the paper: 50000), dicts with keys query, response.
-
-    From `path` (the hub's JSON list, or JSON lines) when given; otherwise from the cache (default
-    ~/.cache/lorasb/metamathqa), downloading MetaMathQA-395K.json (~400 MB) from the Hugging Face hub
-    (HF_ENDPOINT or huggingface.co) the first time. No checksum is published for it, so the file is not verified.
-    """
+def load_metamathqa(num_examples: int, path) -> list[dict]:
+    """The first `num_examples` rows of MetaMathQA in dataset order (the paper: 50000), dicts with keys query, response,
+    from `path`: the hub's JSON list (MetaMathQA-395K.json) or JSON lines."""
     if num_examples < 1:
         raise ValueError(f"num_examples must be at least 1, got {num_examples}")
-    if path is None:
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        url = f"{endpoint}/{METAMATHQA_FILE}"
-        cache = Path(cache_dir) if cache_dir is not None else CACHE_DIR / "metamathqa"
-        try:
-            path = download_file(url, cache / "MetaMathQA-395K.json", desc="MetaMathQA")
-        except DownloadError as e:
-            raise DownloadError(f"{e}\nMetaMathQA could not be downloaded. Offline? Copy MetaMathQA-395K.json "
-                                f"into {cache}, or pass a local JSON / JSON-lines file with query and response.") from e
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MetaMathQA file {path} not found")

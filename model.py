@@ -1,5 +1,5 @@
-"""A compact Llama-family decoder (llama, mistral, qwen2) that loads Hugging Face checkpoints exactly, and batched
-greedy generation with a KV cache.
+"""A compact Llama-family decoder (llama, mistral, qwen2), batched greedy generation with a KV cache, and the one home
+of checkpoint and hub I/O: Hugging Face checkpoints loaded exactly (single file or shards), the HF cache, downloads.
 
     folder = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")     # local folder, HF cache, or a hub download
     model = load_model(folder, device="cuda")                         # bf16 on GPU, fp32 on CPU
@@ -10,14 +10,19 @@ Module names are Hugging Face's (model.layers.0.self_attn.q_proj, ...), so check
 map one to one. For speed on GPU call `model.compile()`: it compiles in place and keeps the module names, whereas
 `torch.compile(model)` returns a wrapper whose state_dict keys start with `_orig_mod.`.
 
-Reading order: config -> layers -> model -> weight loading -> generation -> resolving and downloading.
-Needs torch, the standard library, lorasb.py (safetensors reader) and data.py (downloads).
+Reading order: config -> layers -> model -> generation -> weight loading -> downloads and resolving a model name.
+Needs torch, tqdm, the standard library and lorasb.py, whose safetensors reader (adapters are safetensors too) it uses
+for checkpoints.
 """
 
+import hashlib
+import http.client
 import json
 import math
 import os
 import re
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DownloadError, download_file
 from lorasb import load_safetensors
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -310,11 +314,92 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
 
-def build_model(config: ModelConfig, device="meta") -> Transformer:
-    """The model with freshly initialized weights on `device`. On "meta" it takes no memory: parameter counts of any
-    size, or the skeleton load_model fills."""
-    with torch.device(device):
-        return Transformer(config)
+def build_model(config: ModelConfig, device="meta", dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model of `config` on `device` in `dtype`, its weights allocated but not initialized: load_model fills them
+    from a checkpoint, the benchmark with random values. On "meta" (the default) it takes no memory at all: a skeleton
+    for shapes and parameter counts of any size. The RoPE frequencies stay fp32 whatever `dtype` is."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    if torch.device(device).type == "meta":
+        return model
+    model = model.to(dtype).to_empty(device=device)  # no memory and no time spent on a random init
+    if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config).to(device)  # non-persistent buffer: to_empty left it uninitialized
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation: batched greedy decoding with left padding and a preallocated KV cache (gpt-fast's prefill/decode shape).
+# ---------------------------------------------------------------------------------------------------------------------
+
+def prefill(model: Transformer, input_ids, attention_mask, cache: KVCache) -> torch.Tensor:
+    """Run the left-padded prompts (B, T) into cache slots 0 .. T-1; return each row's greedy next token (B,)."""
+    input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return model(input_ids, attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
+
+
+def decode_one_token(model: Transformer, tokens, cache: KVCache, slot: int) -> torch.Tensor:
+    """Feed one token per row (B,) into cache slot `slot`; return each row's greedy next token (B,). The pad keys of
+    the prompts stay masked at every step, through the cache's mask."""
+    input_pos = torch.tensor([slot], device=tokens.device)
+    attention_mask = torch.ones_like(tokens[:, None], dtype=torch.bool)
+    return model(tokens[:, None], attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
+
+
+@torch.inference_mode()
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
+                   stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy continuation of one batch of prompts. A row ends at an EOS id (not included), after max_new_tokens,
+    or when stop(its new tokens) is true; the others go on, and the batch ends when every row has."""
+    weight = model.lm_head.weight
+    B, T = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, T - len(prompt):] = True
+    cache = KVCache(model.config, B, T + max_new_tokens, weight.dtype, weight.device)
+    tokens = prefill(model, input_ids.to(weight.device), attention_mask.to(weight.device), cache)
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in eos_ids:
+                done[row] = True
+                continue
+            new[row].append(token)
+            done[row] = len(new[row]) == max_new_tokens or (stop is not None and stop(new[row]))
+        if all(done):
+            break
+        tokens = decode_one_token(model, tokens, cache, T + step)
+    return new
+
+
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int,
+             stop: Callable[[list[int]], bool] | None = None, batch_size: int = 16) -> list[list[int]]:
+    """Greedy continuations of token-id prompts: the new tokens of each prompt, in input order, EOS not included.
+
+    Prompts are sorted by length (longest first, so running out of memory shows at once) into batches of batch_size,
+    which cuts padding; per row, the output equals that of the prompt alone (exactly in fp32; in bf16 near-ties may
+    flip). stop(new_tokens) is called per row after each token and ends that row when true.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompts {empty[:8]} are empty; every prompt needs at least one token (e.g. BOS)")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
+                      disable=len(order) <= batch_size):
+        rows = order[start:start + batch_size]
+        for i, new in zip(rows, generate_batch(model, [prompts[i] for i in rows], max_new_tokens, set(eos_ids),
+                                               pad_id, stop)):
+            outputs[i] = new
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -405,99 +490,135 @@ def load_weights(model: Transformer, folder) -> None:
 
 def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
     """The model of a Hugging Face folder (config.json + safetensors), in eval mode. dtype defaults to bf16 on CUDA and
-    fp32 elsewhere. Built on the meta device and materialized empty, so no memory goes to a random init."""
+    fp32 elsewhere."""
     config = load_config(folder)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = build_model(config).to(dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties them
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config).to(device)  # non-persistent buffer: to_empty left it uninitialized
+    model = build_model(config, device, dtype)
     load_weights(model, folder)
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation: batched greedy decoding with left padding and a preallocated KV cache (gpt-fast's prefill/decode shape).
-# ---------------------------------------------------------------------------------------------------------------------
-
-def prefill(model: Transformer, input_ids, attention_mask, cache: KVCache) -> torch.Tensor:
-    """Run the left-padded prompts (B, T) into cache slots 0 .. T-1; return each row's greedy next token (B,)."""
-    input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-    return model(input_ids, attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
-
-
-def decode_one_token(model: Transformer, tokens, cache: KVCache, slot: int) -> torch.Tensor:
-    """Feed one token per row (B,) into cache slot `slot`; return each row's greedy next token (B,). The pad keys of
-    the prompts stay masked at every step, through the cache's mask."""
-    input_pos = torch.tensor([slot], device=tokens.device)
-    attention_mask = torch.ones_like(tokens[:, None], dtype=torch.bool)
-    return model(tokens[:, None], attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
-
-
-@torch.inference_mode()
-def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
-                   stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
-    """Greedy continuation of one batch of prompts. A row ends at an EOS id (not included), after max_new_tokens,
-    or when stop(its new tokens) is true; the others go on, and the batch ends when every row has."""
-    weight = model.lm_head.weight
-    B, T = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, T - len(prompt):] = True
-    cache = KVCache(model.config, B, T + max_new_tokens, weight.dtype, weight.device)
-    tokens = prefill(model, input_ids.to(weight.device), attention_mask.to(weight.device), cache)
-    new: list[list[int]] = [[] for _ in prompts]
-    done = [False] * B
-    for step in range(max_new_tokens):
-        for row, token in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            if token in eos_ids:
-                done[row] = True
-                continue
-            new[row].append(token)
-            done[row] = len(new[row]) == max_new_tokens or (stop is not None and stop(new[row]))
-        if all(done):
-            break
-        tokens = decode_one_token(model, tokens, cache, T + step)
-    return new
-
-
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int,
-             stop: Callable[[list[int]], bool] | None = None, batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuations of token-id prompts: the new tokens of each prompt, in input order, EOS not included.
-
-    Prompts are sorted by length (longest first, so running out of memory shows at once) into batches of batch_size,
-    which cuts padding; per row, the output equals that of the prompt alone (exactly in fp32; in bf16 near-ties may
-    flip). stop(new_tokens) is called per row after each token and ends that row when true.
-    """
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
-    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
-    if empty:
-        raise ValueError(f"prompts {empty[:8]} are empty; every prompt needs at least one token (e.g. BOS)")
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
-                      disable=len(order) <= batch_size):
-        rows = order[start:start + batch_size]
-        for i, new in zip(rows, generate_batch(model, [prompts[i] for i in rows], max_new_tokens, set(eos_ids),
-                                               pad_id, stop)):
-            outputs[i] = new
-    return outputs
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Resolving a model name: a local folder, the Hugging Face cache, or a download from the hub (standard library).
+# Downloads (standard library: resumable, atomic, checksummed) and resolving a model name: a local folder, the Hugging
+# Face cache, or a download from the hub.
 # ---------------------------------------------------------------------------------------------------------------------
 
 HUB_ENDPOINT = "https://huggingface.co"  # override with env HF_ENDPOINT (a mirror, or a test server)
-MODEL_CACHE = Path.home() / ".cache" / "lorasb" / "models"
+CACHE_DIR = Path.home() / ".cache" / "lorasb"  # downloaded models (models/) and datasets
 OPTIONAL_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
 
+
+class DownloadError(OSError):
+    """A download failed (network, HTTP status, interrupted transfer or checksum). Callers catch it to add a hint."""
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Interrupted(Exception):
+    """The body ended before Content-Length; `received` bytes of this response were written."""
+
+    def __init__(self, received: int):
+        super().__init__(f"connection closed early ({received} bytes received)")
+        self.received = received
+
+
+def _fetch(url: str, part: Path, headers: dict, desc: str) -> None:
+    """One HTTP request that appends to (206) or rewrites (200) `part`; raises _Interrupted if the body is cut short."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={offset}-"} if offset else {})})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if response.status == 206:
+            if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+                raise DownloadError(f"{url}: the server answered a resume from byte {offset} with "
+                                    f"Content-Range {response.headers.get('Content-Range')!r}")
+        else:
+            offset = 0  # a 200 is the whole file: the server ignored (or does not support) Range, so start over
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        received = 0
+        with open(part, "ab" if offset else "wb") as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                                             desc=desc) as bar:
+            try:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            except (http.client.IncompleteRead, ConnectionError, TimeoutError) as e:
+                raise _Interrupted(received) from e
+            finally:
+                f.flush()
+                os.fsync(f.fileno())
+        # http.client returns b"" instead of raising when the connection closes before Content-Length is met
+        if total is not None and offset + received < total:
+            raise _Interrupted(received)
+
+
+def download_file(url: str, dest, sha256: str | None = None, headers: dict | None = None,
+                  desc: str | None = None) -> Path:
+    """Download `url` to `dest` with the standard library and return `dest`.
+
+    The bytes go to `dest.part`; an interrupted transfer leaves it there and the next attempt resumes it with an HTTP
+    Range request (up to 3 attempts per call while each makes progress; a later call resumes too). With `sha256` the
+    finished file is checked before the atomic rename; a mismatch deletes the .part file. A `dest` that already exists
+    is kept when its hash matches (or when no hash is given), else downloaded again. Every failure raises
+    DownloadError naming the URL.
+    """
+    dest = Path(dest)
+    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(dest.suffix + ".part")
+    for attempt in range(3):
+        try:
+            _fetch(url, part, headers or {}, desc or dest.name)
+            break
+        except _Interrupted as e:
+            if attempt == 2 or e.received == 0:
+                raise DownloadError(f"download of {url} was interrupted: {e}; the partial file {part} is kept, "
+                                    f"run again to resume") from None
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and attempt == 0 and part.exists():
+                part.unlink()  # the .part is as long as the file or longer (a stale leftover): start over once
+                continue
+            raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+        except DownloadError:
+            raise
+        except (urllib.error.URLError, OSError) as e:
+            raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
+    if sha256 is not None:
+        actual = sha256_file(part)
+        if actual != sha256:
+            part.unlink()
+            raise DownloadError(f"{dest}: sha256 mismatch for {url}: expected {sha256}, got {actual}; "
+                                f"the partial file was deleted, run again to retry")
+    os.replace(part, dest)
+    if os.name == "posix":  # make the rename itself durable
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return dest
+
+
+
+def cached_download(url: str, name: str, sha256: str | None = None, local_option: str = "") -> Path:
+    """CACHE_DIR/name, downloaded from `url` the first time (checked against `sha256` when given). When the download
+    fails, the error says where to put the file by hand, or which `local_option` (e.g. --data_dir) to pass instead."""
+    dest = CACHE_DIR / name
+    try:
+        return download_file(url, dest, sha256=sha256, desc=name)
+    except DownloadError as e:
+        instead = f", or pass a local copy with {local_option}" if local_option else ""
+        raise DownloadError(f"{e}\nOffline? Put the file {url} at {dest}{instead}.") from e
 
 def _is_model_folder(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / f).is_file() for f in ("model.safetensors", INDEX_FILE))
@@ -519,7 +640,7 @@ def download_model(repo: str, cache_dir=None) -> Path:
     """Fetch ORG/NAME from {HF_ENDPOINT}/{repo}/resolve/main/{file} into cache_dir/ORG--NAME (default
     ~/.cache/lorasb/models), with $HF_TOKEN for gated models. Each file is downloaded to a .part file (resumed when
     interrupted) and renamed when complete; config.json comes last, so its presence marks a complete folder."""
-    folder = Path(cache_dir or MODEL_CACHE).expanduser() / repo.replace("/", "--")
+    folder = Path(cache_dir or CACHE_DIR / "models").expanduser() / repo.replace("/", "--")
     if (folder / "config.json").is_file():
         return folder
     endpoint = os.environ.get("HF_ENDPOINT", HUB_ENDPOINT).rstrip("/")

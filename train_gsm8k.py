@@ -178,12 +178,33 @@ def refuse(problems: list[str]) -> None:
 # Data, loss and schedule.
 # ---------------------------------------------------------------------------------------------------------------------
 
+def gsm8k_dir(data_dir: str | None) -> Path:
+    """GSM8K's folder: --data_dir, or the cache, into which the official files are downloaded (sha256-checked) once.
+    LORASB_GSM8K_URL replaces their base URL (a mirror, or a test server)."""
+    if data_dir:
+        return Path(data_dir)
+    base = os.environ.get("LORASB_GSM8K_URL", data.GSM8K_URL).rstrip("/")
+    for split, sha256 in data.GSM8K_SHA256.items():
+        model_lib.cached_download(f"{base}/{split}.jsonl", f"gsm8k/{split}.jsonl", sha256, "--data_dir")
+    return model_lib.CACHE_DIR / "gsm8k"
+
+
+def metamathqa_file(path: str | None) -> Path:
+    """--metamathqa_path, or MetaMathQA-395K.json (~400 MB) from the hub (HF_ENDPOINT or huggingface.co), downloaded
+    into the cache once. No checksum is published for it, so it is not verified."""
+    if path:
+        return Path(path)
+    endpoint = os.environ.get("HF_ENDPOINT", model_lib.HUB_ENDPOINT).rstrip("/")
+    return model_lib.cached_download(f"{endpoint}/{data.METAMATHQA_FILE}", "metamathqa/MetaMathQA-395K.json",
+                                     local_option="--metamathqa_path")
+
+
 def training_pairs(args) -> list[tuple[str, str]]:
     """(prompt, response) pairs in the authors' format: their Alpaca prompt, the response, then EOS."""
     if args.train_data == "gsm8k":
-        rows = data.load_gsm8k("train", data_dir=args.data_dir)[:args.num_train]
+        rows = data.load_gsm8k("train", gsm8k_dir(args.data_dir))[:args.num_train]
         return [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
-    rows = data.load_metamathqa(args.num_train or 50_000, path=args.metamathqa_path)
+    rows = data.load_metamathqa(args.num_train or 50_000, metamathqa_file(args.metamathqa_path))
     return [(data.TRAIN_PROMPT.format(instruction=r["query"]), r["response"]) for r in rows]
 
 
@@ -370,7 +391,7 @@ def main(argv=None) -> dict:
     if distributed and rank != 0:
         dist.barrier()  # rank 0 downloads first; the others then find the files in the cache
     folder = model_lib.resolve_model(args.model)
-    questions = data.load_gsm8k("test", data_dir=args.data_dir)[:args.eval_limit]
+    questions = data.load_gsm8k("test", gsm8k_dir(args.data_dir))[:args.eval_limit]
     pairs = None if args.eval_only else training_pairs(args)
     if distributed and rank == 0:
         dist.barrier()

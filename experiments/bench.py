@@ -128,12 +128,9 @@ def hf_config(args) -> dict:
 
 
 def random_model(config: model_lib.ModelConfig, device, dtype) -> model_lib.Transformer:
-    """The model with weights ~ N(0, 0.02) and norms 1: built on the meta device and materialized on `device` in
-    `dtype`, so a 7B model never exists in fp32 nor on the CPU."""
-    model = model_lib.build_model(config).to(dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties them
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = model_lib.rope_inv_freq(config).to(device)  # stays fp32, as load_model keeps it
+    """The model with weights ~ N(0, 0.02) and norms 1, made directly on `device` in `dtype` (a 7B model never exists
+    in fp32 nor on the CPU)."""
+    model = model_lib.build_model(config, device, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -399,8 +396,8 @@ def bench_tokenizers(args) -> dict | str:
     if not (folder / "tokenizer.json").is_file():
         return f"skipped: {folder} has no tokenizer.json"
     if not GSM8K_DIR or not (Path(GSM8K_DIR) / "train.jsonl").is_file():
-        return f"skipped: no GSM8K train.jsonl (set LORASB_GSM8K_DIR to a folder holding it)"
-    texts = [row[key] for row in data.load_gsm8k("train", data_dir=GSM8K_DIR) for key in ("question", "answer")]
+        return "skipped: no GSM8K train.jsonl (set LORASB_GSM8K_DIR to a folder holding it)"
+    texts = [row[key] for row in data.load_gsm8k("train", GSM8K_DIR) for key in ("question", "answer")]
     encoders = {"ours": Tokenizer.from_dir(folder).encode}
     if importlib.util.find_spec("tokenizers"):
         import tokenizers

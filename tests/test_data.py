@@ -1,15 +1,9 @@
 """Tests of data.py: downloads against a loopback server, GSM8K / MetaMathQA loading, the authors' prompt format and
 label rule, resumable batching, and the authors' GSM8K scoring rules."""
 
-import hashlib
 import json
-import os
 import random
-import socket
-import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,164 +45,21 @@ class MergingTokenizer(ByteTokenizer):
 
 
 # -----------------------------------------------------------------------------
-# a loopback HTTP server for the download tests
-
-
-@pytest.fixture
-def serve():
-    """serve(files, ignore_range=False, cut=0) -> (base_url, log, state): serves files (path -> bytes) on 127.0.0.1
-    with Range support. ignore_range answers every request with 200 and the whole file; the first state["cut"]
-    responses send only half their body and close. log lists (path, Range header) per request."""
-    servers = []
-
-    def start(files, ignore_range=False, cut=0):
-        log, state = [], {"cut": cut}
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                log.append((self.path, self.headers.get("Range")))
-                body = files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                start_byte, range_header = 0, self.headers.get("Range")
-                if range_header and not ignore_range:
-                    start_byte = int(range_header.removeprefix("bytes=").rstrip("-"))
-                    if start_byte >= len(body):
-                        self.send_response(416)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start_byte}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                payload = body[start_byte:]
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if state["cut"] > 0:
-                    state["cut"] -= 1
-                    payload = payload[:len(payload) // 2]
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", log, state
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def closed_port_url() -> str:
-    """A loopback URL on which nothing listens (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def sha(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
-
-
-BLOB = random.Random(0).randbytes(300_000)
-
-
-# -----------------------------------------------------------------------------
-# downloads
-
-
-def test_download_verifies_and_skips_a_present_file(serve, tmp_path):
-    url, log, _ = serve({"/f.bin": BLOB})
-    dest = tmp_path / "sub" / "f.bin"
-    assert data.download_file(url + "/f.bin", dest, sha256=sha(BLOB)) == dest
-    assert dest.read_bytes() == BLOB and not (tmp_path / "sub" / "f.bin.part").exists()
-    data.download_file(url + "/f.bin", dest, sha256=sha(BLOB))
-    assert len(log) == 1  # present with the right hash: no second request
-
-
-def test_download_checksum_mismatch_leaves_no_file(serve, tmp_path):
-    url, _, _ = serve({"/f.bin": BLOB})
-    dest = tmp_path / "f.bin"
-    with pytest.raises(data.DownloadError) as e:
-        data.download_file(url + "/f.bin", dest, sha256="0" * 64)
-    assert str(dest) in str(e.value) and "0" * 64 in str(e.value) and sha(BLOB) in str(e.value)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_resumes_a_cut_transfer_with_range(serve, tmp_path):
-    url, log, _ = serve({"/f.bin": BLOB}, cut=1)
-    dest = data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
-    assert dest.read_bytes() == BLOB
-    assert log == [("/f.bin", None), ("/f.bin", f"bytes={len(BLOB) // 2}-")]
-
-
-def test_download_resumes_a_partial_file_from_an_earlier_run(serve, tmp_path):
-    url, log, _ = serve({"/f.bin": BLOB})
-    (tmp_path / "f.bin.part").write_bytes(BLOB[:1000])
-    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
-    assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
-
-
-def test_download_restarts_when_the_server_ignores_range(serve, tmp_path):
-    url, log, _ = serve({"/f.bin": BLOB}, ignore_range=True)
-    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # would corrupt the file if appended to
-    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
-    assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
-
-
-def test_download_restarts_after_416_on_a_too_long_partial_file(serve, tmp_path):
-    url, log, _ = serve({"/f.bin": BLOB})
-    (tmp_path / "f.bin.part").write_bytes(BLOB + b"extra")
-    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
-    assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", None)
-
-
-def test_download_keeps_the_partial_file_when_cut_repeatedly_and_resumes_later(serve, tmp_path):
-    url, log, state = serve({"/f.bin": BLOB}, cut=10)
-    with pytest.raises(data.DownloadError, match="interrupted.*run again to resume"):
-        data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
-    part = tmp_path / "f.bin.part"
-    kept = part.stat().st_size
-    assert len(log) == 3 and 0 < kept < len(BLOB) and not (tmp_path / "f.bin").exists()
-    state["cut"] = 0
-    data.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
-    assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", f"bytes={kept}-")
-
-
-def test_download_errors_name_the_url(serve, tmp_path):
-    offline = closed_port_url() + "/f.bin"
-    with pytest.raises(data.DownloadError, match=offline):
-        data.download_file(offline, tmp_path / "f.bin")
-    url, _, _ = serve({})
-    with pytest.raises(data.DownloadError, match="HTTP 404") as e:
-        data.download_file(url + "/missing.bin", tmp_path / "f.bin")
-    assert e.value.__cause__.code == 404  # model.py reads the HTTP status from the cause
-    assert issubclass(data.DownloadError, OSError)
-
-
-# -----------------------------------------------------------------------------
 # GSM8K and MetaMathQA
 
 
 @needs_gsm8k
 def test_load_gsm8k_from_a_local_dir():
-    train, test = data.load_gsm8k("train", data_dir=GSM8K_DIR), data.load_gsm8k("test", data_dir=GSM8K_DIR)
+    train, test = data.load_gsm8k("train", GSM8K_DIR), data.load_gsm8k("test", GSM8K_DIR)
     assert (len(train), len(test)) == (7473, 1319)
     assert test[0] == {"question": JANET_Q, "answer": JANET_A}
 
 
 def test_load_gsm8k_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"test\.jsonl.*--data_dir"):
-        data.load_gsm8k("test", data_dir=tmp_path)
+        data.load_gsm8k("test", tmp_path)
     with pytest.raises(ValueError, match="split"):
-        data.load_gsm8k("validation", data_dir=tmp_path)
+        data.load_gsm8k("validation", tmp_path)
     good = json.dumps({"question": "q", "answer": "a\n#### 1"})
     cases = [([good, "{not json"], "train.jsonl:2"),
              ([good, "", good, '{"question": "q"}'], "train.jsonl:4"),  # blank lines still count
@@ -217,42 +68,21 @@ def test_load_gsm8k_errors_name_the_file_and_line(tmp_path):
     for lines, where in cases:
         (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
         with pytest.raises(ValueError, match=where):
-            data.load_gsm8k("train", data_dir=tmp_path)
+            data.load_gsm8k("train", tmp_path)
 
 
-def test_load_gsm8k_downloads_into_the_cache_once(serve, tmp_path, monkeypatch):
-    rows = [{"question": "What is 2 + 2?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"}]
-    payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    url, log, _ = serve({"/gsm/test.jsonl": payload})
-    monkeypatch.setenv("LORASB_GSM8K_URL", url + "/gsm")
-    monkeypatch.setitem(data.GSM8K_SHA256, "test", sha(payload))
-    assert data.load_gsm8k("test", cache_dir=tmp_path) == rows
-    assert data.load_gsm8k("test", cache_dir=tmp_path) == rows
-    assert len(log) == 1 and (tmp_path / "test.jsonl").read_bytes() == payload
-
-
-def test_load_gsm8k_offline_says_where_to_put_the_data(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORASB_GSM8K_URL", closed_port_url())
-    with pytest.raises(data.DownloadError, match=r"(?s)could not download.*--data_dir"):
-        data.load_gsm8k("train", cache_dir=tmp_path)
-
-
-def test_load_metamathqa_takes_the_first_rows_in_order(serve, tmp_path, monkeypatch):
+def test_load_metamathqa_takes_the_first_rows_in_order(tmp_path):
     rows = [{"query": f"q{i}", "response": f"r{i}\nThe answer is: {i}", "type": "GSM_AnsAug"} for i in range(5)]
     expected = [{"query": r["query"], "response": r["response"]} for r in rows[:3]]
     (tmp_path / "m.json").write_text(json.dumps(rows, indent=2))
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert data.load_metamathqa(3, path=tmp_path / "m.json") == expected
-    assert data.load_metamathqa(3, path=tmp_path / "m.jsonl") == expected
+    assert data.load_metamathqa(3, tmp_path / "m.json") == expected
+    assert data.load_metamathqa(3, tmp_path / "m.jsonl") == expected
     with pytest.raises(ValueError, match="holds 5 examples, fewer than the 6"):
-        data.load_metamathqa(6, path=tmp_path / "m.json")
+        data.load_metamathqa(6, tmp_path / "m.json")
     (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"query": "q"}]))
     with pytest.raises(ValueError, match=r"bad\.json\[1\].*'response'"):
-        data.load_metamathqa(2, path=tmp_path / "bad.json")
-    url, log, _ = serve({"/" + data.METAMATHQA_FILE: json.dumps(rows).encode()})
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    assert data.load_metamathqa(3, cache_dir=tmp_path / "cache") == expected
-    assert len(log) == 1 and (tmp_path / "cache" / "MetaMathQA-395K.json").is_file()
+        data.load_metamathqa(2, tmp_path / "bad.json")
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +110,7 @@ def test_gsm8k_response_removes_annotations_and_ends_with_the_answer():
 @needs_gsm8k
 def test_gsm8k_targets_and_gold_answers_on_every_line():
     for split in ("train", "test"):
-        for row in data.load_gsm8k(split, data_dir=GSM8K_DIR):
+        for row in data.load_gsm8k(split, GSM8K_DIR):
             response = data.gsm8k_response(row["answer"])
             gold = data.gold_answer(row["answer"])
             assert "<<" not in response and ">>" not in response and "####" not in response
@@ -326,7 +156,7 @@ def test_a_label_boundary_that_tokenizes_differently_is_reported():
 @needs_smollm2
 def test_real_tokenizer_keeps_the_authors_boundary_exact():
     tok = data.Tokenizer.from_dir(SMOLLM2_DIR)
-    rows = data.load_gsm8k("train", data_dir=GSM8K_DIR)[:200]
+    rows = data.load_gsm8k("train", GSM8K_DIR)[:200]
     pairs = [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a boundary mismatch would warn

@@ -5,7 +5,6 @@ a loopback hub."""
 import functools
 import http.server
 import json
-import os
 import re
 import shutil
 import socket

@@ -9,11 +9,9 @@ the error and configuration tests use a hand-written tokenizer.json and always r
 
 import copy
 import json
-import os
 import random
 import re
 import unicodedata
-from pathlib import Path
 
 import pytest
 

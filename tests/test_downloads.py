@@ -1,0 +1,186 @@
+"""Downloads (model.py's one home for network I/O) against loopback servers: resume, checksums, errors, and the
+dataset files train_gsm8k.py fetches into the cache."""
+
+import hashlib
+import json
+import random
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import data
+import model as M
+import train_gsm8k
+
+
+# -----------------------------------------------------------------------------
+# a loopback HTTP server for the download tests
+
+
+@pytest.fixture
+def serve():
+    """serve(files, ignore_range=False, cut=0) -> (base_url, log, state): serves files (path -> bytes) on 127.0.0.1
+    with Range support. ignore_range answers every request with 200 and the whole file; the first state["cut"]
+    responses send only half their body and close. log lists (path, Range header) per request."""
+    servers = []
+
+    def start(files, ignore_range=False, cut=0):
+        log, state = [], {"cut": cut}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                log.append((self.path, self.headers.get("Range")))
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start_byte, range_header = 0, self.headers.get("Range")
+                if range_header and not ignore_range:
+                    start_byte = int(range_header.removeprefix("bytes=").rstrip("-"))
+                    if start_byte >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start_byte}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                payload = body[start_byte:]
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if state["cut"] > 0:
+                    state["cut"] -= 1
+                    payload = payload[:len(payload) // 2]
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", log, state
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port_url() -> str:
+    """A loopback URL on which nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def sha(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+BLOB = random.Random(0).randbytes(300_000)
+
+
+# -----------------------------------------------------------------------------
+# downloads
+
+
+def test_download_verifies_and_skips_a_present_file(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB})
+    dest = tmp_path / "sub" / "f.bin"
+    assert M.download_file(url + "/f.bin", dest, sha256=sha(BLOB)) == dest
+    assert dest.read_bytes() == BLOB and not (tmp_path / "sub" / "f.bin.part").exists()
+    M.download_file(url + "/f.bin", dest, sha256=sha(BLOB))
+    assert len(log) == 1  # present with the right hash: no second request
+
+
+def test_download_checksum_mismatch_leaves_no_file(serve, tmp_path):
+    url, _, _ = serve({"/f.bin": BLOB})
+    dest = tmp_path / "f.bin"
+    with pytest.raises(M.DownloadError) as e:
+        M.download_file(url + "/f.bin", dest, sha256="0" * 64)
+    assert str(dest) in str(e.value) and "0" * 64 in str(e.value) and sha(BLOB) in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_resumes_a_cut_transfer_with_range(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB}, cut=1)
+    dest = M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert dest.read_bytes() == BLOB
+    assert log == [("/f.bin", None), ("/f.bin", f"bytes={len(BLOB) // 2}-")]
+
+
+def test_download_resumes_a_partial_file_from_an_earlier_run(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB})
+    (tmp_path / "f.bin.part").write_bytes(BLOB[:1000])
+    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
+
+
+def test_download_restarts_when_the_server_ignores_range(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB}, ignore_range=True)
+    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # would corrupt the file if appended to
+    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
+
+
+def test_download_restarts_after_416_on_a_too_long_partial_file(serve, tmp_path):
+    url, log, _ = serve({"/f.bin": BLOB})
+    (tmp_path / "f.bin.part").write_bytes(BLOB + b"extra")
+    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", None)
+
+
+def test_download_keeps_the_partial_file_when_cut_repeatedly_and_resumes_later(serve, tmp_path):
+    url, log, state = serve({"/f.bin": BLOB}, cut=10)
+    with pytest.raises(M.DownloadError, match="interrupted.*run again to resume"):
+        M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    part = tmp_path / "f.bin.part"
+    kept = part.stat().st_size
+    assert len(log) == 3 and 0 < kept < len(BLOB) and not (tmp_path / "f.bin").exists()
+    state["cut"] = 0
+    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", f"bytes={kept}-")
+
+
+def test_download_errors_name_the_url(serve, tmp_path):
+    offline = closed_port_url() + "/f.bin"
+    with pytest.raises(M.DownloadError, match=offline):
+        M.download_file(offline, tmp_path / "f.bin")
+    url, _, _ = serve({})
+    with pytest.raises(M.DownloadError, match="HTTP 404") as e:
+        M.download_file(url + "/missing.bin", tmp_path / "f.bin")
+    assert e.value.__cause__.code == 404  # model.py reads the HTTP status from the cause
+    assert issubclass(M.DownloadError, OSError)
+
+
+def test_gsm8k_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
+    rows = [{"question": "What is 2 + 2?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"}]
+    payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    url, log, _ = serve({"/gsm/test.jsonl": payload})
+    monkeypatch.setenv("LORASB_GSM8K_URL", url + "/gsm")
+    monkeypatch.setattr(data, "GSM8K_SHA256", {"test": sha(payload)})
+    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
+    assert data.load_gsm8k("test", train_gsm8k.gsm8k_dir(None)) == rows
+    assert data.load_gsm8k("test", train_gsm8k.gsm8k_dir(None)) == rows
+    assert len(log) == 1 and (tmp_path / "gsm8k" / "test.jsonl").read_bytes() == payload
+
+
+def test_an_offline_dataset_download_says_where_to_put_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASB_GSM8K_URL", closed_port_url())
+    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
+    with pytest.raises(M.DownloadError, match=r"(?s)could not download.*--data_dir"):
+        train_gsm8k.gsm8k_dir(None)
+
+
+def test_metamathqa_is_downloaded_from_the_hub_into_the_cache(serve, tmp_path, monkeypatch):
+    rows = [{"query": f"q{i}", "response": f"r{i}\nThe answer is: {i}"} for i in range(3)]
+    url, log, _ = serve({"/" + data.METAMATHQA_FILE: json.dumps(rows).encode()})
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
+    assert data.load_metamathqa(3, train_gsm8k.metamathqa_file(None)) == rows
+    assert len(log) == 1 and (tmp_path / "metamathqa" / "MetaMathQA-395K.json").is_file()
