@@ -321,7 +321,10 @@ def test_is_correct_has_the_authors_percentage_leniency():
 
 def test_score_counts_correct_and_invalid():
     completions = ["x\nThe answer is: 18", "The answer is: 1800", "The answer is 18", "The answer is: 3"]
-    assert data.score(completions, [18, 18, 18, 4]) == {"accuracy": 0.5, "correct": 2, "invalid": 1, "total": 4}
+    result = data.score(completions, [18, 18, 18, 4])
+    assert {k: result[k] for k in ("accuracy", "correct", "invalid", "total")} == \
+        {"accuracy": 0.5, "correct": 2, "invalid": 1, "total": 4}
+    assert result["extracted"] == [18, 1800, None, 3] and result["is_correct"] == [True, True, False, False]
     with pytest.raises(ValueError, match="as many"):
         data.score(completions, [18])
 
