@@ -64,7 +64,7 @@ def gsm8k_response(answer: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Scoring (instruction_tuning_eval/gsm8k_eval.py and grader.py; the official GSM8K parser for comparison).
+# Scoring (instruction_tuning_eval/gsm8k_eval.py and grader.py).
 # ---------------------------------------------------------------------------------------------------------------------
 
 STOP_STRINGS = ["Instruction:", "Instruction", "Response:", "Response"]  # gsm8k_eval.py's vLLM stop list
@@ -120,13 +120,6 @@ def gold_answer(answer_text: str) -> int:
     if len(parts) < 2:
         raise ValueError(f"GSM8K answer without '#### N': {answer_text[-80:]!r}")
     return int(parts[1].replace(",", ""))
-
-
-def official_answer(text: str) -> str:
-    """The official GSM8K parser (grade-school-math dataset.py): the number after "#### " without commas, as a
-    string, or "[invalid]". For outputs in GSM8K's own format; the protocol here scores with extract_answer."""
-    match = re.search(r"#### (\-?[0-9\.\,]+)", text)
-    return match.group(1).strip().replace(",", "") if match else "[invalid]"
 
 
 def is_correct(pred: float | None, gold: float) -> bool:

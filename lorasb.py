@@ -218,11 +218,11 @@ def find_targets(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> 
     return found
 
 
-def _check_rank(name: str, linear: nn.Linear, rank: int) -> None:
-    limit = min(linear.out_features, linear.in_features)
-    if not 1 <= rank <= limit:
-        raise ValueError(f"rank {rank} is not possible for {name} ({linear.out_features} x {linear.in_features}): "
-                         f"the rank must be between 1 and min(out, in) = {limit}")
+def rank_problems(targets: dict[str, nn.Linear], rank: int) -> list[str]:
+    """One line per target layer that cannot take `rank` (it must be between 1 and min(out, in))."""
+    return [f"rank {rank} is {'too large' if rank > 1 else 'not possible'} for {name} ({m.out_features} x "
+            f"{m.in_features}): the rank must be between 1 and min(out, in) = {min(m.out_features, m.in_features)}"
+            for name, m in targets.items() if not 1 <= rank <= min(m.out_features, m.in_features)]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -246,8 +246,9 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
     if method == "lora" and lora_alpha is None:
         raise ValueError("method 'lora' needs lora_alpha (its scale is lora_alpha / rank)")
     found = find_targets(model, targets)
-    for name, linear in found.items():
-        _check_rank(name, linear, rank)
+    problems = rank_problems(found, rank)
+    if problems:
+        raise ValueError(problems[0] + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""))
     if updates is not None:
         missing = sorted(set(found) - set(updates))
         if missing:

@@ -93,7 +93,6 @@ class ModelConfig:
         missing = [k for k in LLAMA3_ROPE_KEYS if k not in rope] if rope_type == "llama3" else []
         if missing:
             raise ValueError(f"llama3 rope scaling lacks {missing}")
-        eos = hf.get("eos_token_id")
         attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
         uses_window = model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window", False))
         return cls(
@@ -107,7 +106,12 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
             mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
             sliding_window=hf.get("sliding_window") if uses_window else None,
-            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+            eos_token_ids=token_ids(hf.get("eos_token_id")))
+
+
+def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """A config's eos_token_id, which is an int, a list of ints or absent, as a tuple."""
+    return tuple(value) if isinstance(value, list) else () if value is None else (value,)
 
 
 def load_config(folder) -> ModelConfig:
@@ -118,8 +122,7 @@ def load_config(folder) -> ModelConfig:
     config = ModelConfig.from_hf(json.loads(path.read_text()))
     generation = Path(folder) / "generation_config.json"
     if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        extra = token_ids(json.loads(generation.read_text()).get("eos_token_id"))
         config.eos_token_ids += tuple(i for i in extra if i not in config.eos_token_ids)
     return config
 

@@ -1,16 +1,25 @@
-"""Fine-tune a pretrained LLM on GSM8K with LoRA-SB (or LoRA, LoRA-XS, full fine-tuning) and evaluate it.
+r"""Fine-tune a pretrained LLM on GSM8K with LoRA-SB (or LoRA, LoRA-XS, full fine-tuning) and evaluate it.
 
 One GPU (Qwen/Qwen2.5-0.5B, LoRA-SB rank 96 on the seven projections, GSM8K train, then GSM8K test accuracy):
     python train_gsm8k.py
 A baseline is one flag away:
     python train_gsm8k.py --method lora      # or loraxs, full
-Several GPUs (the first-update estimate is summed over ranks, data is sharded, rank 0 writes):
+Several GPUs (the first-update estimate is summed over processes, data is sharded, process 0 writes):
     torchrun --nproc_per_node=8 train_gsm8k.py
 Quick check on CPU with a local model folder and the GSM8K files:
     python train_gsm8k.py --model path/to/model --data_dir path/to/gsm8k --device cpu --max_steps 5 --eval_limit 8
 The paper's arithmetic setting (Mistral-7B, MetaMathQA first 50K, rank 96, 1 epoch):
     python train_gsm8k.py --model mistralai/Mistral-7B-v0.1 --train_data metamathqa --num_train 50000 \
         --rank 96 --epochs 1 --weight_decay 0.01
+
+A run, in the order main() calls its phases:
+    setup                   check every argument, start torch.distributed, pick the device and dtypes, seed
+    load                    the model folder and config, the tokenizer, the GSM8K questions, the training pairs
+    plan_training           steps, warmup, lr_1 (the first step's LR) and the number of init samples
+    initialize_adapters     the method: LoRA-SB estimates the first full fine-tuning update, then B, R, A = its SVD
+    train                   AdamW on what trains, gradient accumulation, checkpoints every --save_every steps
+    save_outputs            the adapter and its PEFT export (or the fine-tuned model folder)
+    report                  evaluate (held-out loss, greedy answers scored by the authors' rules), write summary.json
 """
 
 import argparse
@@ -23,6 +32,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +46,15 @@ import data
 import lorasb
 import model as model_lib
 
-METHODS = ("lorasb", "loraxs", "lora", "full")
+METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
+DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
 MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json")
-DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments: parsed once (defaults that depend on other arguments are resolved here), then never rewritten.
+# ---------------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,29 +104,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out_dir is None:
         run = "eval" if args.eval_only else args.method + (f"-r{args.rank}" if args.rank else "")
         args.out_dir = os.path.join("runs", f"gsm8k-{run}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.targets = tuple(t for t in args.targets.split(",") if t)
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Checking the request before any long work.
-# ---------------------------------------------------------------------------------------------------------------------
-
-def check_args(args, world_size: int) -> list[str]:
+def check_args(args, ddp_world_size: int) -> list[str]:
     """Every problem with the arguments that can be seen without loading the model, listed at once."""
     problems = []
-    if args.method not in METHODS:
-        problems.append(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
-    if args.train_data not in ("gsm8k", "metamathqa"):
-        problems.append(f"--train_data {args.train_data!r}: choose gsm8k or metamathqa")
-    if args.init_rule not in ("adamw", "sgd"):
-        problems.append(f"--init_rule {args.init_rule!r}: choose adamw or sgd")
-    if args.init_svd not in ("exact", "randomized"):
-        problems.append(f"--init_svd {args.init_svd!r}: choose exact or randomized")
-    if args.init_accumulate_on not in ("device", "cpu"):
-        problems.append(f"--init_accumulate_on {args.init_accumulate_on!r}: choose device or cpu")
-    if args.dtype not in (None, "bfloat16", "float32"):
-        problems.append(f"--dtype {args.dtype!r}: choose bfloat16 or float32")
+    choices = {"method": METHODS, "train_data": ("gsm8k", "metamathqa"), "init_rule": ("adamw", "sgd"),
+               "init_svd": ("exact", "randomized"), "init_accumulate_on": ("device", "cpu"),
+               "dtype": (None, "bfloat16", "float32")}
+    problems += [f"--{name} {getattr(args, name)!r}: choose one of {', '.join(c for c in allowed if c)}"
+                 for name, allowed in choices.items() if getattr(args, name) not in allowed]
     if args.method in DEFAULT_RANK and (args.rank is None or args.rank < 1):
         problems.append(f"--rank must be a positive integer, got {args.rank}")
     positive = ["epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size", "max_new_tokens",
@@ -124,9 +129,9 @@ def check_args(args, world_size: int) -> list[str]:
                  if getattr(args, name) is not None and getattr(args, name) < 1]
     if args.lr <= 0 or not 0 <= args.warmup_ratio < 1 or args.weight_decay < 0 or args.grad_clip < 0:
         problems.append("need --lr > 0, 0 <= --warmup_ratio < 1, --weight_decay >= 0 and --grad_clip >= 0")
-    if args.micro_batch_size >= 1 and args.batch_size % (args.micro_batch_size * world_size):
+    if args.micro_batch_size >= 1 and args.batch_size % (args.micro_batch_size * ddp_world_size):
         problems.append(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                        f"{args.micro_batch_size} x {world_size} GPU(s): gradient accumulation needs a whole number")
+                        f"{args.micro_batch_size} x {ddp_world_size} GPU(s): gradient accumulation needs a whole number")
     if args.adapter and not args.eval_only:
         problems.append("--adapter is for --eval_only (training writes its own adapter)")
     if args.adapter and not Path(args.adapter).is_file():
@@ -137,9 +142,15 @@ def check_args(args, world_size: int) -> list[str]:
         problems.append(f"--data_dir {args.data_dir}: needs train.jsonl and test.jsonl (GSM8K)")
     if args.metamathqa_path and not Path(args.metamathqa_path).is_file():
         problems.append(f"--metamathqa_path {args.metamathqa_path}: no such file")
-    if args.num_init_samples is not None and args.num_init_samples < world_size:
-        problems.append(f"--num_init_samples {args.num_init_samples} is fewer than the {world_size} processes: "
-                        "every rank needs at least one example for the estimate")
+    if args.num_init_samples is not None and args.num_init_samples < ddp_world_size:
+        problems.append(f"--num_init_samples {args.num_init_samples} is fewer than the {ddp_world_size} processes: "
+                        "every process needs at least one example for the estimate")
+    return problems + check_out_dir(args)
+
+
+def check_out_dir(args) -> list[str]:
+    """--out_dir must be writable, and must not silently mix two runs (--resume continues, --overwrite starts over)."""
+    problems = []
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: choose one")
     if args.resume and args.eval_only:
@@ -158,16 +169,13 @@ def check_args(args, world_size: int) -> list[str]:
 
 def check_model(args, config: model_lib.ModelConfig) -> list[str]:
     """Problems that need the model's shapes (read from config.json alone, before any weight is loaded)."""
-    if args.method == "full":
+    if args.method == "full" or args.eval_only:
         return []
-    skeleton = model_lib.build_model(config, device="meta")
     try:
-        targets = lorasb.find_targets(skeleton, args.targets)
+        targets = lorasb.find_targets(model_lib.build_model(config), args.targets)
     except ValueError as e:
         return [f"--targets: {e}"]
-    return [f"--rank {args.rank} is too large for {name} ({m.out_features} x {m.in_features}): at most "
-            f"{min(m.out_features, m.in_features)}" for name, m in targets.items()
-            if args.rank > min(m.out_features, m.in_features)][:3]
+    return [f"--{problem}" for problem in lorasb.rank_problems(targets, args.rank)][:3]
 
 
 def refuse(problems: list[str]) -> None:
@@ -175,7 +183,66 @@ def refuse(problems: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data, loss and schedule.
+# Setup: one process, or one of torchrun's (ddp_rank of ddp_world_size); device, dtypes, seeds.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """Where and how this process runs, derived once from the arguments and the torchrun environment."""
+    ddp: bool
+    ddp_rank: int
+    ddp_world_size: int
+    device: torch.device
+    compute_dtype: torch.dtype  # the dtype of the forward pass: bf16 on GPU, fp32 on CPU
+    weights_dtype: torch.dtype  # frozen weights are stored in compute_dtype; weights that train stay fp32
+
+    @property
+    def master_process(self) -> bool:
+        return self.ddp_rank == 0
+
+    def autocast(self):
+        """bf16 autocast when computing in bf16 (mixed precision for the fp32 weights that train), else nothing."""
+        if self.compute_dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def log(self, *message) -> None:
+        if self.master_process:
+            print(*message, flush=True)
+
+    def my_share(self, n: int) -> list[int]:
+        """The indices of n items that this process handles: every ddp_world_size-th one from ddp_rank."""
+        return list(range(self.ddp_rank, n, self.ddp_world_size))
+
+
+def setup(args) -> Setup:
+    """Refuse bad arguments (all listed at once), then start torch.distributed under torchrun, pick the device and the
+    dtypes, and seed every RNG."""
+    ddp = "RANK" in os.environ
+    ddp_rank, ddp_world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    problems = check_args(args, ddp_world_size)
+    if problems:
+        refuse(problems)
+    device = torch.device(args.device)
+    if ddp and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
+    if ddp:  # gloo too on GPU: the estimate's sample count and CPU accumulators are CPU tensors
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    compute_dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # Frozen weights can be stored in bf16; weights that train are kept in fp32 (bf16 would round small updates away)
+    # and run under bf16 autocast, like mixed-precision training elsewhere.
+    weights_dtype = torch.float32 if args.method == "full" and not args.eval_only else compute_dtype
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    return Setup(ddp, ddp_rank, ddp_world_size, device, compute_dtype, weights_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Load: the model folder, the tokenizer and the data (downloaded into the cache when not given as local files).
 # ---------------------------------------------------------------------------------------------------------------------
 
 def gsm8k_dir(data_dir: str | None) -> Path:
@@ -208,12 +275,51 @@ def training_pairs(args) -> list[tuple[str, str]]:
     return [(data.TRAIN_PROMPT.format(instruction=r["query"]), r["response"]) for r in rows]
 
 
-def causal_lm_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of next-token prediction over the labelled (response) tokens of a batch, in fp32: their mean,
-    or with reduction="sum" their sum."""
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
-                           reduction=reduction)
+@dataclass
+class Loaded:
+    """What the run reads before the weights: the model folder and config, the tokenizer, and the data."""
+    folder: Path
+    config: model_lib.ModelConfig
+    tokenizer: data.Tokenizer
+    questions: list[dict]  # the GSM8K test questions to evaluate
+    pairs: list[tuple[str, str]] | None  # the (prompt, response) training pairs; None with --eval_only
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Generation stops at any of these: the tokenizer's EOS and the config's (often a longer list)."""
+        return {self.tokenizer.eos_id, *self.config.eos_token_ids} - {None}
+
+
+def load(args, env: Setup) -> Loaded:
+    """Resolve the model folder (local, HF cache or download) and the data, read config.json and check what depends on
+    the model's shapes, then load the tokenizer. Under torchrun process 0 downloads first; the others then find the
+    files in the cache."""
+    if env.ddp and not env.master_process:
+        dist.barrier()
+    folder = model_lib.resolve_model(args.model)
+    questions = data.load_gsm8k("test", gsm8k_dir(args.data_dir))[:args.eval_limit]
+    pairs = None if args.eval_only else training_pairs(args)
+    if env.ddp and env.master_process:
+        dist.barrier()
+    config = model_lib.load_config(folder)
+    problems = check_model(args, config)
+    if problems:
+        refuse(problems)
+    return Loaded(folder, config, data.Tokenizer.from_dir(folder), questions, pairs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The schedule: the number of steps, the LR of each, and what the LoRA-SB initialization derives from it.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What the arguments and the data imply for training (recorded in config.json)."""
+    grad_accum: int  # micro-batches per optimizer step on each process
+    total_steps: int
+    warmup_steps: int
+    lr_1: float  # the LR of the first optimizer step, the step size LoRA-SB's first-update estimate assumes
+    num_init_samples: int | None  # examples of the LoRA-SB estimate (None for the other methods)
 
 
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -227,8 +333,94 @@ def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
+    grad_accum = args.batch_size // (args.micro_batch_size * ddp_world_size)
+    micro_batches = math.ceil(num_examples / args.micro_batch_size) // ddp_world_size  # per process, as data.Batches
+    total_steps = min(args.epochs * (micro_batches // grad_accum), args.max_steps or math.inf)
+    if total_steps < 1:
+        refuse([f"{num_examples} examples make no full optimizer step of {args.batch_size}: lower --batch_size"])
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    # lr_1 is the LR of this schedule's first optimizer step. The authors' code divided the LR by the warmup length of
+    # their small estimation loader (batch 3), not of the optimizer steps: ~10x too small an lr_1.
+    lr_1 = learning_rate(1, args.lr, warmup_steps, total_steps)
+    num_init = args.num_init_samples or max(32, round(0.001 * num_examples)) if args.method == "lorasb" else None
+    return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Initializing the adapters: the one place where the method enters the run.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def causal_lm_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of next-token prediction over the labelled (response) tokens of a batch, in fp32: their mean,
+    or with reduction="sum" their sum."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def estimate_first_update(model, examples: list[dict], pad_id: int, args, plan: Plan,
+                          env: Setup) -> dict[str, torch.Tensor]:
+    """dW = -lr_1 * sign(G) for every target weight, G summed over plan.num_init_samples training examples in an order
+    of their own (seed + 1), split over the processes; see lorasb.estimate_first_update."""
+    local_samples = len(env.my_share(plan.num_init_samples))
+    init_batches = data.Batches(examples, args.micro_batch_size, args.seed + 1, rank=env.ddp_rank,
+                                world_size=env.ddp_world_size, pad_id=pad_id)
+    env.log(f"estimating the first update from {plan.num_init_samples} examples (lr_1 = {plan.lr_1:.3g}, "
+            f"rule {args.init_rule})")
+    bar = tqdm(desc="estimating", total=local_samples, unit="example", disable=not env.master_process)
+
+    def loss_fn(m, batch):
+        bar.update(len(batch["input_ids"]))
+        with env.autocast():
+            return causal_lm_loss(m, to_device(batch, env.device))
+
+    updates = lorasb.estimate_first_update(model, init_batches, loss_fn, local_samples, plan.lr_1, args.targets,
+                                           rule=args.init_rule,
+                                           accumulate_on="cpu" if args.init_accumulate_on == "cpu" else None)
+    bar.close()
+    return updates
+
+
+def initialize_adapters(model, examples: list[dict], pad_id: int, args, plan: Plan,
+                        env: Setup) -> lorasb.AdapterReport | None:
+    """Turn the pretrained model into what --method trains, freezing everything else:
+
+        lorasb  estimate dW (above), then B, R, A = U_r, S_r, V_r^T of its SVD: the model starts at W0 + [dW]_r
+        loraxs  B, A from the SVD of W0, R ~ N(0, 1e-5^2): the model starts at ~W0
+        lora    B = 0, A Kaiming, scale alpha / r: the model starts at W0
+        full    nothing to add: every weight trains
+    """
+    randomized = args.init_svd == "randomized"
+    if args.method == "lorasb":
+        updates = estimate_first_update(model, examples, pad_id, args, plan, env)
+        return lorasb.add_adapters(model, "lorasb", args.rank, args.targets, updates=updates,
+                                   randomized_svd=randomized)
+    if args.method in ("loraxs", "lora"):
+        return lorasb.add_adapters(model, args.method, args.rank, args.targets, lora_alpha=args.lora_alpha,
+                                   seed=args.seed, randomized_svd=randomized)
+    return None
+
+
+def parameter_counts(model, targets: tuple[str, ...]) -> dict[str, int]:
+    """The sizes trainable parameter counts are compared with: the whole model (full fine-tuning) and LoRA r=32 on the
+    targets. Count them before the adapters are added."""
+    lora32 = sum(32 * (m.out_features + m.in_features) for m in lorasb.find_targets(model, targets).values())
+    return {"full": sum(p.numel() for p in model.parameters()), "lora32": lora32}
+
+
+def describe_trainable(model, reference_counts: dict[str, int], env: Setup) -> int:
+    """Print the trainable parameter count beside LoRA r=32's and full fine-tuning's; return it."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora32, full = reference_counts["lora32"], reference_counts["full"]
+    versus_lora = f"1/{lora32 / trainable:.1f} of" if trainable <= lora32 else f"{trainable / lora32:.1f}x"
+    env.log(f"trainable parameters: {trainable:,} = {versus_lora} LoRA r=32 ({lora32:,}) = "
+            f"{100 * trainable / full:.4f}% of full fine-tuning ({full:,})")
+    return trainable
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,7 +437,7 @@ def save_trainable(model, path: Path, method: str, base_model: str) -> None:
 
 
 def rng_states(device: torch.device) -> dict:
-    """Every RNG the run could draw from (on CUDA, this rank's device only), in types torch.load(weights_only=True)
+    """Every RNG the run could draw from (on CUDA, this process's device only), in types torch.load(weights_only=True)
     accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
@@ -262,13 +454,12 @@ def set_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, batches, args, device) -> None:
+def save_checkpoint(out: Path, step: int, model, optimizer, batches: data.Batches, args, device) -> None:
     folder = out / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    tmp = folder / f".{name}.tmp"
+    tmp = folder / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     save_trainable(model, tmp / "trainable.safetensors", args.method, args.model)
     state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": rng_states(device),
              "args": vars(args)}
@@ -291,21 +482,142 @@ RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data",
                "seed")
 
 
-def check_resume(saved: dict, args) -> None:
+def load_resume_state(out: Path, args) -> tuple[Path, dict]:
+    """The latest checkpoint's folder and its state (step, optimizer, data position, RNG), after checking that the
+    settings that shape the run are the same."""
+    checkpoint = latest_checkpoint(out)
+    state = torch.load(checkpoint / "state.pt", weights_only=True, map_location="cpu")
     current = vars(args)
-    changed = [f"--{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS
-               if json.dumps(saved.get(k)) != json.dumps(current[k])]
+    changed = [f"--{k}: {state['args'].get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS
+               if json.dumps(state["args"].get(k)) != json.dumps(current[k])]
     if changed:
         refuse([f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}"])
+    return checkpoint, state
+
+
+def resume_position(state: dict, optimizer, batches: data.Batches, env: Setup) -> int:
+    """Put the optimizer, the data order and the RNGs where the checkpoint left them; returns its step."""
+    optimizer.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["data"])
+    set_rng_states(state["rng"], env.device)
+    return state["step"]
+
+
+def restore_trainable(model, checkpoint: Path, method: str) -> None:
+    """The trained weights of a checkpoint. B and A come from sampled data and an SVD: they are reloaded, never
+    re-estimated."""
+    if method == "full":
+        model.load_state_dict(lorasb.load_safetensors(checkpoint / "trainable.safetensors")[0])
+    else:
+        lorasb.load_adapter(model, checkpoint / "trainable.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: AdamW on whatever requires grad, gradient accumulation over micro-batches, the LR schedule above.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def make_optimizer(model, args, device: torch.device) -> torch.optim.AdamW:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def train_step(run_model, optimizer, batches: data.Batches, step: int, args, plan: Plan, env: Setup) -> dict:
+    """Optimizer step `step` (1-based): set its LR, accumulate the gradients of plan.grad_accum micro-batches (DDP
+    all-reduces them on the last one only), clip, AdamW. Returns the step's mean loss, LR, gradient norm and the
+    number of tokens it saw on this process, as tensors or numbers that cost no device sync."""
+    lr = learning_rate(step, args.lr, plan.warmup_steps, plan.total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, tokens = torch.zeros((), device=env.device), 0
+    for micro in range(plan.grad_accum):
+        batch = batches.next_batch()
+        tokens += int(batch["attention_mask"].sum())
+        sync = micro == plan.grad_accum - 1
+        with (run_model.no_sync() if env.ddp and not sync else nullcontext()), env.autocast():
+            loss = causal_lm_loss(run_model, to_device(batch, env.device)) / plan.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+
+def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: Plan, env: Setup, out: Path) -> float:
+    """Steps start_step + 1 .. plan.total_steps: log every --log_every steps to metrics.jsonl and the progress bar,
+    checkpoint every --save_every steps and at the end. Returns the seconds it took."""
+    run_model = torch.compile(model) if args.compile else model
+    if env.ddp:  # B and A are identical on every process by construction: no need to broadcast buffers
+        run_model = DistributedDataParallel(run_model, device_ids=[env.device.index] if env.device.type == "cuda"
+                                            else None, broadcast_buffers=False)
+    env.log(f"training: {plan.total_steps} steps of {args.batch_size} examples ({plan.grad_accum} x "
+            f"{args.micro_batch_size} x {env.ddp_world_size}), lr {args.lr:g} (warmup {plan.warmup_steps}, cosine), "
+            f"weight decay {args.weight_decay:g}")
+    t0 = last_log = time.time()
+    tokens = 0
+    run_model.train()
+    bar = tqdm(range(start_step + 1, plan.total_steps + 1), initial=start_step, total=plan.total_steps,
+               desc="training", disable=not env.master_process)
+    for step in bar:
+        result = train_step(run_model, optimizer, batches, step, args, plan, env)
+        tokens += result["tokens"] * env.ddp_world_size
+        if step % args.log_every == 0 or step == plan.total_steps:
+            loss = result["loss"]
+            if env.ddp:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            now = time.time()
+            row = {"step": step, "loss": loss.item(), "lr": result["lr"], "grad_norm": result["grad_norm"].item(),
+                   "tokens_per_s": tokens / (now - last_log), "elapsed_s": now - t0}
+            tokens, last_log = 0, now
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if env.master_process:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if step % args.save_every == 0 or step == plan.total_steps:
+            if env.master_process:
+                save_checkpoint(out, step, model, optimizer, batches, args, env.device)
+            if env.ddp:
+                dist.barrier()
+    return time.time() - t0
+
+
+def start_outputs(out: Path, args, plan: Plan, loaded: Loaded, num_trainable: int, start_step: int,
+                  env: Setup) -> None:
+    """config.json with every setting resolved, and metrics.jsonl cut back to the resumed step (process 0 only)."""
+    if not env.master_process:
+        return
+    write_json(out / "config.json", {**vars(args), **vars(plan), "world_size": env.ddp_world_size,
+                                     "trainable_parameters": num_trainable, "model_config": vars(loaded.config),
+                                     "torch": torch.__version__})
+    metrics_path = out / "metrics.jsonl"
+    kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+            if json.loads(line)["step"] <= start_step]  # a resumed run rewrites what came after its checkpoint
+    lorasb.atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
+def save_outputs(model, out: Path, args, folder: Path) -> None:
+    """The adapter and its PEFT export, or for full fine-tuning a model folder that --model (and transformers) loads."""
+    if args.method == "full":
+        (out / "model").mkdir(exist_ok=True)
+        save_trainable(model, out / "model" / "model.safetensors", args.method, args.model)
+        for name in MODEL_FOLDER_FILES:
+            if (folder / name).is_file():
+                shutil.copy(folder / name, out / "model" / name)
+    else:
+        save_trainable(model, out / "adapter.safetensors", args.method, args.model)
+        lorasb.export_peft(model, out / "peft_adapter", base_model=args.model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation: adapters merged, batched greedy decoding with a KV cache, the authors' prompt, stop strings and scoring.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def evaluate(model, tokenizer, questions: list[dict], args, eos_ids: set[int], rank: int, world_size: int) -> list[dict]:
-    """Greedy completions of this rank's share of the questions, scored by the authors' rules."""
-    mine = list(range(rank, len(questions), world_size))
+def generate_answers(model, tokenizer: data.Tokenizer, questions: list[dict], eos_ids: set[int], args,
+                     env: Setup) -> list[dict]:
+    """Greedy completions of this process's share of the questions, cut at the authors' stop strings."""
+    mine = env.my_share(len(questions))
     prompts = [tokenizer.encode(data.eval_prompt(questions[i]["question"])) for i in mine]
     # Stop strings are matched on the generated text only (the prompt contains "Instruction:" and "Response:");
     # the last few tokens suffice to see a new one, so each check decodes a short tail.
@@ -313,30 +625,59 @@ def evaluate(model, tokenizer, questions: list[dict], args, eos_ids: set[int], r
     # generate sorts the prompts by length into batches (less padding) and shows a progress bar over them
     outputs = model_lib.generate(model, prompts, args.max_new_tokens, eos_ids, tokenizer.pad_id, stop=stop,
                                  batch_size=args.eval_batch_size)
-    completions = [data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0] for new in outputs]
-    rows = []
-    for i, completion in zip(mine, completions):
-        gold = data.gold_answer(questions[i]["answer"])
-        extracted = data.extract_answer(completion)
-        rows.append({"index": i, "question": questions[i]["question"], "completion": completion,
-                     "extracted": extracted, "gold": gold, "correct": data.is_correct(extracted, gold)})
-    return rows
+    return [{"index": i, "question": questions[i]["question"], "gold": data.gold_answer(questions[i]["answer"]),
+             "completion": data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0]}
+            for i, new in zip(mine, outputs)]
 
 
-def held_out_loss(model, tokenizer, questions: list[dict], args, device, rank: int, world_size: int) -> float:
+def held_out_loss(model, tokenizer: data.Tokenizer, questions: list[dict], args, env: Setup) -> float:
     """Mean next-token loss per response token of the reference solutions, in the training format (teacher forcing):
     a smoother measure than accuracy for comparing methods on the same budget."""
-    pairs = [(data.TRAIN_PROMPT.format(instruction=q["question"]), data.gsm8k_response(q["answer"]))
-             for q in questions[rank::world_size]]
+    pairs = [(data.TRAIN_PROMPT.format(instruction=questions[i]["question"]), data.gsm8k_response(questions[i]["answer"]))
+             for i in env.my_share(len(questions))]
     examples, _ = data.tokenize_dataset(tokenizer, pairs, args.max_length)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss * tokens, tokens)
     for start in range(0, len(examples), args.micro_batch_size):
-        batch = to_device(data.collate(examples[start:start + args.micro_batch_size], tokenizer.pad_id), device)
+        batch = to_device(data.collate(examples[start:start + args.micro_batch_size], tokenizer.pad_id), env.device)
         tokens = (batch["labels"][:, 1:] != -100).sum()
         sums += torch.stack([causal_lm_loss(model, batch, reduction="sum").double(), tokens.double()])
-    if dist.is_initialized():
+    if env.ddp:
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
+
+
+def evaluate(model, loaded: Loaded, args, env: Setup) -> tuple[dict, list[dict]]:
+    """The held-out loss and the scored answers of every test question (gathered from all processes, in order).
+    In fp32 the adapters are merged first (evaluation at the base model's cost); in bf16, W0 + B R A would round the
+    small trained delta away (bf16 keeps ~3 digits of W0), so the adapter runs unmerged: three thin matmuls a layer."""
+    model.eval()
+    if env.weights_dtype == torch.float32:
+        lorasb.merge_adapters(model)
+    with torch.no_grad(), env.autocast():
+        test_loss = held_out_loss(model, loaded.tokenizer, loaded.questions, args, env)
+        rows = generate_answers(model, loaded.tokenizer, loaded.questions, loaded.eos_ids, args, env)
+    if env.ddp:
+        gathered = [None] * env.ddp_world_size
+        dist.all_gather_object(gathered, rows)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    scored = data.score([r["completion"] for r in rows], [r["gold"] for r in rows])
+    rows = [{**r, "extracted": extracted, "correct": correct}
+            for r, extracted, correct in zip(rows, scored["extracted"], scored["is_correct"])]
+    metrics = {k: scored[k] for k in ("accuracy", "correct", "invalid", "total")}
+    return {**metrics, "test_loss": test_loss}, rows
+
+
+def report(model, loaded: Loaded, args, env: Setup, out: Path, described: dict) -> dict:
+    """Evaluate, then write predictions.jsonl and summary.json and print the summary (process 0); returns the
+    summary. `described` names what was evaluated (method, rank, trainable parameters, timings)."""
+    metrics, rows = evaluate(model, loaded, args, env)
+    summary = {**metrics, **described, "model": args.model, "peak_memory_bytes": peak_memory_bytes(env.device)}
+    if env.master_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "predictions.jsonl", rows)
+        write_json(out / "summary.json", summary)
+        print_summary(summary, out)
+    return summary
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -353,237 +694,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The run.
-# ---------------------------------------------------------------------------------------------------------------------
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    distributed = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    problems = check_args(args, world_size)
-    if problems:
-        refuse(problems)
-
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if distributed and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)  # one GPU per rank
-    if distributed:  # gloo too on GPU: the estimate's sample count and CPU accumulators are CPU tensors
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    compute_dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
-    # Frozen weights can be stored in bf16; weights that train are kept in fp32 (bf16 would round small updates away)
-    # and run under bf16 autocast, like mixed-precision training elsewhere.
-    weights_dtype = torch.float32 if args.method == "full" and not args.eval_only else compute_dtype
-    main_process = rank == 0
-    log = print if main_process else (lambda *a, **k: None)
-    out = Path(args.out_dir)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-
-    if distributed and rank != 0:
-        dist.barrier()  # rank 0 downloads first; the others then find the files in the cache
-    folder = model_lib.resolve_model(args.model)
-    questions = data.load_gsm8k("test", gsm8k_dir(args.data_dir))[:args.eval_limit]
-    pairs = None if args.eval_only else training_pairs(args)
-    if distributed and rank == 0:
-        dist.barrier()
-    config = model_lib.load_config(folder)
-    problems = [] if args.eval_only else check_model(args, config)
-    if problems:
-        refuse(problems)
-    tokenizer = data.Tokenizer.from_dir(folder)
-    eos_ids = {tokenizer.eos_id, *config.eos_token_ids} - {None}
-
-    if main_process:
-        if args.overwrite:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            for stale in ("metrics.jsonl", "predictions.jsonl", "summary.json"):
-                (out / stale).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-    model = model_lib.load_model(folder, device=device, dtype=weights_dtype)
-    num_base = sum(p.numel() for p in model.parameters())
-    lora32 = sum(32 * (m.out_features + m.in_features) for m in lorasb.find_targets(model, args.targets).values())
-    num_trainable = 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if compute_dtype == torch.bfloat16 else nullcontext()
-    init_seconds = train_seconds = 0.0
-
-    if args.eval_only:
-        if args.adapter:
-            info = lorasb.load_adapter(model, args.adapter)
-            args.method, args.rank = info["method"], info["rank"]  # the summary describes what was evaluated
-            log(f"loaded {info['method']} adapter (rank {info['rank']}) from {args.adapter}")
-        else:
-            args.method, args.rank = "base", None
-    else:
-        examples, num_truncated = data.tokenize_dataset(tokenizer, pairs, args.max_length)
-        log(f"training examples: {len(examples)} ({num_truncated} truncated to {args.max_length} tokens)")
-        grad_accum = args.batch_size // (args.micro_batch_size * world_size)
-        batches = data.Batches(examples, args.micro_batch_size, args.seed, rank=rank, world_size=world_size,
-                               pad_id=tokenizer.pad_id)
-        steps_per_epoch = len(batches) // grad_accum
-        total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-        if total_steps < 1:
-            refuse([f"{len(examples)} examples make no full optimizer step of {args.batch_size}: lower --batch_size"])
-        warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-        lr_1 = learning_rate(1, args.lr, warmup_steps, total_steps)
-        start_step, resume_state = 0, None
-        if args.resume:
-            checkpoint = latest_checkpoint(out)
-            resume_state = torch.load(checkpoint / "state.pt", weights_only=True, map_location="cpu")
-            check_resume(resume_state["args"], args)
-            start_step = resume_state["step"]
-
-        t0, report = time.time(), None
-        if args.method == "full":
-            if resume_state:
-                model.load_state_dict(lorasb.load_safetensors(checkpoint / "trainable.safetensors")[0])
-        elif resume_state:  # B and A come from sampled data and an SVD: reload them, never re-estimate
-            lorasb.load_adapter(model, checkpoint / "trainable.safetensors")
-        elif args.method == "lorasb":
-            # lr_1 is the LR of this schedule's first optimizer step. The authors' code divided the LR by the warmup
-            # length of their small estimation loader (batch 3), not of the optimizer steps: ~10x too small an lr_1.
-            num_init = args.num_init_samples or max(32, round(0.001 * len(examples)))
-            local_init = num_init // world_size + (rank < num_init % world_size)
-            init_batches = data.Batches(examples, args.micro_batch_size, args.seed + 1, rank=rank,
-                                        world_size=world_size, pad_id=tokenizer.pad_id)
-            log(f"estimating the first update from {num_init} examples (lr_1 = {lr_1:.3g}, rule {args.init_rule})")
-
-            bar = tqdm(desc="estimating", total=local_init, unit="example", disable=not main_process)
-
-            def init_loss(m, batch):
-                bar.update(len(batch["input_ids"]))
-                with autocast:
-                    return causal_lm_loss(m, to_device(batch, device))
-
-            updates = lorasb.estimate_first_update(
-                model, init_batches, init_loss, local_init, lr_1, args.targets, rule=args.init_rule,
-                accumulate_on="cpu" if args.init_accumulate_on == "cpu" else None)
-            bar.close()
-            report = lorasb.add_adapters(model, "lorasb", args.rank, args.targets, updates=updates,
-                                         randomized_svd=args.init_svd == "randomized")
-            del updates
-        else:
-            report = lorasb.add_adapters(model, args.method, args.rank, args.targets, lora_alpha=args.lora_alpha,
-                                         seed=args.seed, randomized_svd=args.init_svd == "randomized")
-        init_seconds = time.time() - t0
-
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        num_trainable = sum(p.numel() for p in trainable)
-        if report:
-            log(report)
-        versus_lora = (f"1/{lora32 / num_trainable:.1f} of" if num_trainable <= lora32
-                       else f"{num_trainable / lora32:.1f}x")
-        log(f"trainable parameters: {num_trainable:,} = {versus_lora} LoRA r=32 ({lora32:,}) = "
-            f"{100 * num_trainable / num_base:.4f}% of full fine-tuning ({num_base:,})")
-
-        optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                      weight_decay=args.weight_decay, fused=device.type == "cuda")
-        if resume_state:
-            optimizer.load_state_dict(resume_state["optimizer"])
-            batches.load_state_dict(resume_state["data"])
-            set_rng_states(resume_state["rng"], device)
-            log(f"resumed from {checkpoint} at step {start_step}")
-        run_model = torch.compile(model) if args.compile else model
-        if distributed:  # B and A are identical on every rank by construction: no need to broadcast buffers
-            run_model = DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                broadcast_buffers=False)
-        if main_process:
-            write_json(out / "config.json", {**vars(args), "grad_accum": grad_accum, "total_steps": total_steps,
-                                             "warmup_steps": warmup_steps, "lr_1": lr_1, "world_size": world_size,
-                                             "trainable_parameters": num_trainable, "model_config": vars(config),
-                                             "torch": torch.__version__})
-            metrics_path = out / "metrics.jsonl"
-            kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                    if json.loads(line)["step"] <= start_step]  # a resumed run rewrites what came after its checkpoint
-            lorasb.atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
-
-        log(f"training: {total_steps} steps of {args.batch_size} examples ({grad_accum} x {args.micro_batch_size} x "
-            f"{world_size}), lr {args.lr:g} (warmup {warmup_steps}, cosine), weight decay {args.weight_decay:g}")
-        t0, tokens, last_log = time.time(), 0, time.time()
-        run_model.train()
-        bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training",
-                   disable=not main_process)
-        for step in bar:
-            lr = learning_rate(step + 1, args.lr, warmup_steps, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                batch = batches.next_batch()
-                tokens += int(batch["attention_mask"].sum()) * world_size
-                batch = to_device(batch, device)
-                sync = micro == grad_accum - 1  # DDP all-reduces gradients on the last micro-step only
-                with (run_model.no_sync() if distributed and not sync else nullcontext()), autocast:
-                    loss = causal_lm_loss(run_model, batch) / grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            if done % args.log_every == 0 or done == total_steps:
-                if distributed:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                now = time.time()
-                row = {"step": done, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                       "tokens_per_s": tokens / (now - last_log), "elapsed_s": now - t0}
-                tokens, last_log = 0, now
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if main_process:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-            if done % args.save_every == 0 or done == total_steps:
-                if main_process:
-                    save_checkpoint(out, done, model, optimizer, batches, args, device)
-                if distributed:
-                    dist.barrier()
-        train_seconds = time.time() - t0
-        if main_process and args.method == "full":  # a model folder that --model (and transformers) can load
-            (out / "model").mkdir(exist_ok=True)
-            save_trainable(model, out / "model" / "model.safetensors", args.method, args.model)
-            for name in MODEL_FOLDER_FILES:
-                if (folder / name).is_file():
-                    shutil.copy(folder / name, out / "model" / name)
-        elif main_process:
-            save_trainable(model, out / "adapter.safetensors", args.method, args.model)
-            lorasb.export_peft(model, out / "peft_adapter", base_model=args.model)
-
-    model.eval()
-    if weights_dtype == torch.float32:
-        lorasb.merge_adapters(model)  # evaluation runs at the base model's cost
-    # In bf16, W0 + B R A would round the small trained delta away (bf16 keeps ~3 digits of W0): run unmerged then,
-    # at the cost of three thin matmuls per layer.
-    with torch.no_grad(), autocast:
-        test_loss = held_out_loss(model, tokenizer, questions, args, device, rank, world_size)
-        rows = evaluate(model, tokenizer, questions, args, eos_ids, rank, world_size)
-    if distributed:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, rows)
-        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-    result = data.score([r["completion"] for r in rows], [r["gold"] for r in rows])
-    summary = {"accuracy": result["accuracy"], "correct": result["correct"], "invalid": result["invalid"],
-               "total": result["total"], "test_loss": test_loss, "method": args.method, "rank": args.rank, "model": args.model,
-               "trainable_parameters": num_trainable,
-               "init_seconds": init_seconds, "train_seconds": train_seconds,
-               "peak_memory_bytes": peak_memory_bytes(device)}
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "predictions.jsonl", rows)
-        write_json(out / "summary.json", summary)
-        print_summary(summary, out)
-    if distributed:
-        dist.destroy_process_group()
-    return summary
-
-
 def print_summary(summary: dict, out: Path) -> None:
     print(f"\n{'=' * 72}\nGSM8K test: {summary['accuracy']:.2%} ({summary['correct']}/{summary['total']}, "
           f"{summary['invalid']} without an answer), loss {summary['test_loss']:.4f}  "
@@ -591,6 +701,76 @@ def print_summary(summary: dict, out: Path) -> None:
           f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
           f"training {summary['train_seconds']:.1f} s | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
           f"outputs in {out}/ (summary.json, predictions.jsonl, metrics.jsonl, adapter)\n{'=' * 72}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    env = setup(args)
+    loaded = load(args, env)
+    checkpoint, state = load_resume_state(Path(args.out_dir), args) if args.resume else (None, None)
+    out = prepare_out_dir(args, env)
+    model = model_lib.load_model(loaded.folder, device=env.device, dtype=env.weights_dtype)
+    if args.eval_only:
+        return finish(report(model, loaded, args, env, out, load_adapter_to_evaluate(model, args, env)), env)
+
+    examples, num_truncated = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    env.log(f"training examples: {len(examples)} ({num_truncated} truncated to {args.max_length} tokens)")
+    plan = plan_training(args, len(examples), env.ddp_world_size)
+    reference_counts = parameter_counts(model, args.targets)
+    t0 = time.time()
+    if checkpoint:
+        restore_trainable(model, checkpoint, args.method)
+    else:
+        env.log(initialize_adapters(model, examples, loaded.tokenizer.pad_id, args, plan, env) or "full fine-tuning")
+    init_seconds = time.time() - t0
+    num_trainable = describe_trainable(model, reference_counts, env)
+
+    batches = data.Batches(examples, args.micro_batch_size, args.seed, rank=env.ddp_rank,
+                           world_size=env.ddp_world_size, pad_id=loaded.tokenizer.pad_id)
+    optimizer = make_optimizer(model, args, env.device)
+    start_step = resume_position(state, optimizer, batches, env) if state else 0
+    if state:
+        env.log(f"resumed from {checkpoint} at step {start_step}")
+    start_outputs(out, args, plan, loaded, num_trainable, start_step, env)
+    train_seconds = train(model, optimizer, batches, start_step, args, plan, env, out)
+    if env.master_process:
+        save_outputs(model, out, args, loaded.folder)
+
+    described = {"method": args.method, "rank": args.rank, "trainable_parameters": num_trainable,
+                 "init_seconds": init_seconds, "train_seconds": train_seconds}
+    return finish(report(model, loaded, args, env, out, described), env)
+
+
+def prepare_out_dir(args, env: Setup) -> Path:
+    """--out_dir, created by process 0; with --overwrite, first cleared of what an earlier run left there."""
+    out = Path(args.out_dir)
+    if env.master_process:
+        if args.overwrite:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            for stale in ("metrics.jsonl", "predictions.jsonl", "summary.json"):
+                (out / stale).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_adapter_to_evaluate(model, args, env: Setup) -> dict:
+    """With --eval_only: load --adapter if given; returns what the summary says was evaluated."""
+    described = {"method": "base", "rank": None, "trainable_parameters": 0, "init_seconds": 0.0, "train_seconds": 0.0}
+    if args.adapter:
+        info = lorasb.load_adapter(model, args.adapter)
+        described.update(method=info["method"], rank=info["rank"])
+        env.log(f"loaded {info['method']} adapter (rank {info['rank']}) from {args.adapter}")
+    return described
+
+
+def finish(summary: dict, env: Setup) -> dict:
+    if env.ddp:
+        dist.destroy_process_group()
+    return summary
 
 
 if __name__ == "__main__":

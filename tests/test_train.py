@@ -119,3 +119,29 @@ def test_torchrun_with_two_cpu_processes(tmp_path, tiny_model_dir, tiny_gsm8k_di
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["index"] for p in predictions] == [0, 1, 2, 3, 4]
     assert json.loads((out / "config.json").read_text())["grad_accum"] == 1
+
+
+def test_initialize_adapters_is_the_library_estimate_and_svd_bitwise(tiny_model_dir, tiny_gsm8k_dir):
+    """The trainer's initialization phase adds nothing of its own: it equals lorasb.estimate_first_update on the
+    trainer's init batches (seed + 1, micro batch size) followed by lorasb.add_adapters, bit for bit."""
+    import data
+    import model as model_lib
+
+    args = train_gsm8k.parse_args(["--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir), "--rank", "4",
+                                   "--num_init_samples", "5", "--micro_batch_size", "2", "--batch_size", "4",
+                                   "--device", "cpu", "--max_steps", "10"])
+    env = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    loaded = train_gsm8k.load(args, env)
+    examples, _ = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    plan = train_gsm8k.plan_training(args, len(examples), 1)
+    assert plan.num_init_samples == 5 and plan.lr_1 == pytest.approx(args.lr)  # 10 steps: a 1-step warmup
+
+    phase = model_lib.load_model(loaded.folder)
+    report = train_gsm8k.initialize_adapters(phase, examples, loaded.tokenizer.pad_id, args, plan, env)
+    direct = model_lib.load_model(loaded.folder)
+    batches = data.Batches(examples, 2, args.seed + 1, pad_id=loaded.tokenizer.pad_id)
+    updates = lorasb.estimate_first_update(direct, batches, train_gsm8k.causal_lm_loss, 5, plan.lr_1)
+    lorasb.add_adapters(direct, "lorasb", 4, updates=updates)
+    got, expected = phase.state_dict(), direct.state_dict()
+    assert report.method == "lorasb" and got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
