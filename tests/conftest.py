@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny Llama checkpoint folder with a byte-level tokenizer, and a tiny GSM8K-format data folder,
-all written by the tests themselves (no download, no reference library)."""
+"""Shared fixtures: a tiny Llama checkpoint folder with a byte-level tokenizer, a tiny GSM8K-format data folder and a
+tiny MATH test file, all written by the tests themselves (no download, no reference library)."""
 
 import json
 import os
@@ -93,6 +93,24 @@ def write_tiny_gsm8k(folder: Path, num_train: int = 48, num_test: int = 6) -> Pa
     return folder
 
 
+# (instruction, output, type, level) of a MetaMath-format MATH test file; the answers are the last \boxed{...}
+TINY_MATH = [
+    ("What is $1/2$ as a fraction?", "Half is $\\frac{1}{\\boxed{2}}$, so it is $\\boxed{\\frac{1}{2}}$.", "Algebra",
+     "Level 1"),
+    ("What is $2+3$?", "$2+3=\\boxed{5}$.", "Prealgebra", "Level 1"),
+    ("Write $x$ over 3.", "It is $\\boxed{\\frac{x}{3}}$.", "Algebra", "Level 2"),
+    ("Compute $\\sqrt{9}$.", "$\\sqrt{9} = \\boxed{3}$", "Prealgebra", "Level 2"),
+]
+
+
+def write_tiny_math(path: Path) -> Path:
+    """MATH_test.jsonl in MetaMath's format (idx, instruction, output, input, type) plus a level, one line each."""
+    rows = [{"idx": f"hendrycks_math_{i + 1}", "instruction": q, "output": s, "input": "", "type": t, "level": lv}
+            for i, (q, s, t, lv) in enumerate(TINY_MATH)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
@@ -101,3 +119,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gsm8k_dir(tmp_path_factory) -> Path:
     return write_tiny_gsm8k(tmp_path_factory.mktemp("tiny-gsm8k"))
+
+
+@pytest.fixture(scope="session")
+def tiny_math_file(tmp_path_factory) -> Path:
+    return write_tiny_math(tmp_path_factory.mktemp("tiny-math") / "MATH_test.jsonl")
