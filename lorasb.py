@@ -14,8 +14,10 @@ LoRA-SB sets s = 1 and initializes from dW, an estimate of the first full fine-t
     B = U_r,  R = S_r,  A = V_r^T                                    (lorasb_factors)
 
 so the model starts at W0 + [dW]_r (W0 itself is never changed). B and A are orthonormal and s = 1, so the plain
-gradient of R, g_R = B^T G A^T, moves W by B g_R A = P_B G P_A: the best approximation of the full gradient G that the
-subspace allows, at every step, with nothing to tune (r_gradient, equivalent_gradient).
+gradient of R, g_R = B^T G A^T, has the equivalent gradient B g_R A = P_B G P_A at every step: the best approximation of
+the full gradient G that the subspace allows, with nothing to tune (r_gradient, equivalent_gradient). An SGD step on R
+moves W by exactly -lr P_B G P_A; AdamW, which trains R in practice, rescales g_R entry by entry, so its step stays in
+the subspace but is not that projection.
 
 Usage on any torch.nn.Module whose target layers are nn.Linear (a Hugging Face model too):
 
@@ -84,9 +86,28 @@ def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False, ove
     return u[:, :rank], s[:rank], v[:, :rank].T
 
 
-def lorasb_factors(update: torch.Tensor, rank: int, **svd_options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LoRA-SB initialization (Thm 6): B = U_r, R = diag(S_r), A = V_r^T from dW ~= U_r S_r V_r^T, so B R A = [dW]_r."""
-    u, s, vh = truncated_svd(update, rank, **svd_options)
+def authors_svd(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' SVD of dW (utils/svd_utils.py::get_svd_grad), to reproduce their initialization: on M = dW^T
+    (in x out) in fp32, torch.manual_seed(42), an unused torch.randn(out, rank) draw, then torch.svd_lowrank(M,
+    q=rank, niter=10): a randomized SVD with 10 power iterations and no oversampling. dW = M^T = V S U^T, so the left
+    singular vectors of dW are V and the right ones U.
+
+    The values equal theirs (on the same device and torch version) because the seed and the draws are the same. Unlike
+    theirs, it runs under a forked RNG, so the caller's random state is untouched, and U, S, V are not cast to bf16.
+    Returns U_r (m x r), S_r (r,), Vh_r (r x n) of dW, as truncated_svd."""
+    m = update.float().T
+    with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
+        torch.manual_seed(42)
+        torch.randn(m.shape[1], rank, device=m.device)  # unused in theirs too, but it moves the RNG the SVD then uses
+        u, s, v = torch.svd_lowrank(m, q=rank, niter=10)
+    return v, s, u.T
+
+
+def lorasb_factors(update: torch.Tensor, rank: int, authors: bool = False,
+                   **svd_options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA-SB initialization (Thm 6): B = U_r, R = diag(S_r), A = V_r^T from dW ~= U_r S_r V_r^T, so B R A = [dW]_r.
+    The SVD is truncated_svd(update, rank, **svd_options), or with authors=True the authors' (authors_svd)."""
+    u, s, vh = authors_svd(update, rank) if authors else truncated_svd(update, rank, **svd_options)
     return u.contiguous(), torch.diag(s), vh.contiguous()
 
 
@@ -114,8 +135,9 @@ def r_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: fl
 
 
 def equivalent_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The W-space effect of one SGD step on R (s = 1): B (B^T G A^T) A = P_B G P_A, where P_B = B B^T and
-    P_A = A^T A project onto col(B) and row(A) when B and A are orthonormal (Thm 3: the closest such update to G)."""
+    """The equivalent gradient of R (s = 1): B (B^T G A^T) A = P_B G P_A, where P_B = B B^T and P_A = A^T A project
+    onto col(B) and row(A) when B and A are orthonormal (Thm 3: the closest such update to G). One SGD step on R moves
+    W by exactly -lr times it."""
     return b @ r_gradient(grad_w, b, a) @ a
 
 
@@ -232,12 +254,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str] = DEFAULT_TARGETS,
                  updates: dict[str, torch.Tensor] | None = None, lora_alpha: float | None = None, seed: int = 0,
-                 randomized_svd: bool = False) -> AdapterReport:
+                 randomized_svd: bool = False, authors_svd: bool = False) -> AdapterReport:
     """Replace every target nn.Linear by a LowRankLinear and freeze everything else; one code path for three methods:
 
     - "lorasb": B, R, A = lorasb_factors(updates[name]) (updates from estimate_first_update), s = 1, R trains.
     - "loraxs": B, R, A = loraxs_factors(W0), s = 1, R trains.
     - "lora":   B = 0, A Kaiming, s = lora_alpha / rank, B and A train.
+
+    The SVDs are exact, or randomized with randomized_svd=True; authors_svd=True gives LoRA-SB the authors' SVD.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -245,6 +269,10 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
         raise ValueError("method 'lorasb' needs updates=estimate_first_update(...)")
     if method == "lora" and lora_alpha is None:
         raise ValueError("method 'lora' needs lora_alpha (its scale is lora_alpha / rank)")
+    if authors_svd and method != "lorasb":
+        raise ValueError(f"authors_svd is LoRA-SB's initialization; method {method!r} does not use it")
+    if authors_svd and randomized_svd:
+        raise ValueError("authors_svd and randomized_svd are two different SVDs: choose one")
     found = find_targets(model, targets)
     problems = rank_problems(found, rank)
     if problems:
@@ -259,7 +287,8 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
     for name, linear in found.items():
         w0 = linear.weight
         if method == "lorasb":
-            b, r, a = lorasb_factors(updates[name].to(w0.device), rank, randomized=randomized_svd)
+            b, r, a = lorasb_factors(updates[name].to(w0.device), rank, authors=authors_svd,
+                                     randomized=randomized_svd)
             scale = 1.0
         elif method == "loraxs":
             b, r, a = loraxs_factors(w0.detach(), rank, generator, randomized=randomized_svd)

@@ -127,6 +127,31 @@ def test_randomized_svd_matches_exact_and_keeps_the_callers_rng():
     torch.testing.assert_close(approx[0] @ approx[0].T, exact[0] @ exact[0].T, atol=1e-3, rtol=0)  # same P_B
 
 
+def test_authors_svd_is_their_seeded_call_on_the_transpose_and_keeps_the_callers_rng():
+    g = torch.Generator().manual_seed(0)
+    update = lorasb.adamw_first_step(torch.randn(30, 20, generator=g) + torch.randn(30, 1, generator=g) @
+                                     torch.randn(1, 20, generator=g), lr=1e-3)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    b, r, a = lorasb.lorasb_factors(update, rank=4, authors=True)
+    assert torch.equal(state, torch.get_rng_state())  # theirs reset the global seed once per layer
+    # theirs, verbatim (utils/svd_utils.py::get_svd_grad on M = dW^T): seed 42, an unused draw, then svd_lowrank
+    torch.manual_seed(42)
+    torch.randn(update.shape[0], 4)
+    u, s, v = torch.svd_lowrank(update.T.float(), q=4, niter=10)
+    assert torch.equal(b, v) and torch.equal(r, torch.diag(s)) and torch.equal(a, u.T)  # B = V, A = U^T
+    torch.testing.assert_close(b.T @ b, torch.eye(4), atol=1e-5, rtol=0)  # still orthonormal, still ~[dW]_r
+    exact = lorasb.lorasb_factors(update, rank=4)
+    error = lambda f: torch.linalg.matrix_norm(update - f[0] @ f[1] @ f[2]).item()  # noqa: E731
+    assert error(exact) <= error((b, r, a)) < 1.1 * error(exact)
+    model = TinyBlock()
+    updates = {"up_proj": torch.randn(24, 12), "down_proj": torch.randn(12, 24)}
+    lorasb.add_adapters(model, "lorasb", 4, targets=("up_proj", "down_proj"), updates=updates, authors_svd=True)
+    torch.testing.assert_close(model.up_proj.B, lorasb.authors_svd(updates["up_proj"], 4)[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="LoRA-SB's initialization"):
+        lorasb.add_adapters(TinyBlock(), "loraxs", 4, targets=("up_proj",), authors_svd=True)
+
+
 # --- estimation ----------------------------------------------------------------------------------------------------
 
 def brute_force_update(model, batches, num_samples, lr, rule):
