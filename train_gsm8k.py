@@ -1,4 +1,5 @@
-r"""Fine-tune a pretrained LLM on GSM8K with LoRA-SB (or LoRA, LoRA-XS, full fine-tuning) and evaluate it.
+r"""Fine-tune a pretrained LLM on GSM8K with LoRA-SB (or LoRA, LoRA-XS, full fine-tuning) and evaluate it on GSM8K (and
+MATH).
 
 One GPU (Qwen/Qwen2.5-0.5B, LoRA-SB rank 96 on the seven projections, GSM8K train, then GSM8K test accuracy):
     python train_gsm8k.py
@@ -8,18 +9,19 @@ Several GPUs (the first-update estimate is summed over processes, data is sharde
     torchrun --nproc_per_node=8 train_gsm8k.py
 Quick check on CPU with a local model folder and the GSM8K files:
     python train_gsm8k.py --model path/to/model --data_dir path/to/gsm8k --device cpu --max_steps 5 --eval_limit 8
-The paper's arithmetic setting (Mistral-7B, MetaMathQA first 50K, rank 96, 1 epoch):
+The paper's arithmetic setting (Mistral-7B, MetaMathQA first 50K, rank 96, 1 epoch), evaluated on GSM8K and MATH:
     python train_gsm8k.py --model mistralai/Mistral-7B-v0.1 --train_data metamathqa --num_train 50000 \
-        --rank 96 --epochs 1 --weight_decay 0.01
+        --rank 96 --epochs 1 --weight_decay 0.01 --eval_data gsm8k,math
 
 A run, in the order main() calls its phases:
     setup                   check every argument, start torch.distributed, pick the device and dtypes, seed
-    load                    the model folder and config, the tokenizer, the GSM8K questions, the training pairs
+    load                    the model folder and config, the tokenizer, the test problems, the training pairs
     plan_training           steps, warmup, lr_1 (the first step's LR) and the number of init samples
     initialize_adapters     the method: LoRA-SB estimates the first full fine-tuning update, then B, R, A = its SVD
     train                   AdamW on what trains, gradient accumulation, checkpoints every --save_every steps
     save_outputs            the adapter and its PEFT export (or the fine-tuned model folder)
-    report                  evaluate (held-out loss, greedy answers scored by the authors' rules), write summary.json
+    report                  evaluate (held-out loss, greedy answers to GSM8K and MATH scored by the authors' rules),
+                            write summary.json
 """
 
 import argparse
@@ -47,6 +49,7 @@ import lorasb
 import model as model_lib
 
 METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
+EVAL_SETS = {"gsm8k": "predictions.jsonl", "math": "predictions_math.jsonl"}  # test set -> file of its scored answers
 DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
 MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json")
@@ -82,9 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--init_rule", default="adamw", help="first-step model: adamw (-lr_1 * sign G) or sgd (-lr_1 * mean G)")
     a("--init_svd", default="exact", help="exact or randomized SVD for the initialization")
     a("--init_accumulate_on", default="device", help="where the fp32 gradient sums live: device or cpu")
-    a("--eval_limit", type=int, default=None, help="evaluate on the first N test questions (default: all 1319)")
+    a("--eval_data", default="gsm8k", help="comma-separated test sets to answer: gsm8k (1319), math (5000)")
+    a("--math_path", default=None, help="local MetaMath MATH_test.jsonl (default: download from MetaMath's repository)")
+    a("--eval_limit", type=int, default=None, help="evaluate on the first N problems of each test set (default: all)")
     a("--eval_batch_size", type=int, default=64, help="prompts per generation batch")
-    a("--max_new_tokens", type=int, default=256, help="generation budget per question (the authors' 256)")
+    a("--max_new_tokens", type=int, default=256, help="generation budget per GSM8K question (the authors' 256)")
+    a("--math_max_new_tokens", type=int, default=512, help="generation budget per MATH problem (the authors' 512)")
     a("--eval_only", action="store_true", help="skip training; evaluate --model (with --adapter if given)")
     a("--adapter", default=None, help="with --eval_only: an adapter.safetensors saved by this script")
     a("--out_dir", default=None, help="where outputs go (default: runs/gsm8k-<method>-r<rank>, runs/gsm8k-eval)")
@@ -107,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.targets = tuple(t for t in args.targets.split(",") if t)
+    args.eval_data = tuple(s for s in args.eval_data.split(",") if s)
     return args
 
 
@@ -121,7 +128,7 @@ def check_args(args, ddp_world_size: int) -> list[str]:
     if args.method in DEFAULT_RANK and (args.rank is None or args.rank < 1):
         problems.append(f"--rank must be a positive integer, got {args.rank}")
     positive = ["epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size", "max_new_tokens",
-                "save_every", "log_every"]
+                "save_every", "log_every", "math_max_new_tokens"]
     problems += [f"--{name} must be positive, got {getattr(args, name)}" for name in positive
                  if getattr(args, name) < 1]
     problems += [f"--{name} must be positive, got {getattr(args, name)}"
@@ -129,6 +136,10 @@ def check_args(args, ddp_world_size: int) -> list[str]:
                  if getattr(args, name) is not None and getattr(args, name) < 1]
     if args.lr <= 0 or not 0 <= args.warmup_ratio < 1 or args.weight_decay < 0 or args.grad_clip < 0:
         problems.append("need --lr > 0, 0 <= --warmup_ratio < 1, --weight_decay >= 0 and --grad_clip >= 0")
+    unknown = [s for s in args.eval_data if s not in EVAL_SETS]
+    if unknown or not args.eval_data:
+        problems.append(f"--eval_data {','.join(args.eval_data)!r}: choose test sets among {', '.join(EVAL_SETS)}, "
+                        "comma-separated")
     if args.micro_batch_size >= 1 and args.batch_size % (args.micro_batch_size * ddp_world_size):
         problems.append(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
                         f"{args.micro_batch_size} x {ddp_world_size} GPU(s): gradient accumulation needs a whole number")
@@ -142,6 +153,8 @@ def check_args(args, ddp_world_size: int) -> list[str]:
         problems.append(f"--data_dir {args.data_dir}: needs train.jsonl and test.jsonl (GSM8K)")
     if args.metamathqa_path and not Path(args.metamathqa_path).is_file():
         problems.append(f"--metamathqa_path {args.metamathqa_path}: no such file")
+    if args.math_path and not Path(args.math_path).is_file():
+        problems.append(f"--math_path {args.math_path}: no such file")
     if args.num_init_samples is not None and args.num_init_samples < ddp_world_size:
         problems.append(f"--num_init_samples {args.num_init_samples} is fewer than the {ddp_world_size} processes: "
                         "every process needs at least one example for the estimate")
@@ -266,6 +279,15 @@ def metamathqa_file(path: str | None) -> Path:
                                      local_option="--metamathqa_path")
 
 
+def math_file(path: str | None) -> Path:
+    """--math_path, or MetaMath's MATH_test.jsonl (~6 MB) downloaded into the cache once. LORASB_MATH_URL replaces its
+    URL (a mirror, or a test server). No checksum is pinned (see data.MATH_URL); data.load_math checks every record."""
+    if path:
+        return Path(path)
+    url = os.environ.get("LORASB_MATH_URL", data.MATH_URL)
+    return model_lib.cached_download(url, "math/MATH_test.jsonl", local_option="--math_path")
+
+
 def training_pairs(args) -> list[tuple[str, str]]:
     """(prompt, response) pairs in the authors' format: their Alpaca prompt, the response, then EOS."""
     if args.train_data == "gsm8k":
@@ -281,8 +303,9 @@ class Loaded:
     folder: Path
     config: model_lib.ModelConfig
     tokenizer: data.Tokenizer
-    questions: list[dict]  # the GSM8K test questions to evaluate
+    questions: list[dict]  # the GSM8K test questions (their held-out loss is always measured)
     pairs: list[tuple[str, str]] | None  # the (prompt, response) training pairs; None with --eval_only
+    math_problems: list[dict] | None = None  # the MATH test problems, with --eval_data math
 
     @property
     def eos_ids(self) -> set[int]:
@@ -299,13 +322,14 @@ def load(args, env: Setup) -> Loaded:
     folder = model_lib.resolve_model(args.model)
     questions = data.load_gsm8k("test", gsm8k_dir(args.data_dir))[:args.eval_limit]
     pairs = None if args.eval_only else training_pairs(args)
+    math_problems = data.load_math(math_file(args.math_path))[:args.eval_limit] if "math" in args.eval_data else None
     if env.ddp and env.master_process:
         dist.barrier()
     config = model_lib.load_config(folder)
     problems = check_model(args, config)
     if problems:
         refuse(problems)
-    return Loaded(folder, config, data.Tokenizer.from_dir(folder), questions, pairs)
+    return Loaded(folder, config, data.Tokenizer.from_dir(folder), questions, pairs, math_problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -611,23 +635,33 @@ def save_outputs(model, out: Path, args, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: adapters merged, batched greedy decoding with a KV cache, the authors' prompt, stop strings and scoring.
+# Evaluation: adapters merged, the held-out loss, then on each test set batched greedy decoding with a KV cache, the
+# authors' prompt, stop strings and scoring.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def generate_answers(model, tokenizer: data.Tokenizer, questions: list[dict], eos_ids: set[int], args,
-                     env: Setup) -> list[dict]:
-    """Greedy completions of this process's share of the questions, cut at the authors' stop strings."""
+                     env: Setup, eval_set: str = "gsm8k") -> list[dict]:
+    """Greedy completions of this process's share of the questions of `eval_set`, cut at the authors' stop strings,
+    after at most --max_new_tokens (GSM8K) or --math_max_new_tokens (MATH) new tokens. Each row holds the question,
+    its gold answer (GSM8K: the number after "#### "; MATH: the reference's \\boxed{} answer), MATH's subject and level
+    when the file has them, and the completion."""
     mine = env.my_share(len(questions))
     prompts = [tokenizer.encode(data.eval_prompt(questions[i]["question"])) for i in mine]
+    max_new_tokens = args.max_new_tokens if eval_set == "gsm8k" else args.math_max_new_tokens
     # Stop strings are matched on the generated text only (the prompt contains "Instruction:" and "Response:");
     # the last few tokens suffice to see a new one, so each check decodes a short tail.
     stop = lambda new: any(s in tokenizer.decode(new[-8:]) for s in data.STOP_STRINGS)  # noqa: E731
     # generate sorts the prompts by length into batches (less padding) and shows a progress bar over them
-    outputs = model_lib.generate(model, prompts, args.max_new_tokens, eos_ids, tokenizer.pad_id, stop=stop,
+    outputs = model_lib.generate(model, prompts, max_new_tokens, eos_ids, tokenizer.pad_id, stop=stop,
                                  batch_size=args.eval_batch_size)
-    return [{"index": i, "question": questions[i]["question"], "gold": data.gold_answer(questions[i]["answer"]),
-             "completion": data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0]}
-            for i, new in zip(mine, outputs)]
+    rows = []
+    for i, new in zip(mine, outputs):
+        question = questions[i]
+        gold = data.gold_answer(question["answer"]) if eval_set == "gsm8k" else question["answer"]
+        rows.append({"index": i, "question": question["question"], "gold": gold,
+                     **{key: question[key] for key in ("subject", "level") if key in question},
+                     "completion": data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0]})
+    return rows
 
 
 def held_out_loss(model, tokenizer: data.Tokenizer, questions: list[dict], args, env: Setup) -> float:
@@ -646,35 +680,74 @@ def held_out_loss(model, tokenizer: data.Tokenizer, questions: list[dict], args,
     return (sums[0] / sums[1]).item()
 
 
-def evaluate(model, loaded: Loaded, args, env: Setup) -> tuple[dict, list[dict]]:
-    """The held-out loss and the scored answers of every test question (gathered from all processes, in order).
+def score_gsm8k(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """GSM8K accuracy, correct, invalid and total, and the rows with their extracted answer and verdict."""
+    scored = data.score([r["completion"] for r in rows], [r["gold"] for r in rows])
+    rows = [{**r, "extracted": extracted, "correct": correct}
+            for r, extracted, correct in zip(rows, scored["extracted"], scored["is_correct"])]
+    return {k: scored[k] for k in ("accuracy", "correct", "invalid", "total")}, rows
+
+
+def score_math(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """MATH accuracy, correct, invalid and total, scored correctly; beside them what the authors' is_equiv fallback
+    gives (accuracy_authors_fallback, the figure comparable with their published MATH numbers) and how many verdicts
+    it flips; the accuracy by subject and by level when the file has them; and the rows with their extracted answer
+    and both verdicts."""
+    scored = data.score_math([r["completion"] for r in rows], [r["gold"] for r in rows])
+    rows = [{**r, "extracted": extracted, "correct": correct, "correct_authors_fallback": authors}
+            for r, extracted, correct, authors in zip(rows, scored["extracted"], scored["is_correct"],
+                                                      scored["is_correct_authors_fallback"])]
+    metrics = {k: scored[k] for k in ("accuracy", "correct", "invalid", "total", "accuracy_authors_fallback",
+                                      "changed_by_authors_fallback")}
+    for field in ("subject", "level"):
+        if all(field in r for r in rows):
+            metrics[f"by_{field}"] = accuracy_by(rows, field)
+    return metrics, rows
+
+
+def accuracy_by(rows: list[dict], field: str) -> dict:
+    """{value of `field`: {accuracy, correct, total}} over the scored rows, in sorted order of the values."""
+    verdicts = {}
+    for r in rows:
+        verdicts.setdefault(r[field], []).append(r["correct"])
+    return {value: {"accuracy": sum(v) / len(v), "correct": sum(v), "total": len(v)}
+            for value, v in sorted(verdicts.items())}
+
+
+def evaluate(model, loaded: Loaded, args, env: Setup) -> tuple[dict, dict[str, list[dict]]]:
+    """The held-out loss on GSM8K's test solutions, and the scored answers of every problem of each --eval_data set
+    (gathered from all processes, in order). Returns the metrics, GSM8K's at the top level and MATH's under "math",
+    and the scored rows of each set.
     In fp32 the adapters are merged first (evaluation at the base model's cost); in bf16, W0 + B R A would round the
     small trained delta away (bf16 keeps ~3 digits of W0), so the adapter runs unmerged: three thin matmuls a layer."""
     model.eval()
     if env.weights_dtype == torch.float32:
         lorasb.merge_adapters(model)
+    problems = {"gsm8k": loaded.questions, "math": loaded.math_problems}
+    score = {"gsm8k": score_gsm8k, "math": score_math}
+    metrics, predictions = {}, {}
     with torch.no_grad(), env.autocast():
         test_loss = held_out_loss(model, loaded.tokenizer, loaded.questions, args, env)
-        rows = generate_answers(model, loaded.tokenizer, loaded.questions, loaded.eos_ids, args, env)
-    if env.ddp:
-        gathered = [None] * env.ddp_world_size
-        dist.all_gather_object(gathered, rows)
-        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-    scored = data.score([r["completion"] for r in rows], [r["gold"] for r in rows])
-    rows = [{**r, "extracted": extracted, "correct": correct}
-            for r, extracted, correct in zip(rows, scored["extracted"], scored["is_correct"])]
-    metrics = {k: scored[k] for k in ("accuracy", "correct", "invalid", "total")}
-    return {**metrics, "test_loss": test_loss}, rows
+        for eval_set in args.eval_data:
+            rows = generate_answers(model, loaded.tokenizer, problems[eval_set], loaded.eos_ids, args, env, eval_set)
+            if env.ddp:
+                gathered = [None] * env.ddp_world_size
+                dist.all_gather_object(gathered, rows)
+                rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+            metrics[eval_set], predictions[eval_set] = score[eval_set](rows)
+    return {**metrics.pop("gsm8k", {}), "test_loss": test_loss, **metrics}, predictions
 
 
 def report(model, loaded: Loaded, args, env: Setup, out: Path, described: dict) -> dict:
-    """Evaluate, then write predictions.jsonl and summary.json and print the summary (process 0); returns the
-    summary. `described` names what was evaluated (method, rank, trainable parameters, timings)."""
-    metrics, rows = evaluate(model, loaded, args, env)
+    """Evaluate, then write the predictions of each test set (predictions.jsonl for GSM8K, predictions_math.jsonl)
+    and summary.json and print the summary (process 0); returns the summary. `described` names what was evaluated
+    (method, rank, trainable parameters, timings)."""
+    metrics, predictions = evaluate(model, loaded, args, env)
     summary = {**metrics, **described, "model": args.model, "peak_memory_bytes": peak_memory_bytes(env.device)}
     if env.master_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "predictions.jsonl", rows)
+        for eval_set, rows in predictions.items():
+            write_jsonl(out / EVAL_SETS[eval_set], rows)
         write_json(out / "summary.json", summary)
         print_summary(summary, out)
     return summary
@@ -695,12 +768,20 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def print_summary(summary: dict, out: Path) -> None:
-    print(f"\n{'=' * 72}\nGSM8K test: {summary['accuracy']:.2%} ({summary['correct']}/{summary['total']}, "
-          f"{summary['invalid']} without an answer), loss {summary['test_loss']:.4f}  "
+    accuracies = []
+    if "accuracy" in summary:
+        accuracies.append(f"GSM8K test: {summary['accuracy']:.2%} ({summary['correct']}/{summary['total']}, "
+                          f"{summary['invalid']} without an answer)")
+    if "math" in summary:
+        m = summary["math"]
+        accuracies.append(f"MATH test: {m['accuracy']:.2%} ({m['correct']}/{m['total']}, {m['invalid']} without an "
+                          f"answer); with the authors' is_equiv fallback {m['accuracy_authors_fallback']:.2%} "
+                          f"({m['changed_by_authors_fallback']} verdicts flipped)")
+    print(f"\n{'=' * 72}\n" + "\n".join(accuracies) + f"\nheld-out GSM8K loss {summary['test_loss']:.4f}  "
           f"[{summary['method']}, rank {summary['rank']}, {summary['model']}]\n"
           f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
           f"training {summary['train_seconds']:.1f} s | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
-          f"outputs in {out}/ (summary.json, predictions.jsonl, metrics.jsonl, adapter)\n{'=' * 72}")
+          f"outputs in {out}/ (summary.json, predictions*.jsonl, metrics.jsonl, adapter)\n{'=' * 72}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -751,7 +832,7 @@ def prepare_out_dir(args, env: Setup) -> Path:
     if env.master_process:
         if args.overwrite:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            for stale in ("metrics.jsonl", "predictions.jsonl", "summary.json"):
+            for stale in ("metrics.jsonl", "summary.json", *EVAL_SETS.values()):
                 (out / stale).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
     return out

@@ -184,3 +184,19 @@ def test_metamathqa_is_downloaded_from_the_hub_into_the_cache(serve, tmp_path, m
     monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
     assert data.load_metamathqa(3, train_gsm8k.metamathqa_file(None)) == rows
     assert len(log) == 1 and (tmp_path / "metamathqa" / "MetaMathQA-395K.json").is_file()
+
+
+def test_math_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
+    rows = [{"idx": "hendrycks_math_1", "instruction": "What is $1+1$?", "output": "It is $\\boxed{2}$.", "input": "",
+             "type": "Prealgebra"}]
+    url, log, _ = serve({"/MATH_test.jsonl": "".join(json.dumps(r) + "\n" for r in rows).encode()})
+    monkeypatch.setenv("LORASB_MATH_URL", url + "/MATH_test.jsonl")
+    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
+    expected = [{"question": "What is $1+1$?", "answer": "2", "subject": "Prealgebra"}]
+    assert data.load_math(train_gsm8k.math_file(None)) == expected
+    assert data.load_math(train_gsm8k.math_file(None)) == expected
+    assert len(log) == 1 and (tmp_path / "math" / "MATH_test.jsonl").is_file()
+    monkeypatch.setenv("LORASB_MATH_URL", closed_port_url() + "/MATH_test.jsonl")
+    monkeypatch.setattr(M, "CACHE_DIR", tmp_path / "empty")
+    with pytest.raises(M.DownloadError, match=r"(?s)could not download.*--math_path"):
+        train_gsm8k.math_file(None)

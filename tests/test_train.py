@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
+import data
 import lorasb
 import train_gsm8k
-from conftest import REPO
+from conftest import REPO, TINY_MATH
 
 
 def run(tmp_path, model_dir, data_dir, *extra, name="run"):
@@ -145,3 +146,47 @@ def test_initialize_adapters_is_the_library_estimate_and_svd_bitwise(tiny_model_
     got, expected = phase.state_dict(), direct.state_dict()
     assert report.method == "lorasb" and got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+# --- MATH, and the switches that reproduce the authors' run -------------------------------------------------------
+
+def canned_generate(tokenizer, completions: dict[str, str], budgets: dict):
+    """A stand-in for model.generate: each prompt gets the completion of the question it contains ("" if none), and
+    budgets records the max_new_tokens each question was given (None: questions without a completion)."""
+    def generate(model, prompts, max_new_tokens, eos_ids, pad_id, stop=None, batch_size=16):
+        outputs = []
+        for prompt in prompts:
+            question = next((q for q in completions if q in tokenizer.decode(prompt)), None)
+            budgets[question] = max_new_tokens
+            outputs.append(tokenizer.encode(completions.get(question, ""), add_special_tokens=False))
+        return outputs
+    return generate
+
+
+def test_gsm8k_and_math_are_scored_and_both_accuracies_written(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                               tiny_math_file, monkeypatch):
+    completions = dict(zip([q for q, _, _, _ in TINY_MATH],
+                           ["Half.\nThe answer is: 0.5", "The answer is: 5.\nDone.", "The answer is: x/3", "No idea."]))
+    budgets = {}
+    monkeypatch.setattr(train_gsm8k.model_lib, "generate",
+                        canned_generate(data.Tokenizer.from_dir(tiny_model_dir), completions, budgets))
+    out, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_only", "--eval_data", "gsm8k,math", "--math_path",
+                 str(tiny_math_file), "--math_max_new_tokens", "7")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["total"], summary["invalid"]) == (4, 4) and summary["test_loss"] > 0  # GSM8K, at the top level
+    math = summary["math"]
+    assert {k: v for k, v in math.items() if not k.startswith("by_")} == {
+        "accuracy": 0.5, "correct": 2, "invalid": 1, "total": 4, "accuracy_authors_fallback": 0.75,
+        "changed_by_authors_fallback": 1}  # "x/3" is wrong, but theirs counts it as right
+    assert math["by_subject"] == {"Algebra": {"accuracy": 0.5, "correct": 1, "total": 2},
+                                  "Prealgebra": {"accuracy": 0.5, "correct": 1, "total": 2}}
+    assert math["by_level"] == {"Level 1": {"accuracy": 1.0, "correct": 2, "total": 2},
+                                "Level 2": {"accuracy": 0.0, "correct": 0, "total": 2}}
+    rows = [json.loads(line) for line in (out / "predictions_math.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in rows] == ["\\frac{1}{2}", "5", "\\frac{x}{3}", "3"]
+    assert [r["extracted"] for r in rows] == ["0.5", "5", "x/3", None]
+    assert [(r["correct"], r["correct_authors_fallback"]) for r in rows] == [
+        (True, True), (True, True), (False, True), (False, False)]
+    assert rows[0]["subject"] == "Algebra" and rows[0]["level"] == "Level 1"
+    assert budgets[TINY_MATH[0][0]] == 7 and budgets[None] == 6  # MATH's budget and GSM8K's
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
