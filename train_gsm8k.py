@@ -12,11 +12,13 @@ Quick check on CPU with a local model folder and the GSM8K files:
 The paper's arithmetic setting (Mistral-7B, MetaMathQA first 50K, rank 96, 1 epoch), evaluated on GSM8K and MATH:
     python train_gsm8k.py --model mistralai/Mistral-7B-v0.1 --train_data metamathqa --num_train 50000 \
         --rank 96 --epochs 1 --weight_decay 0.01 --eval_data gsm8k,math
+The authors' exact run adds their lr_1, SVD, init batches and evaluated model (README.md, "The authors' exact run"):
+        --num_init_samples 50 --init_batch_size 3 --lr_1 2.99994e-7 --init_svd authors --eval_merge bf16
 
 A run, in the order main() calls its phases:
     setup                   check every argument, start torch.distributed, pick the device and dtypes, seed
     load                    the model folder and config, the tokenizer, the test problems, the training pairs
-    plan_training           steps, warmup, lr_1 (the first step's LR) and the number of init samples
+    plan_training           steps, warmup, lr_1 (the first step's LR, or --lr_1) and the number of init samples
     initialize_adapters     the method: LoRA-SB estimates the first full fine-tuning update, then B, R, A = its SVD
     train                   AdamW on what trains, gradient accumulation, checkpoints every --save_every steps
     save_outputs            the adapter and its PEFT export (or the fine-tuned model folder)
@@ -83,7 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num_init_samples", type=int, default=None, help="examples for the first-update estimate "
       "(default: 0.1%% of the training set, at least 32)")
     a("--init_rule", default="adamw", help="first-step model: adamw (-lr_1 * sign G) or sgd (-lr_1 * mean G)")
-    a("--init_svd", default="exact", help="exact or randomized SVD for the initialization")
+    a("--init_svd", default="exact", help="exact or randomized SVD for the initialization, or authors (theirs: "
+      "svd_lowrank with q = rank, 10 power iterations, seed 42; lorasb only)")
+    a("--init_batch_size", type=int, default=None, help="examples per batch of the first-update estimate "
+      "(default: --micro_batch_size; the authors' 3)")
+    a("--lr_1", type=float, default=None, help="the step size of the first-update estimate, which sets the size of "
+      "R at init (default: the LR of the first optimizer step; the authors' run used 1e-4 / 333.34 = 2.99994e-7)")
     a("--init_accumulate_on", default="device", help="where the fp32 gradient sums live: device or cpu")
     a("--eval_data", default="gsm8k", help="comma-separated test sets to answer: gsm8k (1319), math (5000)")
     a("--math_path", default=None, help="local MetaMath MATH_test.jsonl (default: download from MetaMath's repository)")
@@ -91,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval_batch_size", type=int, default=64, help="prompts per generation batch")
     a("--max_new_tokens", type=int, default=256, help="generation budget per GSM8K question (the authors' 256)")
     a("--math_max_new_tokens", type=int, default=512, help="generation budget per MATH problem (the authors' 512)")
+    a("--eval_merge", default="exact", help="exact (the adapter as trained: merged in fp32, unmerged with bf16 "
+      "weights) or bf16 (the authors': merged, then every weight in bf16)")
     a("--eval_only", action="store_true", help="skip training; evaluate --model (with --adapter if given)")
     a("--adapter", default=None, help="with --eval_only: an adapter.safetensors saved by this script")
     a("--out_dir", default=None, help="where outputs go (default: runs/gsm8k-<method>-r<rank>, runs/gsm8k-eval)")
@@ -112,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out_dir = os.path.join("runs", f"gsm8k-{run}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.init_batch_size is None:
+        args.init_batch_size = args.micro_batch_size
     args.targets = tuple(t for t in args.targets.split(",") if t)
     args.eval_data = tuple(s for s in args.eval_data.split(",") if s)
     return args
@@ -121,14 +132,14 @@ def check_args(args, ddp_world_size: int) -> list[str]:
     """Every problem with the arguments that can be seen without loading the model, listed at once."""
     problems = []
     choices = {"method": METHODS, "train_data": ("gsm8k", "metamathqa"), "init_rule": ("adamw", "sgd"),
-               "init_svd": ("exact", "randomized"), "init_accumulate_on": ("device", "cpu"),
-               "dtype": (None, "bfloat16", "float32")}
+               "init_svd": ("exact", "randomized", "authors"), "init_accumulate_on": ("device", "cpu"),
+               "dtype": (None, "bfloat16", "float32"), "eval_merge": ("exact", "bf16")}
     problems += [f"--{name} {getattr(args, name)!r}: choose one of {', '.join(c for c in allowed if c)}"
                  for name, allowed in choices.items() if getattr(args, name) not in allowed]
     if args.method in DEFAULT_RANK and (args.rank is None or args.rank < 1):
         problems.append(f"--rank must be a positive integer, got {args.rank}")
     positive = ["epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size", "max_new_tokens",
-                "save_every", "log_every", "math_max_new_tokens"]
+                "save_every", "log_every", "math_max_new_tokens", "init_batch_size"]
     problems += [f"--{name} must be positive, got {getattr(args, name)}" for name in positive
                  if getattr(args, name) < 1]
     problems += [f"--{name} must be positive, got {getattr(args, name)}"
@@ -136,6 +147,10 @@ def check_args(args, ddp_world_size: int) -> list[str]:
                  if getattr(args, name) is not None and getattr(args, name) < 1]
     if args.lr <= 0 or not 0 <= args.warmup_ratio < 1 or args.weight_decay < 0 or args.grad_clip < 0:
         problems.append("need --lr > 0, 0 <= --warmup_ratio < 1, --weight_decay >= 0 and --grad_clip >= 0")
+    if args.lr_1 is not None and args.lr_1 <= 0:
+        problems.append(f"--lr_1 must be positive, got {args.lr_1}")
+    if args.init_svd == "authors" and args.method != "lorasb":
+        problems.append(f"--init_svd authors is LoRA-SB's initialization; --method {args.method} does not use it")
     unknown = [s for s in args.eval_data if s not in EVAL_SETS]
     if unknown or not args.eval_data:
         problems.append(f"--eval_data {','.join(args.eval_data)!r}: choose test sets among {', '.join(EVAL_SETS)}, "
@@ -342,7 +357,7 @@ class Plan:
     grad_accum: int  # micro-batches per optimizer step on each process
     total_steps: int
     warmup_steps: int
-    lr_1: float  # the LR of the first optimizer step, the step size LoRA-SB's first-update estimate assumes
+    lr_1: float  # the step size of LoRA-SB's first-update estimate: the LR of the first optimizer step, or --lr_1
     num_init_samples: int | None  # examples of the LoRA-SB estimate (None for the other methods)
 
 
@@ -365,8 +380,9 @@ def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
         refuse([f"{num_examples} examples make no full optimizer step of {args.batch_size}: lower --batch_size"])
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     # lr_1 is the LR of this schedule's first optimizer step. The authors' code divided the LR by the warmup length of
-    # their small estimation loader (batch 3), not of the optimizer steps: ~10x too small an lr_1.
-    lr_1 = learning_rate(1, args.lr, warmup_steps, total_steps)
+    # their small estimation loader (batch 3), not of the optimizer steps: ~10x too small an lr_1. --lr_1 sets it, to
+    # reproduce theirs or to study the size of the initialization.
+    lr_1 = args.lr_1 if args.lr_1 is not None else learning_rate(1, args.lr, warmup_steps, total_steps)
     num_init = args.num_init_samples or max(32, round(0.001 * num_examples)) if args.method == "lorasb" else None
     return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init)
 
@@ -390,9 +406,10 @@ def to_device(batch: dict, device) -> dict:
 def estimate_first_update(model, examples: list[dict], pad_id: int, args, plan: Plan,
                           env: Setup) -> dict[str, torch.Tensor]:
     """dW = -lr_1 * sign(G) for every target weight, G summed over plan.num_init_samples training examples in an order
-    of their own (seed + 1), split over the processes; see lorasb.estimate_first_update."""
+    of their own (seed + 1), in batches of --init_batch_size (the batching sets the weights of G's terms), split over
+    the processes; see lorasb.estimate_first_update."""
     local_samples = len(env.my_share(plan.num_init_samples))
-    init_batches = data.Batches(examples, args.micro_batch_size, args.seed + 1, rank=env.ddp_rank,
+    init_batches = data.Batches(examples, args.init_batch_size, args.seed + 1, rank=env.ddp_rank,
                                 world_size=env.ddp_world_size, pad_id=pad_id)
     env.log(f"estimating the first update from {plan.num_init_samples} examples (lr_1 = {plan.lr_1:.3g}, "
             f"rule {args.init_rule})")
@@ -423,7 +440,7 @@ def initialize_adapters(model, examples: list[dict], pad_id: int, args, plan: Pl
     if args.method == "lorasb":
         updates = estimate_first_update(model, examples, pad_id, args, plan, env)
         return lorasb.add_adapters(model, "lorasb", args.rank, args.targets, updates=updates,
-                                   randomized_svd=randomized)
+                                   randomized_svd=randomized, authors_svd=args.init_svd == "authors")
     if args.method in ("loraxs", "lora"):
         return lorasb.add_adapters(model, args.method, args.rank, args.targets, lora_alpha=args.lora_alpha,
                                    seed=args.seed, randomized_svd=randomized)
@@ -635,8 +652,8 @@ def save_outputs(model, out: Path, args, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: adapters merged, the held-out loss, then on each test set batched greedy decoding with a KV cache, the
-# authors' prompt, stop strings and scoring.
+# Evaluation: the model as evaluated (--eval_merge), the held-out loss, then on each test set batched greedy decoding
+# with a KV cache, the authors' prompt, stop strings and scoring.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def generate_answers(model, tokenizer: data.Tokenizer, questions: list[dict], eos_ids: set[int], args,
@@ -680,6 +697,23 @@ def held_out_loss(model, tokenizer: data.Tokenizer, questions: list[dict], args,
     return (sums[0] / sums[1]).item()
 
 
+def prepare_evaluation(model, args, env: Setup) -> None:
+    """Put the model in the form it is evaluated in.
+
+    --eval_merge exact (default): with fp32 weights the adapters are merged (W0 + B R A in fp32: the same function as
+    unmerged, at the base model's cost); with bf16 weights they run unmerged, because W0 + B R A rounded to bf16
+    (about 3 significant digits of W0) loses much of the small trained delta: three thin matmuls a layer instead.
+    --eval_merge bf16 is the model the authors evaluated (PEFT's merge_and_unload, then vLLM, in bf16): the adapters
+    merged, then every weight in bf16, so the trained delta is rounded together with W0. (Their merge also computed
+    B R A in bf16; here it is computed in fp32 and the sum is rounded once.)"""
+    model.eval()
+    if args.eval_merge == "bf16" or env.weights_dtype == torch.float32:
+        lorasb.merge_adapters(model)
+    if args.eval_merge == "bf16":
+        for p in model.parameters():  # not model.to(), which would round the fp32 RoPE frequencies too
+            p.data = p.data.to(torch.bfloat16)
+
+
 def score_gsm8k(rows: list[dict]) -> tuple[dict, list[dict]]:
     """GSM8K accuracy, correct, invalid and total, and the rows with their extracted answer and verdict."""
     scored = data.score([r["completion"] for r in rows], [r["gold"] for r in rows])
@@ -717,12 +751,8 @@ def accuracy_by(rows: list[dict], field: str) -> dict:
 def evaluate(model, loaded: Loaded, args, env: Setup) -> tuple[dict, dict[str, list[dict]]]:
     """The held-out loss on GSM8K's test solutions, and the scored answers of every problem of each --eval_data set
     (gathered from all processes, in order). Returns the metrics, GSM8K's at the top level and MATH's under "math",
-    and the scored rows of each set.
-    In fp32 the adapters are merged first (evaluation at the base model's cost); in bf16, W0 + B R A would round the
-    small trained delta away (bf16 keeps ~3 digits of W0), so the adapter runs unmerged: three thin matmuls a layer."""
-    model.eval()
-    if env.weights_dtype == torch.float32:
-        lorasb.merge_adapters(model)
+    and the scored rows of each set."""
+    prepare_evaluation(model, args, env)
     problems = {"gsm8k": loaded.questions, "math": loaded.math_problems}
     score = {"gsm8k": score_gsm8k, "math": score_math}
     metrics, predictions = {}, {}
@@ -743,7 +773,8 @@ def report(model, loaded: Loaded, args, env: Setup, out: Path, described: dict) 
     and summary.json and print the summary (process 0); returns the summary. `described` names what was evaluated
     (method, rank, trainable parameters, timings)."""
     metrics, predictions = evaluate(model, loaded, args, env)
-    summary = {**metrics, **described, "model": args.model, "peak_memory_bytes": peak_memory_bytes(env.device)}
+    summary = {**metrics, **described, "model": args.model, "eval_merge": args.eval_merge,
+               "peak_memory_bytes": peak_memory_bytes(env.device)}
     if env.master_process:
         out.mkdir(parents=True, exist_ok=True)
         for eval_set, rows in predictions.items():

@@ -1,5 +1,7 @@
 """End-to-end tests of train_gsm8k.py on CPU with a tiny model, tokenizer and GSM8K-format data made by the tests."""
 
+import argparse
+import copy
 import json
 import os
 import socket
@@ -11,6 +13,7 @@ import torch
 
 import data
 import lorasb
+import model as model_lib
 import train_gsm8k
 from conftest import REPO, TINY_MATH
 
@@ -190,3 +193,79 @@ def test_gsm8k_and_math_are_scored_and_both_accuracies_written(tmp_path, tiny_mo
     assert rows[0]["subject"] == "Algebra" and rows[0]["level"] == "Level 1"
     assert budgets[TINY_MATH[0][0]] == 7 and budgets[None] == 6  # MATH's budget and GSM8K's
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+
+
+def test_bad_evaluation_and_switch_arguments_are_refused(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+    with pytest.raises(SystemExit) as refused:
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_data", "gsm8k,mathematics", "--lr_1", "0",
+            "--method", "lora", "--init_svd", "authors", "--eval_merge", "fp16", "--math_path", str(tmp_path / "no"))
+    message = str(refused.value)
+    for expected in ["--eval_data 'gsm8k,mathematics': choose test sets among gsm8k, math", "--lr_1 must be positive",
+                     "--init_svd authors is LoRA-SB's", "--eval_merge 'fp16'", "--math_path"]:
+        assert expected in message
+
+
+def initialized(tiny_model_dir, tiny_gsm8k_dir, *extra):
+    """A fresh tiny model after the trainer's initialization phase (LoRA-SB rank 4, 5 samples, 10 steps, so lr_1 is
+    the peak LR 1e-4), with its examples and plan."""
+    args = train_gsm8k.parse_args(["--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir), "--rank", "4",
+                                   "--num_init_samples", "5", "--micro_batch_size", "2", "--batch_size", "4",
+                                   "--device", "cpu", "--max_steps", "10", *extra])
+    env = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    loaded = train_gsm8k.load(args, env)
+    examples, _ = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    plan = train_gsm8k.plan_training(args, len(examples), 1)
+    model = model_lib.load_model(loaded.folder)
+    train_gsm8k.initialize_adapters(model, examples, loaded.tokenizer.pad_id, args, plan, env)
+    return model, examples, plan
+
+
+def test_lr_1_scales_r_at_init_and_leaves_b_and_a_unchanged(tiny_model_dir, tiny_gsm8k_dir):
+    default, _, plan = initialized(tiny_model_dir, tiny_gsm8k_dir)
+    scaled, _, scaled_plan = initialized(tiny_model_dir, tiny_gsm8k_dir, "--lr_1", "2.5e-5")
+    assert plan.lr_1 == pytest.approx(1e-4) and scaled_plan.lr_1 == 2.5e-5
+    for name, adapter in lorasb.adapters(default).items():
+        other = scaled.get_submodule(name)
+        assert torch.equal(other.B, adapter.B) and torch.equal(other.A, adapter.A)
+        # dW = -lr_1 sign(G) scales linearly, and so does its SVD: exactly, since the ratio is a power of two
+        assert torch.equal(other.R, adapter.R / 4)
+
+
+def test_the_authors_svd_and_init_batch_size_are_exactly_theirs(tiny_model_dir, tiny_gsm8k_dir):
+    phase, examples, plan = initialized(tiny_model_dir, tiny_gsm8k_dir, "--init_svd", "authors",
+                                        "--init_batch_size", "3")
+    direct = model_lib.load_model(tiny_model_dir)
+    batches = data.Batches(examples, 3, 43, pad_id=256)  # --init_batch_size 3, the estimate's own order (seed + 1)
+    updates = lorasb.estimate_first_update(direct, batches, train_gsm8k.causal_lm_loss, 5, plan.lr_1)
+    lorasb.add_adapters(direct, "lorasb", 4, updates=updates, authors_svd=True)
+    got, expected = phase.state_dict(), direct.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_eval_merge_bf16_is_the_merged_model_rounded_and_exact_merges_only_in_fp32(tiny_model_dir):
+    model = model_lib.load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    updates = {name: torch.randn(m.weight.shape, generator=g) * 1e-2
+               for name, m in lorasb.find_targets(model).items()}
+    lorasb.add_adapters(model, "lorasb", 4, updates=updates)
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    with torch.no_grad():
+        unmerged = model(ids)
+    fp32 = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    exact, authors = copy.deepcopy(model), copy.deepcopy(model)
+    train_gsm8k.prepare_evaluation(exact, argparse.Namespace(eval_merge="exact"), fp32)
+    train_gsm8k.prepare_evaluation(authors, argparse.Namespace(eval_merge="bf16"), fp32)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(ids), unmerged, atol=1e-5, rtol=1e-5)  # merged in fp32: the same function
+        rounded = authors(ids)
+    # the authors' model is the exactly merged one, every weight rounded to bf16 (the RoPE frequencies stay fp32)
+    merged = dict(exact.named_parameters())
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, merged[n].to(torch.bfloat16))
+               for n, p in authors.named_parameters())
+    assert authors.inv_freq.dtype == torch.float32
+    assert not torch.equal(rounded.float(), unmerged)
+    torch.testing.assert_close(rounded.float(), unmerged, atol=0.1, rtol=0.05)
+    bf16 = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.bfloat16, torch.bfloat16)
+    kept = copy.deepcopy(model)
+    train_gsm8k.prepare_evaluation(kept, argparse.Namespace(eval_merge="exact"), bf16)
+    assert all(m.merged_base_weight is None for m in lorasb.adapters(kept).values())  # bf16 weights: unmerged
