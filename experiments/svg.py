@@ -1,0 +1,93 @@
+"""Line plots as SVG files, with no plotting library: enough for the study's figures (lines with markers, linear or
+log axes, a legend, an optional horizontal reference line). The runtime stays torch, numpy and tqdm.
+
+    line_plot("loss.svg", [{"label": "LoRA-SB", "x": [1, 2, 3], "y": [1.2, 1.0, 0.9]}], "Training loss", "step", "loss")
+"""
+
+import math
+from html import escape
+from pathlib import Path
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
+WIDTH, HEIGHT = 720, 420
+LEFT, RIGHT, TOP, BOTTOM = 70, 190, 40, 50  # margins around the plot area; the legend sits in the right one
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten covering [lo, hi] (both > 0)."""
+    return [10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
+
+
+def tick_label(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e4 or abs(value) < 1e-2:
+        return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    return f"{value:g}"
+
+
+def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, logx: bool = False,
+              logy: bool = False, hline: tuple[float, str] | None = None) -> None:
+    """Write an SVG line plot. Each series is {"label", "x", "y"} and optionally "dashed": True; points whose y is
+    None are skipped. `hline` = (y, label) draws a grey reference line."""
+    points = [(x, y) for s in series for x, y in zip(s["x"], s["y"]) if y is not None]
+    ys = [y for _, y in points] + ([hline[0]] if hline else [])
+    xs = [x for x, _ in points]
+    xticks = log_ticks(min(xs), max(xs)) if logx else nice_ticks(min(xs), max(xs))
+    yticks = log_ticks(min(ys), max(ys)) if logy else nice_ticks(min(ys), max(ys))
+    fx = math.log10 if logx else float
+    fy = math.log10 if logy else float
+    x0, x1, y0, y1 = fx(xticks[0]), fx(xticks[-1]), fy(yticks[0]), fy(yticks[-1])
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def px(x: float) -> float:
+        return LEFT + (fx(x) - x0) / ((x1 - x0) or 1) * plot_w
+
+    def py(y: float) -> float:
+        return TOP + plot_h - (fy(y) - y0) / ((y1 - y0) or 1) * plot_h
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+           f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+           f'<text x="{WIDTH / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    for x in xticks:
+        out.append(f'<line x1="{px(x):.1f}" y1="{TOP}" x2="{px(x):.1f}" y2="{TOP + plot_h}" stroke="#eee"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{tick_label(x)}</text>')
+    for y in yticks:
+        out.append(f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')
+    out.append(f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 12}" text-anchor="middle">{escape(xlabel)}</text>')
+    out.append(f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 16 {TOP + plot_h / 2})">{escape(ylabel)}</text>')
+    if hline:
+        out.append(f'<line x1="{LEFT}" y1="{py(hline[0]):.1f}" x2="{LEFT + plot_w}" y2="{py(hline[0]):.1f}" '
+                   f'stroke="#888" stroke-dasharray="2,3"/>')
+        out.append(f'<text x="{LEFT + plot_w - 4}" y="{py(hline[0]) - 4:.1f}" text-anchor="end" fill="#666">'
+                   f'{escape(hline[1])}</text>')
+    for i, s in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y is not None]
+        dash = ' stroke-dasharray="6,4"' if s.get("dashed") else ""
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="'
+                   + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
+        if len(pts) <= 30:  # markers only where they stay readable
+            out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in pts]
+        ly = TOP + 14 + 18 * i
+        out.append(f'<line x1="{LEFT + plot_w + 12}" y1="{ly - 4}" x2="{LEFT + plot_w + 36}" y2="{ly - 4}" '
+                   f'stroke="{color}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{LEFT + plot_w + 42}" y="{ly}">{escape(s["label"])}</text>')
+    out.append("</svg>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(out) + "\n")
