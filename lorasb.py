@@ -443,9 +443,14 @@ def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Cal
 # ---------------------------------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                      "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+# Valid in the safetensors format, deliberately not read here: sub-byte types (a tensor is not a whole number of bytes)
+# and F8_E8M0, which only recent torch versions have.
+UNSUPPORTED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0")
 MAX_HEADER_BYTES = 100_000_000
+MAX_NUMEL = 2**63 - 1  # torch counts elements in an int64
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
@@ -494,16 +499,51 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    duplicated = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicated:
-        raise ValueError(f"duplicate names in header: {duplicated}")
+    seen, duplicated = set(), set()
+    for key, _ in pairs:
+        (duplicated if key in seen else seen).add(key)
+    if duplicated:  # the reference keeps the last one silently; two different tensors under one name is ambiguous
+        raise ValueError(f"duplicate names in header: {sorted(duplicated)[:5]}")
     return dict(pairs)
+
+
+def _reject_minus_zero(literal: str) -> int:
+    if literal == "-0":  # Python reads it as 0; the reference reads a float and refuses it
+        raise ValueError("'-0' where a non-negative integer is expected")
+    return int(literal)
+
+
+def _check_tensor_info(name: str, info: Any) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        return f"tensor {name!r} must have 'dtype', 'shape' and 'data_offsets'"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype in UNSUPPORTED_DTYPES:
+        return f"tensor {name!r} has dtype {dtype!r}, which is valid safetensors but not supported here"
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"tensor {name!r} has dtype {dtype!r}; supported: {sorted(SAFETENSORS_DTYPES)}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
+    numel = 1
+    for d in shape:  # left to right, as the reference checks it: [0, 2**62, 2**62] is empty, [2**62, 2**62, 0] overflows
+        numel *= d
+        if numel > MAX_NUMEL:
+            return f"tensor {name!r} has shape {shape}, whose element count overflows"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end"
+    if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype].itemsize:
+        return f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
+    return None
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: ({name: tensor}, metadata). The tensors are CPU views of a private memory map of the file
-    (pages are read when touched), so loading a model tensor by tensor keeps memory near one model."""
+    (pages are read when touched), so loading a model tensor by tensor keeps memory near one model.
+
+    Every malformed file raises ValueError naming the file and the problem. It accepts what the reference library
+    accepts (whitespace around the header, "__metadata__": null, extra keys in a tensor entry), except duplicate tensor
+    names and the UNSUPPORTED_DTYPES, which are refused with a message that says so."""
     path = os.fspath(path)
     size = os.path.getsize(path)
 
@@ -518,31 +558,28 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             fail(f"header length {header_len} does not fit in a {size}-byte file (limit {MAX_HEADER_BYTES})")
         raw = f.read(header_len)
     try:
-        if not raw.startswith(b"{"):
-            raise ValueError("the header does not start with '{'")
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_int=_reject_minus_zero)
+    except ValueError as e:
         fail(f"bad JSON header ({e})")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    except RecursionError:
+        fail("the JSON header is nested too deeply")
+    try:
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\\ud800" escape decodes to one; the reference refuses it anywhere
+        fail("the header holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
+    if not isinstance(header, dict):
+        fail(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         fail("__metadata__ must map strings to strings")
     data_start, data_len = 8 + header_len, size - 8 - header_len
     spans = []
     for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            fail(f"tensor {name!r} must have exactly 'dtype', 'shape' and 'data_offsets'")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            fail(f"tensor {name!r} has dtype {dtype!r}; supported: {sorted(SAFETENSORS_DTYPES)}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            fail(f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            fail(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
-        itemsize = SAFETENSORS_DTYPES[dtype].itemsize
-        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-            fail(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
-        spans.append((offsets[0], offsets[1], name))
+        problem = _check_tensor_info(name, info)
+        if problem:
+            fail(problem)
+        spans.append((*info["data_offsets"], name))
     end_of_previous = 0
     for begin, end, name in sorted(spans):
         if begin != end_of_previous:
