@@ -22,6 +22,7 @@ import math
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lorasb import load_safetensors
+from lorasb import atomic_write, load_safetensors
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: read from the checkpoint's config.json (b2 of the engineering notes), with a short list of supported types.
@@ -518,11 +519,66 @@ class DownloadError(OSError):
 
 def sha256_file(path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
+    return _hash_file(path, hashlib.sha256())
+
+
+def _hash_file(path, h) -> str:
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, except that the token goes to the first URL's origin (scheme, host, port) only: urllib would
+    copy an Authorization header to wherever the server redirects, and the hub redirects large files to a storage host.
+    Keeps the headers of each redirect response: the hub puts a file's commit and sha256 there."""
+
+    def __init__(self, origin: tuple[str, str], token: str | None):
+        self.origin, self.token, self.responses = origin, token, []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.responses.append(headers)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and self.token and _origin(new.full_url) == self.origin:
+            new.add_unredirected_header("Authorization", f"Bearer {self.token}")
+        return new
+
+
+def _open(url: str, token: str | None = None, headers: dict | None = None, method: str = "GET"):
+    """urlopen that sends `token` (as a Bearer Authorization) to url's origin only, after redirects too. Returns the
+    response and the headers of every response on the way, redirects first."""
+    redirects = _TokenStaysHome(_origin(url), token)
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")  # unredirected: never copied elsewhere
+    response = urllib.request.build_opener(redirects).open(request, timeout=60)
+    return response, [*redirects.responses, response.headers]
+
+
+def _hub_checksum(responses: list) -> tuple[str, str] | None:
+    """The hash the Hugging Face hub publishes for a file, as (kind, hex): X-Linked-Etag (the sha256 of an LFS file, on
+    the redirect to storage), else the ETag of a response that names its commit in X-Repo-Commit (the hub's own: the
+    sha256 of an LFS file or the git blob sha1 of a small one). Other servers' ETags are opaque, and ignored."""
+    for headers in responses:
+        tag = headers.get("X-Linked-Etag") or (headers.get("ETag") if headers.get("X-Repo-Commit") else None)
+        tag = (tag or "").removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", tag):
+            return "sha256", tag
+        if re.fullmatch(r"[0-9a-f]{40}", tag):
+            return "git blob sha1", tag
+    return None
+
+
+def _checksum(path: Path, kind: str) -> str:
+    if kind == "sha256":
+        return sha256_file(path)
+    return _hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))  # git's id of a file's contents
 
 
 class _Interrupted(Exception):
@@ -533,11 +589,12 @@ class _Interrupted(Exception):
         self.received = received
 
 
-def _fetch(url: str, part: Path, headers: dict, desc: str) -> None:
-    """One HTTP request that appends to (206) or rewrites (200) `part`; raises _Interrupted if the body is cut short."""
+def _fetch(url: str, part: Path, token: str | None, desc: str) -> list:
+    """One HTTP request that appends to (206) or rewrites (200) `part`; raises _Interrupted if the body is cut short.
+    Returns the headers of the responses (redirects first)."""
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={offset}-"} if offset else {})})
-    with urllib.request.urlopen(request, timeout=60) as response:
+    response, responses = _open(url, token, {"Range": f"bytes={offset}-"} if offset else {})
+    with response:
         if response.status == 206:
             if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
                 raise DownloadError(f"{url}: the server answered a resume from byte {offset} with "
@@ -562,17 +619,20 @@ def _fetch(url: str, part: Path, headers: dict, desc: str) -> None:
         # http.client returns b"" instead of raising when the connection closes before Content-Length is met
         if total is not None and offset + received < total:
             raise _Interrupted(received)
+    return responses
 
 
-def download_file(url: str, dest, sha256: str | None = None, headers: dict | None = None,
+def download_file(url: str, dest, sha256: str | None = None, token: str | None = None,
                   desc: str | None = None) -> Path:
     """Download `url` to `dest` with the standard library and return `dest`.
 
     The bytes go to `dest.part`; an interrupted transfer leaves it there and the next attempt resumes it with an HTTP
-    Range request (up to 3 attempts per call while each makes progress; a later call resumes too). With `sha256` the
-    finished file is checked before the atomic rename; a mismatch deletes the .part file. A `dest` that already exists
-    is kept when its hash matches (or when no hash is given), else downloaded again. Every failure raises
-    DownloadError naming the URL.
+    Range request (up to 3 attempts per call while each makes progress; a later call resumes too). The finished file
+    is checked before the atomic rename against `sha256`, or else against the hash the Hugging Face hub publishes for
+    it (_hub_checksum): a file that changed on the server while a resumed download was spliced from two versions fails
+    it. A mismatch deletes the .part file. A `dest` that already exists is kept when its hash matches (or when no hash
+    is given), else downloaded again. `token` goes to url's own host only, never to a host it redirects to. Every
+    failure raises DownloadError naming the URL.
     """
     dest = Path(dest)
     if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
@@ -581,7 +641,7 @@ def download_file(url: str, dest, sha256: str | None = None, headers: dict | Non
     part = dest.with_suffix(dest.suffix + ".part")
     for attempt in range(3):
         try:
-            _fetch(url, part, headers or {}, desc or dest.name)
+            responses = _fetch(url, part, token, desc or dest.name)
             break
         except _Interrupted as e:
             if attempt == 2 or e.received == 0:
@@ -596,11 +656,12 @@ def download_file(url: str, dest, sha256: str | None = None, headers: dict | Non
             raise
         except (urllib.error.URLError, OSError) as e:
             raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
-    if sha256 is not None:
-        actual = sha256_file(part)
-        if actual != sha256:
+    kind, expected = ("sha256", sha256) if sha256 is not None else _hub_checksum(responses) or (None, None)
+    if expected is not None:
+        actual = _checksum(part, kind)
+        if actual != expected:
             part.unlink()
-            raise DownloadError(f"{dest}: sha256 mismatch for {url}: expected {sha256}, got {actual}; "
+            raise DownloadError(f"{dest}: {kind} mismatch for {url}: expected {expected}, got {actual}; "
                                 f"the partial file was deleted, run again to retry")
     os.replace(part, dest)
     if os.name == "posix":  # make the rename itself durable
@@ -640,18 +701,21 @@ def hf_cache_snapshot(repo: str) -> Path | None:
 
 
 def download_model(repo: str, cache_dir=None) -> Path:
-    """Fetch ORG/NAME from {HF_ENDPOINT}/{repo}/resolve/main/{file} into cache_dir/ORG--NAME (default
+    """Fetch ORG/NAME from {HF_ENDPOINT}/{repo}/resolve/{commit}/{file} into cache_dir/ORG--NAME (default
     ~/.cache/lorasb/models), with $HF_TOKEN for gated models. Each file is downloaded to a .part file (resumed when
-    interrupted) and renamed when complete; config.json comes last, so its presence marks a complete folder."""
+    interrupted), checked against the hash the hub publishes, and renamed when complete; config.json comes last, so its
+    presence marks a complete folder. Every file comes from one commit (pinned_revision), even when main moves
+    between an interrupted download and its resumption."""
     folder = Path(cache_dir or CACHE_DIR / "models").expanduser() / repo.replace("/", "--")
     if (folder / "config.json").is_file():
         return folder
     endpoint = os.environ.get("HF_ENDPOINT", HUB_ENDPOINT).rstrip("/")
-    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    token = os.environ.get("HF_TOKEN") or None
+    revision = pinned_revision(folder, f"{endpoint}/{repo}", token)
 
     def fetch(name: str, required: bool = True) -> bool:
         try:
-            download_file(f"{endpoint}/{repo}/resolve/main/{name}", folder / name, headers=headers, desc=name)
+            download_file(f"{endpoint}/{repo}/resolve/{revision}/{name}", folder / name, token=token, desc=name)
             return True
         except DownloadError as e:
             status = getattr(e.__cause__, "code", None)  # the HTTP status; None when the server was not reached
@@ -660,6 +724,9 @@ def download_model(repo: str, cache_dir=None) -> Path:
             hint = ""
             if status in (401, 403):
                 hint = "for a gated or private model, accept its license on the hub and set HF_TOKEN; "
+            elif status == 404 and revision != "main":
+                hint = (f"this download is pinned to commit {revision}, the one it began with (recorded in "
+                        f"{folder / '.revision'}); delete {folder} to start over from main; ")
             elif status == 404:
                 hint = f"is {repo} a model repository on {endpoint}? "
             raise DownloadError(f"{e}; {hint}to use a model folder you already have, pass it: --model /path/to/folder"
@@ -676,6 +743,27 @@ def download_model(repo: str, cache_dir=None) -> Path:
             fetch(shard)
     fetch("config.json")
     return folder
+
+
+def pinned_revision(folder: Path, repo_url: str, token: str | None) -> str:
+    """The commit this download of a hub repository comes from: the one folder/.revision records (a download began
+    earlier), else the commit `main` names now, as the hub reports it in X-Repo-Commit (recorded before any file is
+    fetched). A server that reports none (a plain mirror) or cannot be asked gives "main"; the download itself then
+    says what went wrong, and each file is still checked against the hash the server publishes."""
+    record = folder / ".revision"
+    if record.is_file():
+        return record.read_text().strip()
+    try:
+        response, responses = _open(f"{repo_url}/resolve/main/config.json", token, method="HEAD")
+        response.close()
+    except (urllib.error.URLError, OSError):
+        return "main"
+    commit = next((h["X-Repo-Commit"] for h in responses if h.get("X-Repo-Commit")), "")
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return "main"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, lambda f: f.write(commit.encode()))
+    return commit
 
 
 def resolve_model(name_or_path, cache_dir=None) -> Path:

@@ -36,25 +36,7 @@ def serve():
                 if body is None:
                     self.send_error(404)
                     return
-                start_byte, range_header = 0, self.headers.get("Range")
-                if range_header and not ignore_range:
-                    start_byte = int(range_header.removeprefix("bytes=").rstrip("-"))
-                    if start_byte >= len(body):
-                        self.send_response(416)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start_byte}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                payload = body[start_byte:]
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if state["cut"] > 0:
-                    state["cut"] -= 1
-                    payload = payload[:len(payload) // 2]
-                self.wfile.write(payload)
+                send_body(self, body, ignore_range, state)
 
             def log_message(self, *args):
                 pass
@@ -68,6 +50,33 @@ def serve():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def send_body(handler: BaseHTTPRequestHandler, body: bytes, ignore_range: bool, state: dict,
+              headers: dict | None = None) -> None:
+    """Answer a GET with `body`: from the Range header's start (206), or whole (200) when there is none or
+    ignore_range; 416 past the end. While state["cut"] > 0, a response sends only half its payload (and decrements)."""
+    start_byte, range_header = 0, handler.headers.get("Range")
+    if range_header and not ignore_range:
+        start_byte = int(range_header.removeprefix("bytes=").rstrip("-"))
+        if start_byte >= len(body):
+            handler.send_response(416)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes {start_byte}-{len(body) - 1}/{len(body)}")
+    else:
+        handler.send_response(200)
+    payload = body[start_byte:]
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    if state["cut"] > 0:
+        state["cut"] -= 1
+        payload = payload[:len(payload) // 2]
+    handler.wfile.write(payload)
 
 
 def closed_port_url() -> str:
@@ -200,3 +209,122 @@ def test_math_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
     monkeypatch.setattr(M, "CACHE_DIR", tmp_path / "empty")
     with pytest.raises(M.DownloadError, match=r"(?s)could not download.*--math_path"):
         train_gsm8k.math_file(None)
+
+
+# -----------------------------------------------------------------------------
+# the Hugging Face hub: where the token goes, one commit per download, the hashes it publishes
+
+LFS_THRESHOLD = 10_000  # larger files are "LFS": redirected to storage, with their sha256 published
+
+
+def git_blob_sha1(payload: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(payload) + payload).hexdigest()
+
+
+@pytest.fixture
+def fake_hub():
+    """A loopback server laid out like the Hugging Face hub, and a storage server on a second loopback address.
+
+    hub["commits"] maps a 40-hex commit to its files ({name: bytes}) and hub["main"] names the commit main points to.
+    GET or HEAD /{org}/{name}/resolve/{main or commit}/{file} answers with X-Repo-Commit; a small file comes directly
+    with its git blob sha1 as ETag; a large one redirects (302) to the storage server with its sha256 in X-Linked-Etag.
+    hub["log"] lists (server, path, Authorization, Range) of every request; while hub["cut"] > 0, storage responses
+    stop halfway. Returns hub, with hub["url"] the hub's base URL."""
+    hub = {"commits": {}, "main": None, "log": [], "cut": 0}
+    servers = []
+
+    def start(host: str, handle) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub["log"].append((host, self.path, self.headers.get("Authorization"), self.headers.get("Range")))
+                handle(self)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer((host, 0), Handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        servers.append(server)
+        return f"http://{host}:{server.server_address[1]}"
+
+    def storage(handler):
+        commit, name = handler.path.strip("/").split("/", 1)
+        send_body(handler, hub["commits"][commit][name], False, hub)
+
+    def resolve(handler):
+        _, _, _, revision, name = handler.path.strip("/").split("/", 4)
+        commit = hub["main"] if revision == "main" else revision
+        body = hub["commits"].get(commit, {}).get(name)
+        if body is None:
+            handler.send_error(404)
+        elif len(body) > LFS_THRESHOLD:
+            handler.send_response(302)
+            for header, value in {"Location": f"{storage_url}/{commit}/{name}", "X-Repo-Commit": commit,
+                                  "X-Linked-Etag": f'"{sha(body)}"', "Content-Length": "0"}.items():
+                handler.send_header(header, value)
+            handler.end_headers()
+        elif handler.command == "HEAD":
+            handler.send_response(200)
+            handler.send_header("X-Repo-Commit", commit)
+            handler.end_headers()
+        else:
+            send_body(handler, body, False, {"cut": 0}, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(body)}"'})
+
+    storage_url = start("127.0.0.2", storage)
+    hub["url"] = start("127.0.0.1", resolve)
+    yield hub
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def publish(hub: dict, weights: bytes) -> str:
+    """A new commit of org/tiny with these weights, made main; returns it."""
+    commit = sha(weights)[:40]
+    hub["commits"][commit] = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}",
+                              "model.safetensors": weights}
+    hub["main"] = commit
+    return commit
+
+
+def test_the_token_goes_to_the_hub_and_never_to_the_storage_it_redirects_to(fake_hub, tmp_path, monkeypatch):
+    publish(fake_hub, BLOB)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub["url"])
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    folder = M.download_model("org/tiny", cache_dir=tmp_path)
+    assert (folder / "model.safetensors").read_bytes() == BLOB
+    to_hub = [auth for server, _, auth, _ in fake_hub["log"] if server == "127.0.0.1"]
+    to_storage = [auth for server, _, auth, _ in fake_hub["log"] if server == "127.0.0.2"]
+    assert to_hub and set(to_hub) == {"Bearer hf_secret"}
+    assert to_storage == [None]
+
+
+def test_a_download_resumed_after_main_moved_finishes_the_commit_it_began(fake_hub, tmp_path, monkeypatch):
+    first = publish(fake_hub, BLOB)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub["url"])
+    fake_hub["cut"] = 3
+    with pytest.raises(M.DownloadError, match="interrupted"):
+        M.download_model("org/tiny", cache_dir=tmp_path)
+    newer = bytes(b ^ 1 for b in BLOB)  # the same size: a splice of the two would load without an error
+    publish(fake_hub, newer)
+    folder = M.download_model("org/tiny", cache_dir=tmp_path)
+    assert (folder / "model.safetensors").read_bytes() == BLOB
+    fetched = [path for server, path, _, _ in fake_hub["log"] if server == "127.0.0.1"][1:]  # after the first HEAD
+    assert fetched and all(f"/resolve/{first}/" in path for path in fetched)
+
+
+def test_a_file_that_changed_during_a_resumed_download_fails_the_hubs_hash(fake_hub, tmp_path):
+    publish(fake_hub, BLOB)
+    url = f"{fake_hub['url']}/org/tiny/resolve/main/model.safetensors"
+    dest = tmp_path / "model.safetensors"
+    (tmp_path / "model.safetensors.part").write_bytes(bytes(b ^ 1 for b in BLOB[:1000]))  # begun on another version
+    with pytest.raises(M.DownloadError, match=f"sha256 mismatch.*expected {sha(BLOB)}"):
+        M.download_file(url, dest)
+    assert not dest.exists() and not (tmp_path / "model.safetensors.part").exists()
+    assert M.download_file(url, dest).read_bytes() == BLOB  # the next call starts clean
+    small = f"{fake_hub['url']}/org/tiny/resolve/main/config.json"
+    (tmp_path / "config.json.part").write_bytes(b"[")  # a small file is checked against its git blob sha1
+    with pytest.raises(M.DownloadError, match="git blob sha1 mismatch"):
+        M.download_file(small, tmp_path / "config.json")
