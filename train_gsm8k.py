@@ -35,6 +35,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,9 @@ def check_out_dir(args) -> list[str]:
         problems.append(f"--out_dir {out} exists and is not empty: pass --resume to continue it, --overwrite to "
                         f"start over, or choose another --out_dir")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir():
+        problems.append(f"--out_dir {out}: {parent} is a file, not a folder")
+    elif not os.access(parent, os.W_OK):
         problems.append(f"--out_dir {out}: {parent} is not writable")
     return problems
 
@@ -237,6 +240,10 @@ class Setup:
     def log(self, *message) -> None:
         if self.master_process:
             print(*message, flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.master_process:
+            warnings.warn(message, stacklevel=2)
 
     def my_share(self, n: int) -> list[int]:
         """The indices of n items that this process handles: every ddp_world_size-th one from ddp_rank."""
@@ -342,9 +349,28 @@ def load(args, env: Setup) -> Loaded:
         dist.barrier()
     config = model_lib.load_config(folder)
     problems = check_model(args, config)
+    if not questions:
+        problems.append(f"{gsm8k_dir(args.data_dir) / 'test.jsonl'} holds no test question: evaluation needs one")
     if problems:
         refuse(problems)
     return Loaded(folder, config, data.Tokenizer.from_dir(folder), questions, pairs, math_problems)
+
+
+def training_examples(loaded: Loaded, args, env: Setup) -> list[dict]:
+    """The training pairs tokenized (data.tokenize_dataset), less those that --max_length leaves without a response
+    token: they would train nothing, and a micro-batch of only such examples has a loss of 0/0 = NaN."""
+    examples, num_truncated = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    kept = [e for e in examples if any(label != -100 for label in e["labels"][1:])]  # position 0 predicts nothing
+    num_empty = len(examples) - len(kept)
+    env.log(f"training examples: {len(kept)} ({num_truncated} truncated to {args.max_length} tokens, {num_empty} left "
+            f"out: no response token left)")
+    if not kept:
+        refuse([f"--max_length {args.max_length} leaves no response token in any of the {len(examples)} training "
+                f"examples (the prompt alone fills it): raise --max_length"])
+    if num_empty:
+        env.warn(f"{num_empty} of {len(examples)} training examples are left out: --max_length {args.max_length} "
+                 f"cuts off their whole response (raise --max_length to train on them)")
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,7 +410,23 @@ def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
     # reproduce theirs or to study the size of the initialization.
     lr_1 = args.lr_1 if args.lr_1 is not None else learning_rate(1, args.lr, warmup_steps, total_steps)
     num_init = args.num_init_samples or max(32, round(0.001 * num_examples)) if args.method == "lorasb" else None
+    most = max_init_samples(num_examples, args.init_batch_size, ddp_world_size)
+    if num_init is not None and num_init > most:
+        refuse([f"{'--num_init_samples' if args.num_init_samples else 'the default number of init samples'} "
+                f"{num_init}: the first-update estimate can use at most {most} of the {num_examples} training "
+                f"examples ({ddp_world_size} process(es), batches of --init_batch_size {args.init_batch_size}); pass "
+                f"--num_init_samples {most} or fewer"])
     return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init)
+
+
+def max_init_samples(num_examples: int, batch_size: int, world_size: int) -> int:
+    """The most examples the LoRA-SB estimate can take: process r reads its share (samples r, r + world_size, ...)
+    from its own batches of one epoch, as data.Batches deals them: batches of batch_size (the last one short) dealt
+    round-robin, the leftover batches dropped. The last process holds the short batch when none is dropped."""
+    num_batches = math.ceil(num_examples / batch_size)
+    capacity = num_batches // world_size * batch_size  # every process but maybe the last
+    short = num_batches * batch_size - num_examples if num_batches % world_size == 0 else 0
+    return min(world_size * capacity, world_size * (capacity - short) + world_size - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -823,15 +865,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     env = setup(args)
     loaded = load(args, env)
+    if args.eval_only:
+        out = prepare_out_dir(args, env)
+        model = model_lib.load_model(loaded.folder, device=env.device, dtype=env.weights_dtype)
+        return finish(report(model, loaded, args, env, out, load_adapter_to_evaluate(model, args, env)), env)
+
+    examples = training_examples(loaded, args, env)  # the data and the schedule are checked before any weight loads
+    plan = plan_training(args, len(examples), env.ddp_world_size)
     checkpoint, state = load_resume_state(Path(args.out_dir), args) if args.resume else (None, None)
     out = prepare_out_dir(args, env)
     model = model_lib.load_model(loaded.folder, device=env.device, dtype=env.weights_dtype)
-    if args.eval_only:
-        return finish(report(model, loaded, args, env, out, load_adapter_to_evaluate(model, args, env)), env)
-
-    examples, num_truncated = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
-    env.log(f"training examples: {len(examples)} ({num_truncated} truncated to {args.max_length} tokens)")
-    plan = plan_training(args, len(examples), env.ddp_world_size)
     reference_counts = parameter_counts(model, args.targets)
     t0 = time.time()
     if checkpoint:

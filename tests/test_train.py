@@ -3,6 +3,7 @@
 import argparse
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import data
 import lorasb
 import model as model_lib
 import train_gsm8k
-from conftest import REPO, TINY_MATH
+from conftest import REPO, TINY_MATH, write_tiny_gsm8k
 
 
 def run(tmp_path, model_dir, data_dir, *extra, name="run"):
@@ -94,6 +95,48 @@ def test_bad_input_is_refused_at_once_with_every_problem(tmp_path, tiny_model_di
     with pytest.raises(SystemExit, match="exists and is not empty"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, name="taken")
     assert (out / "summary.json").read_text() == before
+
+
+def test_examples_that_keep_no_response_token_are_left_out_and_refused_when_none_remains(tmp_path, tiny_model_dir):
+    data_dir = write_tiny_gsm8k(tmp_path / "data")
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    for row in rows[::2]:
+        row["question"] += " Count them twice." * 4  # 68 more tokens of prompt: nothing of the response fits
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="24 of 48 training examples are left out"):
+        out, _ = run(tmp_path, tiny_model_dir, data_dir, "--max_length", "190", "--num_init_samples", "24")
+    assert json.loads((out / "config.json").read_text())["num_init_samples"] == 24
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    with pytest.raises(SystemExit, match="--max_length 170 leaves no response token in any of the 48"):
+        run(tmp_path, tiny_model_dir, data_dir, "--max_length", "170", name="nothing")
+
+
+def test_data_and_out_dir_problems_are_found_before_the_model_loads(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                                      monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the problem was found")
+
+    monkeypatch.setattr(train_gsm8k.model_lib, "load_model", no_loading)
+    no_tests = write_tiny_gsm8k(tmp_path / "no_tests")
+    (no_tests / "test.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="test.jsonl holds no test question"):
+        run(tmp_path, tiny_model_dir, no_tests)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="a_file is a file, not a folder"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, name="a_file/run")
+    with pytest.raises(SystemExit, match="--num_init_samples 49: the first-update estimate can use at most 48"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--num_init_samples", "49")
+
+
+@pytest.mark.parametrize("num_examples, batch_size, world_size", [(14, 4, 2), (10, 4, 2), (13, 2, 3), (5, 3, 1)])
+def test_max_init_samples_is_what_every_process_batches_can_hold(num_examples, batch_size, world_size):
+    examples = [{"input_ids": [1], "labels": [1]}] * num_examples
+    capacity = [sum(map(len, data.Batches(examples, batch_size, 0, rank=r, world_size=world_size)
+                        .epoch_batches(0))) for r in range(world_size)]
+    fits = [n for n in range(1, num_examples + 1) if all(len(range(r, n, world_size)) <= capacity[r]
+                                                         for r in range(world_size))]
+    assert train_gsm8k.max_init_samples(num_examples, batch_size, world_size) == max(fits)
 
 
 def test_learning_rate_schedule_starts_at_lr_1_and_decays_to_zero():
