@@ -615,7 +615,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, method: str, base_mo
             tensors[f"{name}.R"] = m.R.detach()
     info = {"method": method, "rank": _common(found, "rank"), "scale": _common(found, "scale"),
             "targets": sorted({name.split(".")[-1] for name in found}), "base_model": base_model}
-    save_safetensors(path, tensors, {"lorasb": json.dumps(info)})
+    save_safetensors(path, tensors, {"lorasb": json.dumps(info, allow_nan=False)})
 
 
 def _common(found: dict[str, LowRankLinear], attribute: str) -> Any:
@@ -693,4 +693,4 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | 
               "inference_mode": True}
     os.makedirs(out_dir, exist_ok=True)
     save_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
-    atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+    atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda f: f.write(json.dumps(config, indent=2, allow_nan=False).encode()))

@@ -146,6 +146,9 @@ def check_args(args, ddp_world_size: int) -> list[str]:
     problems += [f"--{name} must be positive, got {getattr(args, name)}"
                  for name in ("max_steps", "eval_limit", "num_train", "num_init_samples")
                  if getattr(args, name) is not None and getattr(args, name) < 1]
+    problems += [f"--{name} must be a finite number, got {getattr(args, name)}"
+                 for name in ("lr", "warmup_ratio", "weight_decay", "grad_clip", "lora_alpha")
+                 if getattr(args, name) is not None and not math.isfinite(getattr(args, name))]
     if args.lr <= 0 or not 0 <= args.warmup_ratio < 1 or args.weight_decay < 0 or args.grad_clip < 0:
         problems.append("need --lr > 0, 0 <= --warmup_ratio < 1, --weight_decay >= 0 and --grad_clip >= 0")
     if args.lr_1 is not None and args.lr_1 <= 0:
@@ -550,8 +553,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, batches: data.Batche
     shutil.rmtree(folder / name, ignore_errors=True)
     os.replace(tmp, folder / name)
     lorasb.atomic_write(folder / "latest", lambda f: f.write(name.encode()))
+    # Keep this one and the one before it (a fallback should this one be damaged later); drop older ones, and any
+    # of a later step, left by a run that was resumed from an earlier checkpoint.
+    kept = {name, *sorted(p.name for p in folder.glob("step-*") if p.name < name)[-1:]}
     for old in folder.glob("step-*"):
-        if old.name != name:
+        if old.name not in kept:
             shutil.rmtree(old)
 
 
@@ -640,12 +646,18 @@ def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: 
             f"weight decay {args.weight_decay:g}")
     t0 = last_log = time.time()
     tokens = 0
+    diverged_at = torch.zeros((), dtype=torch.long, device=env.device)  # first step with a NaN/inf loss or grad norm
     run_model.train()
     bar = tqdm(range(start_step + 1, plan.total_steps + 1), initial=start_step, total=plan.total_steps,
                desc="training", disable=not env.master_process)
     for step in bar:
         result = train_step(run_model, optimizer, batches, step, args, plan, env)
+        finite = torch.isfinite(result["loss"]) & torch.isfinite(result["grad_norm"])
+        diverged_at.masked_fill_((diverged_at == 0) & ~finite, step)  # on the device: no sync per step
         tokens += result["tokens"] * env.ddp_world_size
+        saving = step % args.save_every == 0 or step == plan.total_steps
+        if saving or step % args.log_every == 0:
+            stop_if_diverged(diverged_at, optimizer if saving else None, step, args, env, out)
         if step % args.log_every == 0 or step == plan.total_steps:
             loss = result["loss"]
             if env.ddp:
@@ -657,13 +669,30 @@ def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: 
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if env.master_process:
                 with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-        if step % args.save_every == 0 or step == plan.total_steps:
+                    f.write(strict_json(row) + "\n")
+        if saving:
             if env.master_process:
                 save_checkpoint(out, step, model, optimizer, batches, args, env.device)
             if env.ddp:
                 dist.barrier()
     return time.time() - t0
+
+
+def stop_if_diverged(diverged_at: torch.Tensor, optimizer, step: int, args, env: Setup, out: Path) -> None:
+    """Stop the run with a clear message, before anything more is saved, once a step's loss or gradient norm was NaN or
+    inf (the weights that train then are, or soon will be), or, given the optimizer (before a save), when a weight it
+    trains is. The checkpoints already written stay as they are."""
+    if env.ddp:
+        dist.all_reduce(diverged_at, op=dist.ReduceOp.MAX)
+    first = int(diverged_at.item())
+    if not first and optimizer is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        first = 0 if torch.stack([torch.isfinite(p).all() for p in params]).all() else step
+    if first:
+        sys.exit(f"Stopped at step {step}: training diverged (the loss, the gradient norm or the weights became NaN or "
+                 f"inf at step {first}). Nothing from step {first} on was saved; the checkpoints in "
+                 f"{out / 'checkpoints'} are as they were. Start over with a lower --lr (this run: {args.lr:g}) and "
+                 f"--overwrite.")
 
 
 def start_outputs(out: Path, args, plan: Plan, loaded: Loaded, num_trainable: int, start_step: int,
@@ -827,11 +856,25 @@ def report(model, loaded: Loaded, args, env: Setup, out: Path, described: dict) 
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    lorasb.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    lorasb.atomic_write(path, lambda f: f.write("".join(strict_json(r) + "\n" for r in rows).encode()))
 
 
 def write_json(path: Path, obj) -> None:
-    lorasb.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    lorasb.atomic_write(path, lambda f: f.write((strict_json(obj, indent=2) + "\n").encode()))
+
+
+def strict_json(obj, **options) -> str:
+    """JSON that every parser reads: json.dumps writes NaN and infinity as bare NaN / Infinity, which is not JSON; here
+    they become null (e.g. the held-out loss of a test set whose answers --max_length cuts off entirely)."""
+    def finite(value):
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(obj), allow_nan=False, **options)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

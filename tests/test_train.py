@@ -97,6 +97,30 @@ def test_bad_input_is_refused_at_once_with_every_problem(tmp_path, tiny_model_di
     assert (out / "summary.json").read_text() == before
 
 
+def test_a_diverging_run_stops_before_saving_and_keeps_the_last_two_checkpoints(tmp_path, tiny_model_dir,
+                                                                                tiny_gsm8k_dir, monkeypatch):
+    with pytest.raises(SystemExit, match=r"diverged .*NaN or inf at step 1\)\. Nothing from step 1 on was saved"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--lr", "1e9", name="at_once")
+    assert not (tmp_path / "at_once" / "checkpoints").exists() and not (tmp_path / "at_once" / "summary.json").exists()
+
+    schedule = train_gsm8k.learning_rate  # a sane run whose step 4 is huge: its loss is finite, the next is not
+    monkeypatch.setattr(train_gsm8k, "learning_rate", lambda step, *args: 1e30 if step == 4 else schedule(step, *args))
+    with pytest.raises(SystemExit, match="at step 5"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--max_steps", "6", "--save_every", "1", name="later")
+    out = tmp_path / "later"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000004"]
+    assert not (out / "adapter.safetensors").exists() and not (out / "summary.json").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(SystemExit, match="--lr must be a finite number, got nan"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--lr", "nan", name="nan")
+
+
+def test_json_outputs_are_strict():
+    assert train_gsm8k.strict_json({"loss": float("nan"), "rows": [float("inf"), 1.5]}) == \
+        '{"loss": null, "rows": [null, 1.5]}'
+
+
 def test_examples_that_keep_no_response_token_are_left_out_and_refused_when_none_remains(tmp_path, tiny_model_dir):
     data_dir = write_tiny_gsm8k(tmp_path / "data")
     rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
