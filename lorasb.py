@@ -36,8 +36,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -471,6 +473,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_interrupted_writes(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files atomic_write leaves behind when its process is killed mid-write, anywhere under
+    `folder` (which no other process may be writing to); returns their paths."""
+    pattern = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # mkstemp's names: prefix, 8 random characters, suffix
+    removed = [str(p) for p in Path(folder).rglob(".*.tmp") if p.is_file() and pattern.fullmatch(p.name)]
+    for path in removed:
+        os.unlink(path)
+    return removed
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],

@@ -27,6 +27,8 @@ A run, in the order main() calls its phases:
 """
 
 import argparse
+import errno
+import hashlib
 import json
 import math
 import os
@@ -188,8 +190,9 @@ def check_out_dir(args) -> list[str]:
     if args.resume and args.eval_only:
         problems.append("--resume is for training, not --eval_only")
     out = Path(args.out_dir)
-    if args.resume and not (out / "checkpoints" / "latest").is_file():
-        problems.append(f"--resume: no checkpoint in {out} (expected {out / 'checkpoints' / 'latest'})")
+    if args.resume and not any((out / "checkpoints").glob("step-*")):
+        problems.append(f"--resume: no checkpoint in {out / 'checkpoints'}; to start over, run without --resume "
+                        f"(adding --overwrite if {out} is not empty)")
     if not args.resume and not args.overwrite and out.is_dir() and any(out.iterdir()):
         problems.append(f"--out_dir {out} exists and is not empty: pass --resume to continue it, --overwrite to "
                         f"start over, or choose another --out_dir")
@@ -510,8 +513,13 @@ def describe_trainable(model, reference_counts: dict[str, int], env: Setup) -> i
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp folder, renamed into place, then pointed to by checkpoints/latest (written atomically),
-# so a kill at any moment leaves the previous checkpoint intact.
+# Checkpoints. checkpoints/ holds, once per run, run.json (what a resumed run must share with this one, and the sha256
+# of initial_adapter.safetensors) and initial_adapter.safetensors (the adapter as initialized: B and A never change
+# after it), then one folder per checkpoint: trainable.safetensors (what trains: R; B and A for LoRA; every weight for
+# full fine-tuning), state.pt (optimizer, data position, RNG states) and manifest.json (the sha256 of both and of
+# run.json, written last). A folder is written under a temporary name and renamed into place, then checkpoints/latest
+# names it; the newest two are kept. --resume verifies the chain of hashes before the model loads, and falls back to
+# the previous checkpoint when the latest is damaged.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def save_trainable(model, path: Path, method: str, base_model: str) -> None:
@@ -540,19 +548,79 @@ def set_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+# Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
+RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
+               "lr", "warmup_ratio", "weight_decay", "grad_clip", "batch_size", "micro_batch_size", "max_length",
+               "seed", "num_init_samples", "init_rule", "init_svd")
+
+
+def run_identity(args, loaded: Loaded, env: Setup) -> dict:
+    """What a resumed run must share with the run it continues: the settings that shape it (a local --model as its
+    resolved path), the number of processes, the dtype of the forward pass, and fingerprints of the training data file
+    and of the model folder. Recorded in checkpoints/run.json."""
+    settings = {key: getattr(args, key) for key in RESUME_KEYS}
+    if Path(args.model).expanduser().is_dir():  # "models/x/" and "./models/x" are the same model
+        settings["model"] = str(Path(args.model).expanduser().resolve())
+    data_file = gsm8k_dir(args.data_dir) / "train.jsonl" if args.train_data == "gsm8k" else metamathqa_file(
+        args.metamathqa_path)
+    return json.loads(strict_json({"settings": settings, "processes": env.ddp_world_size,
+                                   "dtype": str(env.compute_dtype).removeprefix("torch."),
+                                   "training data sha256": model_lib.sha256_file(data_file),
+                                   "model fingerprint": model_fingerprint(loaded.folder)}))  # as it reads back
+
+
+def model_fingerprint(folder: Path) -> str:
+    """sha256 over a model folder's config.json and tokenizer.json, and over the name, the size and 16 spread blocks of
+    64 KiB (the first holds the header) of each weight file: about 1 MiB read even of a 14 GB model, yet any other
+    checkpoint of the same architecture (a fine-tune changes every block) gets another fingerprint."""
+    h = hashlib.sha256()
+    for path in [folder / "config.json", folder / "tokenizer.json", *sorted(folder.glob("*.safetensors"))]:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for offset in sorted({size * i // 16 for i in range(16)}):
+                f.seek(offset)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()
+
+
+def start_checkpoints(out: Path, model, identity: dict, args, env: Setup) -> None:
+    """Before the first step of a run (process 0): checkpoints/initial_adapter.safetensors, then run.json with its
+    sha256, so that checkpoints store only what trains."""
+    if not env.master_process:
+        return
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = dict(identity)
+    if args.method != "full":
+        save_trainable(model, folder / "initial_adapter.safetensors", args.method, args.model)
+        record["initial_adapter sha256"] = model_lib.sha256_file(folder / "initial_adapter.safetensors")
+    write_json(folder / "run.json", record)
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, batches: data.Batches, args, device) -> None:
     folder = out / "checkpoints"
     name = f"step-{step:07d}"
     tmp = folder / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_trainable(model, tmp / "trainable.safetensors", args.method, args.model)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": rng_states(device),
-             "args": vars(args)}
-    lorasb.atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
-    shutil.rmtree(folder / name, ignore_errors=True)
-    os.replace(tmp, folder / name)
-    lorasb.atomic_write(folder / "latest", lambda f: f.write(name.encode()))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lorasb.save_safetensors(tmp / "trainable.safetensors",
+                                {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+        state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
+                 "rng": rng_states(device)}
+        lorasb.atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
+        hashes = {f"{name}/{file}": model_lib.sha256_file(tmp / file) for file in CHECKPOINT_FILES}
+        write_json(tmp / "manifest.json", {"step": step, "sha256": {**hashes, "run.json": model_lib.sha256_file(
+            folder / "run.json")}})
+        shutil.rmtree(folder / name, ignore_errors=True)
+        os.replace(tmp, folder / name)
+        lorasb.atomic_write(folder / "latest", lambda f: f.write(name.encode()))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"Stopped at step {step}: its checkpoint could not be written to {folder}: "
+                 f"{'the disk is full' if disk_is_full(e) else e} ({shutil.disk_usage(folder).free / 2**20:.0f} MiB "
+                 f"free there). The previous checkpoints are intact: make room, then run again with --resume.")
     # Keep this one and the one before it (a fallback should this one be damaged later); drop older ones, and any
     # of a later step, left by a run that was resumed from an earlier checkpoint.
     kept = {name, *sorted(p.name for p in folder.glob("step-*") if p.name < name)[-1:]}
@@ -561,27 +629,80 @@ def save_checkpoint(out: Path, step: int, model, optimizer, batches: data.Batche
             shutil.rmtree(old)
 
 
-def latest_checkpoint(out: Path) -> Path:
-    return out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
 
 
-# Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
-RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
-               "lr", "warmup_ratio", "weight_decay", "grad_clip", "batch_size", "micro_batch_size", "max_length",
-               "seed")
+def disk_is_full(e: BaseException | None) -> bool:
+    """Whether ENOSPC (or a full quota) is anywhere in an exception's chain."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
-def load_resume_state(out: Path, args) -> tuple[Path, dict]:
-    """The latest checkpoint's folder and its state (step, optimizer, data position, RNG), after checking that the
-    settings that shape the run are the same."""
-    checkpoint = latest_checkpoint(out)
-    state = torch.load(checkpoint / "state.pt", weights_only=True, map_location="cpu")
-    current = vars(args)
-    changed = [f"--{k}: {state['args'].get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS
-               if json.dumps(state["args"].get(k)) != json.dumps(current[k])]
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None: its manifest.json must list its files and run.json, each with
+    the sha256 it has now."""
+    try:
+        listed = json.loads((folder / "manifest.json").read_text())["sha256"]
+        expected = {f"{folder.name}/{file}" for file in CHECKPOINT_FILES} | {"run.json"}
+        if set(listed) != expected:
+            return f"its manifest.json lists {sorted(listed)}, not {sorted(expected)}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no readable manifest.json ({type(e).__name__}: {e})"
+    for file, sha256 in listed.items():
+        path = folder.parent / file
+        if not path.is_file():
+            return f"{file} is missing"
+        if model_lib.sha256_file(path) != sha256:
+            return f"{file} is damaged (its sha256 differs from the manifest's)"
+    return None
+
+
+def load_resume_state(out: Path, args, identity: dict, env: Setup) -> tuple[Path, dict]:
+    """The newest intact checkpoint's folder and its state (step, optimizer, data position, RNG), checked before the
+    model loads: the one checkpoints/latest names, else the others from the newest, falling back with a message past
+    any whose files do not match their manifest. Refuses when the run's settings, process count, dtype, data or model
+    differ from the checkpoint's (run.json), or when no checkpoint is intact."""
+    folder = out / "checkpoints"
+    names = sorted((p.name for p in folder.glob("step-*") if p.is_dir()), reverse=True)
+    latest = (folder / "latest").read_text(errors="replace").strip() if (folder / "latest").is_file() else None
+    damaged = []
+    for name in sorted(names, key=lambda n: n != latest):  # latest first, then newest first
+        problem = checkpoint_problem(folder / name)
+        if problem is None:
+            try:
+                state = torch.load(folder / name / "state.pt", weights_only=True, map_location="cpu")
+                problem = None if {"step", "optimizer", "data", "rng"} <= set(state) else "state.pt lacks keys"
+            except Exception as e:  # noqa: BLE001 - any failure to read it means the same: not this checkpoint
+                problem = f"state.pt cannot be read ({type(e).__name__}: {e})"
+        if problem:
+            damaged.append(f"{name}: {problem}")
+            continue
+        if damaged:
+            env.log(f"warning: skipping damaged checkpoints ({'; '.join(damaged)}); resuming from {name}")
+        check_same_run(folder, identity)
+        return folder / name, state
+    refuse([f"cannot resume: no intact checkpoint in {folder} ({'; '.join(damaged) or 'none was written'}). Start over "
+            f"with --overwrite (it deletes them), or choose another --out_dir"])
+
+
+def check_same_run(folder: Path, identity: dict) -> None:
+    """Refuse to resume a run whose settings, processes, dtype, training data or model differ from the recorded ones
+    (checkpoints/run.json, verified by the manifests), or whose initial adapter is damaged."""
+    recorded = json.loads((folder / "run.json").read_text())
+    adapter_sha256 = recorded.pop("initial_adapter sha256", None)
+    changed = [f"--{key}: {recorded['settings'].get(key)!r} -> {value!r}" for key, value in identity["settings"].items()
+               if recorded["settings"].get(key) != value]
+    changed += [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in identity.items()
+                if key != "settings" and recorded.get(key) != value]
     if changed:
-        refuse([f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}"])
-    return checkpoint, state
+        refuse([f"cannot resume: this run differs from the checkpoint's ({'; '.join(changed)}); resume with what it "
+                f"had, or start over with --overwrite"])
+    if adapter_sha256 and model_lib.sha256_file(folder / "initial_adapter.safetensors") != adapter_sha256:
+        refuse([f"cannot resume: {folder / 'initial_adapter.safetensors'} is damaged (its sha256 differs from "
+                f"run.json's), and every checkpoint needs it; start over with --overwrite"])
 
 
 def resume_position(state: dict, optimizer, batches: data.Batches, env: Setup) -> int:
@@ -593,12 +714,19 @@ def resume_position(state: dict, optimizer, batches: data.Batches, env: Setup) -
 
 
 def restore_trainable(model, checkpoint: Path, method: str) -> None:
-    """The trained weights of a checkpoint. B and A come from sampled data and an SVD: they are reloaded, never
-    re-estimated."""
-    if method == "full":
-        model.load_state_dict(lorasb.load_safetensors(checkpoint / "trainable.safetensors")[0])
-    else:
-        lorasb.load_adapter(model, checkpoint / "trainable.safetensors")
+    """The trained weights of a checkpoint: an adapter as initialized (B and A come from sampled data and an SVD: they
+    are reloaded, never re-estimated), then the checkpoint's values of what trains."""
+    if method != "full":
+        lorasb.load_adapter(model, checkpoint.parent / "initial_adapter.safetensors")
+    tensors, _ = lorasb.load_safetensors(checkpoint / "trainable.safetensors")
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    mismatched = sorted(name for name in tensors.keys() | trainable.keys()
+                        if name not in tensors or name not in trainable or tensors[name].shape != trainable[name].shape)
+    if mismatched:
+        refuse([f"cannot resume: {checkpoint / 'trainable.safetensors'} does not fit the model ({mismatched[:3]})"])
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(tensors[name])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -704,9 +832,17 @@ def start_outputs(out: Path, args, plan: Plan, loaded: Loaded, num_trainable: in
                                      "trainable_parameters": num_trainable, "model_config": vars(loaded.config),
                                      "torch": torch.__version__})
     metrics_path = out / "metrics.jsonl"
-    kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-            if json.loads(line)["step"] <= start_step]  # a resumed run rewrites what came after its checkpoint
+    lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
+    kept = [line for line in lines if metrics_step(line) <= start_step]  # a resumed run rewrites what came after
     lorasb.atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
+def metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line a crash or a full disk cut short (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def save_outputs(model, out: Path, args, folder: Path) -> None:
@@ -915,7 +1051,8 @@ def main(argv=None) -> dict:
 
     examples = training_examples(loaded, args, env)  # the data and the schedule are checked before any weight loads
     plan = plan_training(args, len(examples), env.ddp_world_size)
-    checkpoint, state = load_resume_state(Path(args.out_dir), args) if args.resume else (None, None)
+    identity = run_identity(args, loaded, env)
+    checkpoint, state = load_resume_state(Path(args.out_dir), args, identity, env) if args.resume else (None, None)
     out = prepare_out_dir(args, env)
     model = model_lib.load_model(loaded.folder, device=env.device, dtype=env.weights_dtype)
     reference_counts = parameter_counts(model, args.targets)
@@ -924,6 +1061,7 @@ def main(argv=None) -> dict:
         restore_trainable(model, checkpoint, args.method)
     else:
         env.log(initialize_adapters(model, examples, loaded.tokenizer.pad_id, args, plan, env) or "full fine-tuning")
+        start_checkpoints(out, model, identity, args, env)
     init_seconds = time.time() - t0
     num_trainable = describe_trainable(model, reference_counts, env)
 
@@ -944,7 +1082,8 @@ def main(argv=None) -> dict:
 
 
 def prepare_out_dir(args, env: Setup) -> Path:
-    """--out_dir, created by process 0; with --overwrite, first cleared of what an earlier run left there."""
+    """--out_dir, created by process 0; with --overwrite, first cleared of what an earlier run left there. The
+    temporary files and checkpoint folders of writes that a kill interrupted (model-sized for full fine-tuning) go."""
     out = Path(args.out_dir)
     if env.master_process:
         if args.overwrite:
@@ -952,6 +1091,9 @@ def prepare_out_dir(args, env: Setup) -> Path:
             for stale in ("metrics.jsonl", "summary.json", *EVAL_SETS.values()):
                 (out / stale).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        lorasb.remove_interrupted_writes(out)
+        for interrupted in (out / "checkpoints").glob(".tmp-step-*"):
+            shutil.rmtree(interrupted)
     return out
 
 

@@ -2,9 +2,11 @@
 
 import argparse
 import copy
+import errno
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,6 +72,171 @@ def test_resume_after_a_stop_ends_with_the_same_adapter_bitwise(tmp_path, tiny_m
     assert (resumed / "checkpoints" / "latest").read_text() == "step-0000004"
 
 
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_model_dir, tiny_gsm8k_dir):
+    """(straight, stopped): a 4-step LoRA-SB run checkpointed every step, and the same run killed right after its
+    step-3 checkpoint (it holds step-2 and step-3). Tests copy `stopped` before touching it."""
+    tmp = tmp_path_factory.mktemp("stopped_run")
+    straight, _ = run(tmp, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", name="straight")
+    real_save = train_gsm8k.save_checkpoint
+
+    def save_then_stop(out, step, *args):
+        real_save(out, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(train_gsm8k, "save_checkpoint", save_then_stop)
+        run(tmp, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", name="stopped")
+    return straight, tmp / "stopped"
+
+
+def copy_of(run_dir, tmp_path):
+    return shutil.copytree(run_dir, tmp_path / run_dir.name)
+
+
+def flip_a_byte(path, at: int = -7):
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def same_adapter(a, b) -> bool:
+    x, _ = lorasb.load_safetensors(a / "adapter.safetensors")
+    y, _ = lorasb.load_safetensors(b / "adapter.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_checkpoints_store_what_trains_and_the_frozen_factors_once(stopped_run):
+    straight, stopped = stopped_run
+    checkpoints = stopped / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["initial_adapter.safetensors", "latest", "run.json",
+                                                             "step-0000002", "step-0000003"]
+    trained, _ = lorasb.load_safetensors(checkpoints / "step-0000003" / "trainable.safetensors")
+    initial, _ = lorasb.load_safetensors(checkpoints / "initial_adapter.safetensors")
+    assert len(trained) == 14 and all(name.endswith(".R") for name in trained)  # B and A are not repeated
+    assert {name.rpartition(".")[2] for name in initial} == {"B", "R", "A"}
+    final, _ = lorasb.load_safetensors(straight / "adapter.safetensors")  # the output stays self-contained
+    assert all(torch.equal(final[k], initial[k]) for k in initial if not k.endswith(".R"))
+    manifest = json.loads((checkpoints / "step-0000003" / "manifest.json").read_text())
+    assert set(manifest["sha256"]) == {"step-0000003/trainable.safetensors", "step-0000003/state.pt", "run.json"}
+    assert "initial_adapter sha256" in json.loads((checkpoints / "run.json").read_text())
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_ends_bitwise_equal(stopped_run, tmp_path, tiny_model_dir,
+                                                                            tiny_gsm8k_dir, capsys):
+    straight, stopped = stopped_run
+    out = copy_of(stopped, tmp_path)
+    flip_a_byte(out / "checkpoints" / "step-0000003" / "state.pt")  # the optimizer state: it would load silently
+    (out / "checkpoints" / "latest").write_text("../../elsewhere\n")
+    run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", "--resume", name=out.name)
+    assert "skipping damaged checkpoints (step-0000003: step-0000003/state.pt is damaged" in capsys.readouterr().out
+    assert same_adapter(straight, out)
+
+
+def test_resume_without_an_intact_checkpoint_says_so_before_loading_the_model(stopped_run, tmp_path, tiny_model_dir,
+                                                                             tiny_gsm8k_dir, monkeypatch):
+    monkeypatch.setattr(train_gsm8k.model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = copy_of(stopped_run[1], tmp_path)
+    (out / "checkpoints" / "step-0000003" / "state.pt").write_bytes(b"")
+    trainable = out / "checkpoints" / "step-0000002" / "trainable.safetensors"
+    trainable.write_bytes(trainable.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"cannot resume: no intact checkpoint .*step-0000003: .*state.pt is damaged.*"
+                                         r"step-0000002: .*trainable.safetensors is damaged.*--overwrite"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", "--resume", name=out.name)
+    out = copy_of(stopped_run[1], tmp_path / "second")
+    flip_a_byte(out / "checkpoints" / "initial_adapter.safetensors")
+    with pytest.raises(SystemExit, match="cannot resume: .*initial_adapter.safetensors is damaged"):
+        run(tmp_path / "second", tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", "--resume", name=out.name)
+    with pytest.raises(SystemExit, match="no checkpoint in .*to start over, run without --resume"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--resume", name="never_ran")
+
+
+def test_resume_refuses_other_data_dtype_model_or_processes_but_not_another_spelling(stopped_run, tmp_path,
+                                                                                      tiny_model_dir, tiny_gsm8k_dir,
+                                                                                      monkeypatch):
+    from conftest import write_tiny_llama
+
+    monkeypatch.setattr(train_gsm8k.model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = copy_of(stopped_run[1], tmp_path)
+    resume = ("--save_every", "1", "--resume")
+    with pytest.raises(SystemExit, match="differs from the checkpoint's .*dtype: 'float32' -> 'bfloat16'"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, *resume, "--dtype", "bfloat16", name=out.name)
+    other_data = shutil.copytree(tiny_gsm8k_dir, tmp_path / "other_data")
+    (other_data / "train.jsonl").write_text((other_data / "train.jsonl").read_text().replace("Tom", "Ann", 1))
+    with pytest.raises(SystemExit, match="training data sha256"):
+        run(tmp_path, tiny_model_dir, other_data, *resume, name=out.name)
+    other_model = write_tiny_llama(tmp_path / "other_model", seed=1)  # the same architecture, other weights
+    with pytest.raises(SystemExit, match="--model: .* -> .*other_model.*model fingerprint"):
+        run(tmp_path, other_model, tiny_gsm8k_dir, *resume, name=out.name)
+    recorded = json.loads((out / "checkpoints" / "run.json").read_text())
+    with pytest.raises(SystemExit, match="processes: 1 -> 2"):
+        train_gsm8k.check_same_run(out / "checkpoints", {**recorded, "processes": 2})
+    args = train_gsm8k.parse_args(["--model", f"{tiny_model_dir}/", "--data_dir", str(tiny_gsm8k_dir), "--out_dir",
+                                   str(out), "--device", "cpu", "--batch_size", "4", "--micro_batch_size", "2",
+                                   "--max_steps", "4", "--rank", "4", "--lr", "1e-2", "--num_init_samples", "6"])
+    env = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    identity = train_gsm8k.run_identity(args, train_gsm8k.load(args, env), env)
+    train_gsm8k.check_same_run(out / "checkpoints", identity)  # a trailing / names the same folder: accepted
+
+
+def test_resume_trims_a_cut_metrics_line_and_removes_interrupted_writes(stopped_run, tmp_path, tiny_model_dir,
+                                                                        tiny_gsm8k_dir):
+    out = copy_of(stopped_run[1], tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.1')  # a full disk cut the line
+    leftovers = [out / ".summary.json.a1b2c3d4.tmp", out / "checkpoints" / ".run.json.zz_9x8w7.tmp",
+                 out / "checkpoints" / ".tmp-step-0000004" / "state.pt"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", "--resume", name=out.name)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not any(path.exists() for path in leftovers) and not (out / "checkpoints" / ".tmp-step-0000004").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                                            monkeypatch):
+    real_save, real_fdopen = train_gsm8k.save_checkpoint, os.fdopen
+
+    class FullDisk:
+        """A file that takes 3000 bytes (the checkpoint's trainable.safetensors), then fails as a full disk does."""
+        room = 3000
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            FullDisk.room -= len(b)
+            if FullDisk.room < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def save_on_a_full_disk(out, step, *args):
+        if step == 4:
+            monkeypatch.setattr(lorasb.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+        real_save(out, step, *args)
+
+    monkeypatch.setattr(train_gsm8k, "save_checkpoint", save_on_a_full_disk)
+    with pytest.raises(SystemExit, match="checkpoint could not be written .*: the disk is full .*MiB free.*--resume"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2")
+    monkeypatch.setattr(lorasb.os, "fdopen", real_fdopen)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-0000002" and train_gsm8k.checkpoint_problem(
+        checkpoints / "step-0000002") is None
+    assert sorted(p.name for p in checkpoints.glob("*step*")) == ["step-0000002"]  # no half-written step 4
+    assert not list(checkpoints.glob(".*.tmp"))
+
+
 def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
     trained, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, name="trained")
     evaluated, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_only", "--adapter",
@@ -101,7 +268,8 @@ def test_a_diverging_run_stops_before_saving_and_keeps_the_last_two_checkpoints(
                                                                                 tiny_gsm8k_dir, monkeypatch):
     with pytest.raises(SystemExit, match=r"diverged .*NaN or inf at step 1\)\. Nothing from step 1 on was saved"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--lr", "1e9", name="at_once")
-    assert not (tmp_path / "at_once" / "checkpoints").exists() and not (tmp_path / "at_once" / "summary.json").exists()
+    assert not any((tmp_path / "at_once" / "checkpoints").glob("step-*"))
+    assert not (tmp_path / "at_once" / "summary.json").exists()
 
     schedule = train_gsm8k.learning_rate  # a sane run whose step 4 is huge: its loss is finite, the next is not
     monkeypatch.setattr(train_gsm8k, "learning_rate", lambda step, *args: 1e30 if step == 4 else schedule(step, *args))
