@@ -27,8 +27,11 @@ A run, in the order main() calls its phases:
 """
 
 import argparse
+import atexit
 import errno
+import gc
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -216,7 +219,8 @@ def check_model(args, config: model_lib.ModelConfig) -> list[str]:
 
 
 def refuse(problems: list[str]) -> None:
-    sys.exit("Cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
+    """Exit with the problems listed; under torchrun every process finds them, process 0 prints them."""
+    sys.exit("Cannot start:\n" + "\n".join(f"  - {p}" for p in problems) if os.environ.get("RANK", "0") == "0" else 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,6 +273,7 @@ def setup(args) -> Setup:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
     if ddp:  # gloo too on GPU: the estimate's sample count and CPU accumulators are CPU tensors
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave_process_group)  # also when the run stops early, with sys.exit
     if device.type == "cuda":
         torch.cuda.set_device(device)
     compute_dtype = getattr(torch, args.dtype) if args.dtype else (
@@ -280,6 +285,16 @@ def setup(args) -> Setup:
     random.seed(args.seed)
     np.random.seed(args.seed)
     return Setup(ddp, ddp_rank, ddp_world_size, device, compute_dtype, weights_dtype)
+
+
+def leave_process_group() -> None:
+    """Destroy torch.distributed's process group, after freeing what may still hold its collective work (train's DDP
+    wrapper keeps its last all-reduce, and a reference cycle can keep an object alive until a collection): a work
+    object or gloo thread destroyed during interpreter shutdown instead aborts the process with "terminate called
+    without an active exception"."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -762,13 +777,21 @@ def train_step(run_model, optimizer, batches: data.Batches, step: int, args, pla
     return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
 
+# B and A (buffers) are the same on every process by construction: DDP need not broadcast them before each forward.
+# Newer torch deprecates broadcast_buffers=False for forward_sync_buffers=False (which still syncs them once, at
+# construction: harmless); torch 2.5, which requirements.txt admits, has only the former.
+NO_BUFFER_SYNC_PER_FORWARD = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})
+
+
 def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: Plan, env: Setup, out: Path) -> float:
     """Steps start_step + 1 .. plan.total_steps: log every --log_every steps to metrics.jsonl and the progress bar,
     checkpoint every --save_every steps and at the end. Returns the seconds it took."""
     run_model = torch.compile(model) if args.compile else model
-    if env.ddp:  # B and A are identical on every process by construction: no need to broadcast buffers
+    if env.ddp:
         run_model = DistributedDataParallel(run_model, device_ids=[env.device.index] if env.device.type == "cuda"
-                                            else None, broadcast_buffers=False)
+                                            else None, **NO_BUFFER_SYNC_PER_FORWARD)
     env.log(f"training: {plan.total_steps} steps of {args.batch_size} examples ({plan.grad_accum} x "
             f"{args.micro_batch_size} x {env.ddp_world_size}), lr {args.lr:g} (warmup {plan.warmup_steps}, cosine), "
             f"weight decay {args.weight_decay:g}")
@@ -816,6 +839,8 @@ def stop_if_diverged(diverged_at: torch.Tensor, optimizer, step: int, args, env:
     if not first and optimizer is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         first = 0 if torch.stack([torch.isfinite(p).all() for p in params]).all() else step
+    if first and not env.master_process:
+        sys.exit(1)  # process 0 says why
     if first:
         sys.exit(f"Stopped at step {step}: training diverged (the loss, the gradient norm or the weights became NaN or "
                  f"inf at step {first}). Nothing from step {first} on was saved; the checkpoints in "
@@ -1108,8 +1133,10 @@ def load_adapter_to_evaluate(model, args, env: Setup) -> dict:
 
 
 def finish(summary: dict, env: Setup) -> dict:
+    """Under torchrun, once every process is done, leave the process group cleanly."""
     if env.ddp:
-        dist.destroy_process_group()
+        dist.barrier()
+        leave_process_group()
     return summary
 
 

@@ -353,6 +353,7 @@ def test_torchrun_with_two_cpu_processes(tmp_path, tiny_model_dir, tiny_gsm8k_di
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr and "FutureWarning" not in result.stderr  # a clean exit
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total"] == 5  # the questions were split over the two ranks and gathered back
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
