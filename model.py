@@ -363,7 +363,10 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     for row, prompt in enumerate(prompts):
         input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, T - len(prompt):] = True
-    cache = KVCache(model.config, B, T + max_new_tokens, weight.dtype, weight.device)
+    # Under torch.autocast (fp32 weights that train, computing in bf16) k and v come in the autocast dtype, not the weights'
+    device_type = weight.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    cache = KVCache(model.config, B, T + max_new_tokens, dtype, weight.device)
     tokens = prefill(model, input_ids.to(weight.device), attention_mask.to(weight.device), cache)
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * B

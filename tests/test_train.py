@@ -51,6 +51,19 @@ def test_each_method_trains_saves_and_evaluates(tmp_path, tiny_model_dir, tiny_g
         assert (out / "adapter.safetensors").is_file() and (out / "peft_adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("method", ["lorasb", "loraxs", "lora", "full"])
+def test_each_method_trains_in_bf16_as_on_a_gpu(tmp_path, tiny_model_dir, tiny_gsm8k_dir, method):
+    """The GPU default on CPU: bf16 frozen weights, fp32 trained weights under bf16 autocast, the adapter evaluated
+    unmerged."""
+    out, summary = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--method", method, "--dtype", "bfloat16",
+                       "--max_steps", "2", "--eval_limit", "2", "--max_new_tokens", "3")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert summary["total"] == 2 and math.isfinite(summary["test_loss"])
+    saved, _ = lorasb.load_safetensors(out / ("model/model.safetensors" if method == "full" else "adapter.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
+
+
 def test_resume_after_a_stop_ends_with_the_same_adapter_bitwise(tmp_path, tiny_model_dir, tiny_gsm8k_dir, monkeypatch):
     straight, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2", name="straight")
     real_save = train_gsm8k.save_checkpoint
