@@ -256,7 +256,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str] = DEFAULT_TARGETS,
                  updates: dict[str, torch.Tensor] | None = None, lora_alpha: float | None = None, seed: int = 0,
-                 randomized_svd: bool = False, authors_svd: bool = False) -> AdapterReport:
+                 randomized_svd: bool = False, authors_svd: bool = False,
+                 progress: Callable[[Iterable], Iterable] | None = None) -> AdapterReport:
     """Replace every target nn.Linear by a LowRankLinear and freeze everything else; one code path for three methods:
 
     - "lorasb": B, R, A = lorasb_factors(updates[name]) (updates from estimate_first_update), s = 1, R trains.
@@ -264,6 +265,7 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
     - "lora":   B = 0, A Kaiming, s = lora_alpha / rank, B and A train.
 
     The SVDs are exact, or randomized with randomized_svd=True; authors_svd=True gives LoRA-SB the authors' SVD.
+    `progress` wraps the loop over the layers (one SVD each for lorasb and loraxs), e.g. tqdm, to show how far it is.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -286,7 +288,7 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, linear in found.items():
+    for name, linear in (progress or iter)(found.items()):
         w0 = linear.weight
         if method == "lorasb":
             b, r, a = lorasb_factors(updates[name].to(w0.device), rank, authors=authors_svd,

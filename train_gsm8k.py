@@ -377,6 +377,12 @@ def load(args, env: Setup) -> Loaded:
     return Loaded(folder, config, data.Tokenizer.from_dir(folder), questions, pairs, math_problems)
 
 
+def canonical_model(model: str) -> str:
+    """A --model as it compares: a local folder as its resolved path ("x/" and "./x" are one), a hub name as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def training_examples(loaded: Loaded, args, env: Setup) -> list[dict]:
     """The training pairs tokenized (data.tokenize_dataset), less those that --max_length leaves without a response
     token: they would train nothing, and a micro-batch of only such examples has a loss of 0/0 = NaN."""
@@ -476,6 +482,12 @@ def estimate_first_update(model, examples: list[dict], pad_id: int, args, plan: 
                                 world_size=env.ddp_world_size, pad_id=pad_id)
     env.log(f"estimating the first update from {plan.num_init_samples} examples (lr_1 = {plan.lr_1:.3g}, "
             f"rule {args.init_rule})")
+    if plan.warmup_steps <= 1:
+        env.warn(f"lr_1 = {plan.lr_1:.3g} is the peak learning rate: a schedule of {plan.total_steps} steps has "
+                 f"{plan.warmup_steps} warmup step(s), so LoRA-SB starts from a full fine-tuning step of the adapter's "
+                 f"peak learning rate on every weight (truncated to rank {args.rank}), a large jump that can hurt "
+                 f"(README: 'lr_1 sets the size of the initialization'). More steps or a larger --warmup_ratio make "
+                 f"lr_1 = --lr / warmup_steps a full fine-tuning step of sensible size.")
     bar = tqdm(desc="estimating", total=local_samples, unit="example", disable=not env.master_process)
 
     def loss_fn(m, batch):
@@ -500,13 +512,14 @@ def initialize_adapters(model, examples: list[dict], pad_id: int, args, plan: Pl
         full    nothing to add: every weight trains
     """
     randomized = args.init_svd == "randomized"
+    bar = lambda layers: tqdm(layers, desc="adding adapters", unit="layer", disable=not env.master_process)  # noqa: E731
     if args.method == "lorasb":
         updates = estimate_first_update(model, examples, pad_id, args, plan, env)
         return lorasb.add_adapters(model, "lorasb", args.rank, args.targets, updates=updates,
-                                   randomized_svd=randomized, authors_svd=args.init_svd == "authors")
+                                   randomized_svd=randomized, authors_svd=args.init_svd == "authors", progress=bar)
     if args.method in ("loraxs", "lora"):
         return lorasb.add_adapters(model, args.method, args.rank, args.targets, lora_alpha=args.lora_alpha,
-                                   seed=args.seed, randomized_svd=randomized)
+                                   seed=args.seed, randomized_svd=randomized, progress=bar)
     return None
 
 
@@ -573,9 +586,7 @@ def run_identity(args, loaded: Loaded, env: Setup) -> dict:
     """What a resumed run must share with the run it continues: the settings that shape it (a local --model as its
     resolved path), the number of processes, the dtype of the forward pass, and fingerprints of the training data file
     and of the model folder. Recorded in checkpoints/run.json."""
-    settings = {key: getattr(args, key) for key in RESUME_KEYS}
-    if Path(args.model).expanduser().is_dir():  # "models/x/" and "./models/x" are the same model
-        settings["model"] = str(Path(args.model).expanduser().resolve())
+    settings = {**{key: getattr(args, key) for key in RESUME_KEYS}, "model": canonical_model(args.model)}
     data_file = gsm8k_dir(args.data_dir) / "train.jsonl" if args.train_data == "gsm8k" else metamathqa_file(
         args.metamathqa_path)
     return json.loads(strict_json({"settings": settings, "processes": env.ddp_world_size,
@@ -920,7 +931,8 @@ def held_out_loss(model, tokenizer: data.Tokenizer, questions: list[dict], args,
              for i in env.my_share(len(questions))]
     examples, _ = data.tokenize_dataset(tokenizer, pairs, args.max_length)
     sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss * tokens, tokens)
-    for start in range(0, len(examples), args.micro_batch_size):
+    for start in tqdm(range(0, len(examples), args.micro_batch_size), desc="held-out loss", unit="batch",
+                      disable=not env.master_process):
         batch = to_device(data.collate(examples[start:start + args.micro_batch_size], tokenizer.pad_id), env.device)
         tokens = (batch["labels"][:, 1:] != -100).sum()
         sums += torch.stack([causal_lm_loss(model, batch, reduction="sum").double(), tokens.double()])
@@ -1129,6 +1141,9 @@ def load_adapter_to_evaluate(model, args, env: Setup) -> dict:
         info = lorasb.load_adapter(model, args.adapter)
         described.update(method=info["method"], rank=info["rank"])
         env.log(f"loaded {info['method']} adapter (rank {info['rank']}) from {args.adapter}")
+        if info.get("base_model") and canonical_model(info["base_model"]) != canonical_model(args.model):
+            env.warn(f"{args.adapter} was trained on {info['base_model']}, not on --model {args.model}: unless they "
+                     f"are the same model, the evaluation is of a mismatched adapter")
     return described
 
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -342,6 +343,34 @@ def test_max_init_samples_is_what_every_process_batches_can_hold(num_examples, b
     fits = [n for n in range(1, num_examples + 1) if all(len(range(r, n, world_size)) <= capacity[r]
                                                          for r in range(world_size))]
     assert train_gsm8k.max_init_samples(num_examples, batch_size, world_size) == max(fits)
+
+
+def test_config_records_what_was_resolved_and_the_long_phases_show_progress(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                                           capsys):
+    argv = ["--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir), "--out_dir", str(tmp_path / "run"),
+            "--device", "cpu", "--batch_size", "4", "--micro_batch_size", "4", "--max_steps", "2", "--rank", "4",
+            "--eval_limit", "2", "--max_new_tokens", "2"]  # no --num_init_samples: the default is resolved
+    with pytest.warns(UserWarning, match=r"lr_1 = 0\.0001 is the peak learning rate: a schedule of 2 steps has 1 "
+                                         r"warmup step"):
+        train_gsm8k.main(argv)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["num_init_samples"], config["warmup_steps"], config["lr_1"]) == (32, 1, 1e-4)
+    progress = capsys.readouterr().err
+    assert "adding adapters: 100%" in progress and "14/14" in progress and "held-out loss: 100%" in progress
+
+
+def test_eval_only_warns_when_the_adapter_was_trained_on_another_model(stopped_run, tmp_path, tiny_model_dir,
+                                                                        tiny_gsm8k_dir):
+    from conftest import write_tiny_llama
+
+    adapter = str(stopped_run[0] / "adapter.safetensors")
+    other_model = write_tiny_llama(tmp_path / "other_model", seed=1)
+    with pytest.warns(UserWarning, match="adapter.safetensors was trained on .*tiny-llama.*, not on --model "
+                                         ".*other_model"):
+        run(tmp_path, other_model, tiny_gsm8k_dir, "--eval_only", "--adapter", adapter, name="other")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same folder, spelled with a trailing /, is the same model
+        run(tmp_path, f"{tiny_model_dir}/", tiny_gsm8k_dir, "--eval_only", "--adapter", adapter, name="same")
 
 
 def test_learning_rate_schedule_starts_at_lr_1_and_decays_to_zero():
