@@ -482,7 +482,7 @@ def estimate_first_update(model, examples: list[dict], pad_id: int, args, plan: 
                                 world_size=env.ddp_world_size, pad_id=pad_id)
     env.log(f"estimating the first update from {plan.num_init_samples} examples (lr_1 = {plan.lr_1:.3g}, "
             f"rule {args.init_rule})")
-    if plan.warmup_steps <= 1:
+    if args.lr_1 is None and plan.warmup_steps <= 1:
         env.warn(f"lr_1 = {plan.lr_1:.3g} is the peak learning rate: a schedule of {plan.total_steps} steps has "
                  f"{plan.warmup_steps} warmup step(s), so LoRA-SB starts from a full fine-tuning step of the adapter's "
                  f"peak learning rate on every weight (truncated to rank {args.rank}), a large jump that can hurt "
@@ -579,7 +579,7 @@ def set_rng_states(states: dict, device: torch.device) -> None:
 # Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
 RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
                "lr", "warmup_ratio", "weight_decay", "grad_clip", "batch_size", "micro_batch_size", "max_length",
-               "seed", "num_init_samples", "init_rule", "init_svd")
+               "seed", "num_init_samples", "init_rule", "init_svd", "init_batch_size", "lr_1")
 
 
 def run_identity(args, loaded: Loaded, env: Setup) -> dict:
