@@ -152,7 +152,7 @@ def check_args(args, ddp_world_size: int) -> list[str]:
                  for name in ("max_steps", "eval_limit", "num_train", "num_init_samples")
                  if getattr(args, name) is not None and getattr(args, name) < 1]
     problems += [f"--{name} must be a finite number, got {getattr(args, name)}"
-                 for name in ("lr", "warmup_ratio", "weight_decay", "grad_clip", "lora_alpha")
+                 for name in ("lr", "lr_1", "warmup_ratio", "weight_decay", "grad_clip", "lora_alpha")
                  if getattr(args, name) is not None and not math.isfinite(getattr(args, name))]
     if args.lr <= 0 or not 0 <= args.warmup_ratio < 1 or args.weight_decay < 0 or args.grad_clip < 0:
         problems.append("need --lr > 0, 0 <= --warmup_ratio < 1, --weight_decay >= 0 and --grad_clip >= 0")
@@ -673,7 +673,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     try:
         listed = json.loads((folder / "manifest.json").read_text())["sha256"]
         expected = {f"{folder.name}/{file}" for file in CHECKPOINT_FILES} | {"run.json"}
-        if set(listed) != expected:
+        if not isinstance(listed, dict) or set(listed) != expected:
             return f"its manifest.json lists {sorted(listed)}, not {sorted(expected)}"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no readable manifest.json ({type(e).__name__}: {e})"
@@ -850,13 +850,11 @@ def stop_if_diverged(diverged_at: torch.Tensor, optimizer, step: int, args, env:
     if not first and optimizer is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         first = 0 if torch.stack([torch.isfinite(p).all() for p in params]).all() else step
-    if first and not env.master_process:
-        sys.exit(1)  # process 0 says why
-    if first:
+    if first:  # every process stops; process 0 says why
         sys.exit(f"Stopped at step {step}: training diverged (the loss, the gradient norm or the weights became NaN or "
                  f"inf at step {first}). Nothing from step {first} on was saved; the checkpoints in "
                  f"{out / 'checkpoints'} are as they were. Start over with a lower --lr (this run: {args.lr:g}) and "
-                 f"--overwrite.")
+                 f"--overwrite." if env.master_process else 1)
 
 
 def start_outputs(out: Path, args, plan: Plan, loaded: Loaded, num_trainable: int, start_step: int,

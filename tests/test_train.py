@@ -3,6 +3,7 @@
 import argparse
 import copy
 import errno
+import functools
 import json
 import math
 import os
@@ -65,8 +66,11 @@ def test_each_method_trains_in_bf16_as_on_a_gpu(tmp_path, tiny_model_dir, tiny_g
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
 
 
-def test_resume_after_a_stop_ends_with_the_same_adapter_bitwise(tmp_path, tiny_model_dir, tiny_gsm8k_dir, monkeypatch):
-    straight, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2", name="straight")
+@pytest.mark.parametrize("method", ["lorasb", "full"])  # an adapter (B, A stored once), and every weight training
+def test_resume_after_a_stop_ends_with_the_same_weights_bitwise(tmp_path, tiny_model_dir, tiny_gsm8k_dir, monkeypatch,
+                                                                method):
+    run_method = functools.partial(run, tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--method", method)
+    straight, _ = run_method("--save_every", "2", name="straight")
     real_save = train_gsm8k.save_checkpoint
 
     def save_then_stop(out, step, *args):
@@ -75,11 +79,12 @@ def test_resume_after_a_stop_ends_with_the_same_adapter_bitwise(tmp_path, tiny_m
 
     monkeypatch.setattr(train_gsm8k, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2", name="stopped")
+        run_method("--save_every", "2", name="stopped")
     monkeypatch.setattr(train_gsm8k, "save_checkpoint", real_save)
-    resumed, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2", "--resume", name="stopped")
-    a, _ = lorasb.load_safetensors(straight / "adapter.safetensors")
-    b, _ = lorasb.load_safetensors(resumed / "adapter.safetensors")
+    resumed, _ = run_method("--save_every", "2", "--resume", name="stopped")
+    output = "model/model.safetensors" if method == "full" else "adapter.safetensors"
+    a, _ = lorasb.load_safetensors(straight / output)
+    b, _ = lorasb.load_safetensors(resumed / output)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
