@@ -346,7 +346,7 @@ def decode_one_token(model: Transformer, tokens, cache: KVCache, slot: int) -> t
 
 
 def decode_at(model: Transformer, tokens, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
-    """decode_one_token with the slot as a tensor (1,), so that a compiled step serves every slot without recompiling."""
+    """decode_one_token with the slot as a tensor (1,): one compiled step then serves every slot without recompiling."""
     attention_mask = torch.ones_like(tokens[:, None], dtype=torch.bool)
     return model(tokens[:, None], attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
 
@@ -356,7 +356,7 @@ _compiled_decode_at = None
 
 def compiled_decode_at():
     """decode_at under torch.compile (gpt-fast's compiled decode step over the static KV cache), made at first use.
-    The first call compiles (seconds to minutes); a second batch size or cache length compiles once more, for any size."""
+    The first call compiles (seconds to minutes); another batch size or cache length compiles once more, for any."""
     global _compiled_decode_at
     if _compiled_decode_at is None:
         _compiled_decode_at = torch.compile(decode_at, fullgraph=True)
