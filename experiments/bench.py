@@ -212,13 +212,20 @@ class Machine:
         own, others = self.cores(start, self.marks[-1])
         self.phases[name] = {"seconds": self.marks[-1][0] - start[0], "own_cores": own, "other_cores": others}
 
+    def own_load(self) -> float:
+        """This process's share of the 1-minute load average now: the load average is an exponential average with a
+        60 s time constant, taken here over this process's busy cores between successive marks."""
+        load = 0.0
+        for start, end in zip(self.marks, self.marks[1:]):
+            decay = math.exp(-(end[0] - start[0]) / 60)
+            load = load * decay + self.cores(start, end)[0] * (1 - decay)
+        return load
+
     def finish(self) -> dict:
         """Load averages at start and end, the other processes' CPU per phase, and the warnings they call for. The
-        1-minute load at the end counts this process's own work, so its busy cores over the last minute are removed."""
+        1-minute load at the end counts this process's own work, which is removed (own_load)."""
         self.mark()
-        end = self.marks[-1]
-        last_minute = next((m for m in reversed(self.marks) if end[0] - m[0] >= 60), self.marks[0])
-        own_recent = self.cores(last_minute, end)[0]
+        own_recent = self.own_load()
         load_end = os.getloadavg()
         change = (load_end[0] - own_recent - self.load_start[0]) / self.cpus
         warnings = []
@@ -227,13 +234,13 @@ class Machine:
                             f"{self.cpus} cores)")
         if abs(change) > LOAD_CHANGE_WARN:
             warnings.append(f"the 1-minute load changed by {change * self.cpus:+.1f} ({change:+.2f} per core) from "
-                            f"start to end, this process's own {own_recent:.1f} busy cores removed")
+                            f"start to end, this process's own {own_recent:.1f} removed")
         for name, phase in self.phases.items():
             if phase["other_cores"] is not None and phase["other_cores"] / self.cpus > OTHERS_WARN:
                 warnings.append(f"other processes used {phase['other_cores']:.2f} of {self.cpus} cores during "
                                 f"{name}")
         return {"cpus": self.cpus, "load_start": list(self.load_start), "load_end": list(load_end),
-                "own_cores_last_minute": own_recent, "phases": self.phases, "warnings": warnings}
+                "own_load": own_recent, "phases": self.phases, "warnings": warnings}
 
 
 def interleaved(runs: dict[str, Callable[[], None]], rounds: int, warmup: int, device, machine: Machine,
@@ -760,8 +767,8 @@ def machine_lines(results: dict) -> list[str]:
     others = ", ".join(f"{name} {phase['other_cores']:.2f}" for name, phase in machine["phases"].items()
                        if phase["other_cores"] is not None)
     lines = [f"Machine: {machine['cpus']} cores; load average (1, 5, 15 min) {load(machine['load_start'])} at start, "
-             f"{load(machine['load_end'])} at end (this process used {machine['own_cores_last_minute']:.1f} cores "
-             f"in the last minute)" + (f"; cores used by other processes: {others}." if others else ".")]
+             f"{load(machine['load_end'])} at end (about {machine['own_load']:.1f} of it this process's own)"
+             + (f"; cores used by other processes: {others}." if others else ".")]
     lines += [f"**WARNING: {w}: the figures are noisy.**" for w in machine["warnings"]]
     return lines
 

@@ -43,7 +43,7 @@ run() {  # run NAME TIMEOUT_S BENCH_ARGS...
 # Every phase, the GPU defaults (30 rounds, 5 generation rounds, 3 initialization rounds) on the small model; fewer on
 # the 7B, whose exact SVDs take longest. The compiled decode step compiles twice (batch 1, then any batch size): it
 # runs last, generation only, so that a slow compile cannot cost the other figures.
-run qwen2.5-0.5b 210 --config qwen2.5-0.5b --batch 8 --seq 512
+run qwen2.5-0.5b 180 --config qwen2.5-0.5b --batch 8 --seq 512
 run mistral-7b 360 --config mistral-7b --batch 4 --seq 512 --rounds 20 --gen_rounds 3 --init_rounds 2
-run qwen2.5-0.5b-compiled-decode 150 --config qwen2.5-0.5b --phases generation --gen_rounds 5 --compile_decode
+run qwen2.5-0.5b-compiled-decode 180 --config qwen2.5-0.5b --phases generation --gen_rounds 5 --compile_decode
 exit "$status"
