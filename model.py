@@ -404,8 +404,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     Prompts are sorted by length (longest first, so running out of memory shows at once) into batches of batch_size,
     which cuts padding; per row, the output equals that of the prompt alone (exactly in fp32; in bf16 near-ties may
     flip). stop(new_tokens) is called per row after each token and ends that row when true.
-    compile_decode=True runs the decode step under torch.compile (off by default: the first call compiles, which
-    takes seconds to minutes; then each token is faster, mostly on GPU). The output equals the uncompiled one in fp32.
+    compile_decode=True runs the decode step under torch.compile, as gpt-fast does (off by default: the first call
+    compiles, which takes seconds to minutes; the gain is expected on GPU, and was none on a 2-core CPU). The output
+    equals the uncompiled one in fp32.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
