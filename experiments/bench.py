@@ -22,7 +22,8 @@ How it measures:
   - Peak memory: one method at a time on a fresh model, before the timed rounds.
   - Initialization: --init_rounds rounds of (estimate_first_update, the exact SVDs, the randomized SVDs).
   - Generation: model.generate and transformers' generate, interleaved, --gen_rounds rounds at batch 1 and 16.
-  - The machine: load averages at start and end, and the CPU time other processes used in each phase (Linux).
+  - The machine: load averages at start and end, and the CPU other processes used in each phase (Linux's /proc/stat),
+    with a warning when they used more than a tenth of the cores.
 """
 
 import argparse
@@ -84,8 +85,8 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16
 DEFAULTS = {"cpu": dict(batch=2, seq=128, rounds=10, gen_rounds=5, init_rounds=3),
             "cuda": dict(batch=8, seq=512, rounds=30, gen_rounds=5, init_rounds=3)}
 PHASES = ("init", "memory", "training", "generation", "tokenizers")
-LOAD_CHANGE_WARN = 0.5  # load average change per core (this process's own share removed) that makes the run noisy
 OTHERS_WARN = 0.1  # share of the cores that other processes may use during a timed phase before the run is noisy
+LOAD_CHANGE_WARN = 0.5  # without /proc/stat: the change of the load average per core (own share removed) that warns
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -222,25 +223,25 @@ class Machine:
         return load
 
     def finish(self) -> dict:
-        """Load averages at start and end, the other processes' CPU per phase, and the warnings they call for. The
-        1-minute load at the end counts this process's own work, which is removed (own_load)."""
+        """Load averages at start and end, the other processes' CPU per phase, and the warnings they call for.
+
+        The warnings come from the other processes' CPU, measured: the 1-minute load average lags by about a minute
+        (a job that ended just before the start still shows), so its change from start to end (this process's own
+        share, own_load, removed) only warns where /proc/stat is missing."""
         self.mark()
         own_recent = self.own_load()
         load_end = os.getloadavg()
         change = (load_end[0] - own_recent - self.load_start[0]) / self.cpus
         warnings = []
-        if self.load_start[0] / self.cpus > LOAD_CHANGE_WARN:
-            warnings.append(f"the machine was busy at the start (1-minute load {self.load_start[0]:.1f} on "
-                            f"{self.cpus} cores)")
-        if abs(change) > LOAD_CHANGE_WARN:
-            warnings.append(f"the 1-minute load changed by {change * self.cpus:+.1f} ({change:+.2f} per core) from "
-                            f"start to end, this process's own {own_recent:.1f} removed")
         for name, phase in self.phases.items():
             if phase["other_cores"] is not None and phase["other_cores"] / self.cpus > OTHERS_WARN:
                 warnings.append(f"other processes used {phase['other_cores']:.2f} of {self.cpus} cores during "
                                 f"{name}")
+        if self.marks[0][2] is None and abs(change) > LOAD_CHANGE_WARN:
+            warnings.append(f"the 1-minute load changed by {change * self.cpus:+.1f} ({change:+.2f} per core) from "
+                            f"start to end, this process's own {own_recent:.1f} removed")
         return {"cpus": self.cpus, "load_start": list(self.load_start), "load_end": list(load_end),
-                "own_load": own_recent, "phases": self.phases, "warnings": warnings}
+                "own_load": own_recent, "load_change_per_core": change, "phases": self.phases, "warnings": warnings}
 
 
 def interleaved(runs: dict[str, Callable[[], None]], rounds: int, warmup: int, device, machine: Machine,
@@ -767,7 +768,8 @@ def machine_lines(results: dict) -> list[str]:
     others = ", ".join(f"{name} {phase['other_cores']:.2f}" for name, phase in machine["phases"].items()
                        if phase["other_cores"] is not None)
     lines = [f"Machine: {machine['cpus']} cores; load average (1, 5, 15 min) {load(machine['load_start'])} at start, "
-             f"{load(machine['load_end'])} at end (about {machine['own_load']:.1f} of it this process's own)"
+             f"{load(machine['load_end'])} at end (about {machine['own_load']:.1f} of it this process's own: a change "
+             f"of {machine['load_change_per_core']:+.2f} per core)"
              + (f"; cores used by other processes: {others}." if others else ".")]
     lines += [f"**WARNING: {w}: the figures are noisy.**" for w in machine["warnings"]]
     return lines
