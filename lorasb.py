@@ -45,7 +45,6 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("lorasb", "loraxs", "lora")
@@ -155,19 +154,62 @@ def optimal_r_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s
 # The adapter layer.
 # ---------------------------------------------------------------------------------------------------------------------
 
+class _LowRankLinearFunction(torch.autograd.Function):
+    """y = x W0^T + bias + s ((x A^T) R^T) B^T and its gradients, written out so that the adapter costs its thin
+    matmuls and nothing more: its output is added inside the last matmul (addmm_ into the base output) and its input
+    gradient inside the base layer's (addmm_ into dy W0), so no elementwise pass over the (tokens x m) output or the
+    (tokens x n) input gradient is added. Every tensor comes in one dtype; r is None for LoRA.
+
+    Forward:  h = x A^T,  g = h R^T,  y = x W0^T + bias,  y += s g B^T
+    Backward: dg = s dy B,  dR = dg^T h,  dh = dg R,  dx = dy W0 + dh A,
+              and when they train: dW0 = dy^T x, dbias = sum of dy, dB = s dy^T g, dA = dh^T x.
+    Only what the requested gradients need is kept for backward (with W0 and A frozen, not even x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, b, r, a, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()
+        g = h if r is None else h @ r.t()
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(g, b.t(), alpha=scale)
+        _, need_weight, _, need_b, need_r, need_a, _ = ctx.needs_input_grad
+        ctx.scale = scale
+        ctx.save_for_backward(x2 if need_weight or need_a else None, weight, b, r, a, h if need_r else None,
+                              g if need_b else None)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, weight, b, r, a, h, g = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_b, need_r, need_a, _ = ctx.needs_input_grad
+        shape, dy = dy.shape, dy.reshape(-1, dy.shape[-1])
+        dg = dy @ b if ctx.scale == 1 else (dy @ b).mul_(ctx.scale)
+        dh = dg if r is None else dg @ r
+        dx = (dy @ weight).addmm_(dh, a).view(*shape[:-1], weight.shape[1]) if need_x else None
+        dweight = dy.t() @ x2 if need_weight else None
+        dbias = dy.sum(0) if need_bias else None
+        db = (dy.t() @ g).mul_(ctx.scale) if need_b else None
+        dr = dg.t() @ h if need_r else None
+        da = dh.t() @ x2 if need_a else None
+        return dx, dweight, dbias, db, dr, da, None
+
+
 class LowRankLinear(nn.Module):
     """y = base(x) + s * ((x A^T) R^T) B^T, wrapping an existing nn.Linear (whose weight W0 and bias stay frozen).
 
     LoRA-SB and LoRA-XS: B (m x r) and A (r x n) are frozen buffers, R (r x r) the only parameter, s = 1.
     LoRA: B and A are parameters, there is no R, s = alpha / r.
-    The three thin matmuls never build an m x n matrix. B, A and R are kept in fp32 (B and A stay orthonormal to
-    fp32 precision, R's small updates are not rounded away) and cast to the activations' dtype at use."""
+    The three thin matmuls never build an m x n matrix, and the forward and backward add nothing to them
+    (_LowRankLinearFunction). B, A and R are kept in fp32 (B and A stay orthonormal to fp32 precision, R's small updates
+    are not rounded away) and cast to the compute dtype at use: the activations' dtype, or autocast's."""
 
     def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None, scale: float):
         super().__init__()
         self.base = base
         self.scale = scale
         self.merged_base_weight: torch.Tensor | None = None  # W0, kept while merged so unmerge is exact
+        self._cast_cache: tuple | None = None  # frozen B and A in the compute dtype (_frozen_factors)
         if r is None:  # LoRA: B and A train
             self.B = nn.Parameter(b.float())
             self.A = nn.Parameter(a.float())
@@ -182,13 +224,28 @@ class LowRankLinear(nn.Module):
         return self.A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged_base_weight is not None:  # the delta is already inside base.weight
-            return y
-        h = F.linear(x, self.A.to(x.dtype))
-        if self.R is not None:
-            h = F.linear(h, self.R.to(x.dtype))
-        return y + self.scale * F.linear(h, self.B.to(x.dtype))
+            return self.base(x)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
+        r = None if self.R is None else self.R.to(dtype)
+        b, a = self._frozen_factors(dtype) if self.R is not None else (self.B.to(dtype), self.A.to(dtype))
+        return _LowRankLinearFunction.apply(x.to(dtype), self.base.weight.to(dtype), bias, b, r, a, self.scale)
+
+    def _frozen_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen B and A of LoRA-SB/XS in the compute dtype, cast once and kept (in a plain attribute: never
+        saved, dropped when the module moves) until B, A or the dtype change, rather than cast at every step."""
+        if dtype == self.B.dtype or torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+            return self.B.to(dtype), self.A.to(dtype)
+        key = (id(self.B), id(self.A), self.B._version, self.A._version, dtype)
+        if self._cast_cache is None or self._cast_cache[0] != key:  # holding B and A keeps their ids theirs
+            self._cast_cache = (key, self.B, self.A, self.B.to(dtype), self.A.to(dtype))
+        return self._cast_cache[3], self._cast_cache[4]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cast_cache = None  # .to(), .cuda(), .half(): the copies are remade at the next forward
+        return super()._apply(fn, *args, **kwargs)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B R A in fp32 or wider (m x n): what merging adds to W0."""

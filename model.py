@@ -346,16 +346,33 @@ def prefill(model: Transformer, input_ids, attention_mask, cache: KVCache) -> to
 def decode_one_token(model: Transformer, tokens, cache: KVCache, slot: int) -> torch.Tensor:
     """Feed one token per row (B,) into cache slot `slot`; return each row's greedy next token (B,). The pad keys of
     the prompts stay masked at every step, through the cache's mask."""
-    input_pos = torch.tensor([slot], device=tokens.device)
+    return decode_at(model, tokens, cache, torch.tensor([slot], device=tokens.device))
+
+
+def decode_at(model: Transformer, tokens, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
+    """decode_one_token with the slot as a tensor (1,): one compiled step then serves every slot without recompiling."""
     attention_mask = torch.ones_like(tokens[:, None], dtype=torch.bool)
     return model(tokens[:, None], attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
 
 
+_compiled_decode_at = None
+
+
+def compiled_decode_at():
+    """decode_at under torch.compile (gpt-fast's compiled decode step over the static KV cache), made at first use.
+    The first call compiles (seconds to minutes); another batch size or cache length compiles once more, for any."""
+    global _compiled_decode_at
+    if _compiled_decode_at is None:
+        _compiled_decode_at = torch.compile(decode_at, fullgraph=True)
+    return _compiled_decode_at
+
+
 @torch.inference_mode()
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
-                   stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+                   stop: Callable[[list[int]], bool] | None = None, compile_decode: bool = False) -> list[list[int]]:
     """Greedy continuation of one batch of prompts. A row ends at an EOS id (not included), after max_new_tokens,
-    or when stop(its new tokens) is true; the others go on, and the batch ends when every row has."""
+    or when stop(its new tokens) is true; the others go on, and the batch ends when every row has.
+    compile_decode runs each new token through compiled_decode_at (the prompt itself runs uncompiled)."""
     weight = model.lm_head.weight
     B, T = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -368,6 +385,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     cache = KVCache(model.config, B, T + max_new_tokens, dtype, weight.device)
     tokens = prefill(model, input_ids.to(weight.device), attention_mask.to(weight.device), cache)
+    decode = compiled_decode_at() if compile_decode else decode_at
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * B
     for step in range(max_new_tokens):
@@ -381,17 +399,21 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
             done[row] = len(new[row]) == max_new_tokens or (stop is not None and stop(new[row]))
         if all(done):
             break
-        tokens = decode_one_token(model, tokens, cache, T + step)
+        tokens = decode(model, tokens, cache, torch.tensor([T + step], device=weight.device))
     return new
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int,
-             stop: Callable[[list[int]], bool] | None = None, batch_size: int = 16) -> list[list[int]]:
+             stop: Callable[[list[int]], bool] | None = None, batch_size: int = 16,
+             compile_decode: bool = False) -> list[list[int]]:
     """Greedy continuations of token-id prompts: the new tokens of each prompt, in input order, EOS not included.
 
     Prompts are sorted by length (longest first, so running out of memory shows at once) into batches of batch_size,
     which cuts padding; per row, the output equals that of the prompt alone (exactly in fp32; in bf16 near-ties may
     flip). stop(new_tokens) is called per row after each token and ends that row when true.
+    compile_decode=True runs the decode step under torch.compile, as gpt-fast does (off by default: the first call
+    compiles, which takes seconds to minutes; the gain is expected on GPU, and was none on a 2-core CPU). The output
+    equals the uncompiled one in fp32.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
@@ -404,7 +426,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                       disable=len(order) <= batch_size):
         rows = order[start:start + batch_size]
         for i, new in zip(rows, generate_batch(model, [prompts[i] for i in rows], max_new_tokens, set(eos_ids),
-                                               pad_id, stop)):
+                                               pad_id, stop, compile_decode)):
             outputs[i] = new
     return outputs
 

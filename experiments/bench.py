@@ -1,23 +1,29 @@
-"""Speed and memory of LoRA-SB beside LoRA-XS, LoRA, full fine-tuning and the frozen-backward floor, and beside
-transformers + PEFT, printed as one markdown table (paste it into the README).
+"""Speed and memory of LoRA-SB beside LoRA-XS, LoRA, full fine-tuning and the frozen floor, and beside transformers +
+PEFT, printed as markdown.
 
 The SmolLM2-135M checkpoint (env LORASB_SMOLLM2_DIR, default ~/.cache/lorasb-dev/SmolLM2-135M-Instruct), on CPU or GPU:
     python -m experiments.bench
 Any local Hugging Face model folder:
     python -m experiments.bench --model path/to/model --device cuda
 Random weights with the shapes of a real model (no download; speed and memory do not depend on weight values):
-    python -m experiments.bench --config qwen2.5-0.5b --device cuda --batch 8 --seq 512
     python -m experiments.bench --config mistral-7b --device cuda --batch 4 --seq 512 --json out/mistral-7b.json
 
-What one run measures (CUDA timings are synchronized; bf16 weights run under bf16 autocast, as in train_gsm8k.py):
-  - the training step, forward + backward + gradient clipping + AdamW (the trainer's step), on one fixed batch of
-    random token ids, median of --steps steps after 2 warm-up steps, for lorasb (rank --rank), loraxs (same rank),
-    lora (r=32, alpha 64), full, and "frozen": every weight frozen but the embedding output requiring grad, so
-    backward computes the activation gradients of every layer and nothing else: the floor any adapter can reach;
-  - the initialization: estimate_first_update on the trainer's default number of samples, plus the SVDs of all targets;
-  - peak memory of each training method: CUDA max_memory_allocated, or on CPU the process's peak RSS (VmHWM);
-  - greedy generation tokens/s (model.generate) at batch 1 and 16; tokenizer throughput on GSM8K train;
-  - MFU on GPU; and, when transformers and peft are installed, the same step with PEFT LoRA and transformers' generate.
+How it measures:
+  - Training step: train_gsm8k.py's (forward + backward + clip_grad_norm_ + AdamW) on one fixed batch of random token
+    ids, for lorasb and loraxs (rank --rank), lora (r=32, alpha 64), full, frozen and PEFT LoRA (when transformers and
+    peft are installed). Every method has its own model, built once and kept; after --warmup steps each, --rounds
+    rounds run one step of every method in turn, the order reversed every other round, so that whatever slows the
+    machine slows every method alike. CUDA timings are synchronized; bf16 weights run under bf16 autocast.
+  - Every time is the median over rounds with its interquartile range [Q1-Q3]; a ratio of two methods is the median of
+    the per-round ratios (both measured within the same round).
+  - Noise gauge: lorasb / loraxs, whose layers have the same shapes and do the same work.
+  - frozen: every weight frozen, the embedding output requiring grad: forward + the activation gradients of every
+    layer. A method's FLOP-adjusted floor is frozen's step x the method's FLOPs / frozen's FLOPs (step_flops).
+  - Peak memory: one method at a time on a fresh model, before the timed rounds.
+  - Initialization: --init_rounds rounds of (estimate_first_update, the exact SVDs, the randomized SVDs).
+  - Generation: model.generate and transformers' generate, interleaved, --gen_rounds rounds at batch 1 and 16.
+  - The machine: load averages at start and end, and the CPU other processes used in each phase (Linux's /proc/stat),
+    with a warning when they used more than a tenth of the cores.
 """
 
 import argparse
@@ -33,18 +39,17 @@ import statistics
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 import data
 import lorasb
 import model as model_lib
-import train_gsm8k
-from train_gsm8k import causal_lm_loss, learning_rate
-
 from data import Tokenizer
+from train_gsm8k import causal_lm_loss, learning_rate
 
 DEFAULT_MODEL = os.environ.get("LORASB_SMOLLM2_DIR",
                                str(Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
@@ -69,13 +74,19 @@ CONFIGS = {
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, hidden_act="silu",
                  tie_word_embeddings=True, eos_token_id=2),
 }
+METHODS = ("lorasb", "loraxs", "lora", "full", "frozen")  # + "peft" when transformers and peft are installed
 LORA_RANK, LORA_ALPHA = 32, 64.0  # the paper's LoRA baseline
-GSM8K_TRAIN_EXAMPLES = 7473
-INIT_SAMPLES = max(32, round(0.001 * GSM8K_TRAIN_EXAMPLES))  # train_gsm8k.py's default --num_init_samples on GSM8K
-WARMUP_STEPS = 2
+# train_gsm8k.py's defaults on GSM8K: its first-step LR (lr_1) and its number of estimate samples
+GSM8K_TRAIN_EXAMPLES, TRAIN_BATCH, TRAIN_EPOCHS, TRAIN_LR, TRAIN_WARMUP_RATIO = 7473, 32, 3, 1e-4, 0.02
+INIT_SAMPLES = max(32, round(0.001 * GSM8K_TRAIN_EXAMPLES))
 PROMPT_LEN, NEW_TOKENS = 64, 64
+TOKENIZER_CHUNKS = 10
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (datasheets)
-DEFAULTS = {"cpu": dict(batch=2, seq=128, steps=3), "cuda": dict(batch=8, seq=512, steps=10)}
+DEFAULTS = {"cpu": dict(batch=2, seq=128, rounds=10, gen_rounds=5, init_rounds=3),
+            "cuda": dict(batch=8, seq=512, rounds=30, gen_rounds=5, init_rounds=3)}
+PHASES = ("init", "memory", "training", "generation", "tokenizers")
+OTHERS_WARN = 0.1  # share of the cores that other processes may use during a timed phase before the run is noisy
+LOAD_CHANGE_WARN = 0.5  # without /proc/stat: the change of the load average per core (own share removed) that warns
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,10 +99,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--batch", type=int, default=None, help="examples per step, also the micro batch of the estimate "
       "(default: 2 on CPU, 8 on GPU)")
     a("--seq", type=int, default=None, help="tokens per example (default: 128 on CPU, 512 on GPU)")
-    a("--steps", type=int, default=None, help=f"timed steps after {WARMUP_STEPS} warm-up steps "
-      "(default: 3 on CPU, 10 on GPU)")
+    a("--rounds", type=int, default=None, help="timed rounds of one training step per method (default: 10 on CPU, "
+      "30 on GPU)")
+    a("--warmup", type=int, default=2, help="untimed steps per method before the rounds")
+    a("--gen_rounds", type=int, default=None, help="timed rounds of generation, after one untimed (default: 5)")
+    a("--init_rounds", type=int, default=None, help="timed rounds of the initialization (default: 3)")
     a("--rank", type=int, default=96, help="rank of lorasb and loraxs (LoRA uses r=32, alpha 64)")
-    a("--json", default=None, help="also write every figure to this JSON file")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a("--compile_decode", action="store_true", help="also time model.generate(compile_decode=True) (compiling "
+      "takes minutes on a CPU)")
+    a("--phases", default=",".join(PHASES), help=f"what to measure, comma-separated (default: {','.join(PHASES)})")
+    a("--json", default=None, help="also write every figure, and every round's time, to this JSON file")
     args = p.parse_args(argv)
     problems = []
     if args.model and args.config:
@@ -102,16 +120,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.model = args.model or DEFAULT_MODEL
         if not (Path(args.model) / "config.json").is_file():
             raise FileNotFoundError(f"--model {args.model}: no config.json there; pass a local model folder (set "
-                                    f"LORASB_SMOLLM2_DIR for the default), "
-                                    f"or --config NAME for random weights")
+                                    f"LORASB_SMOLLM2_DIR for the default), or --config NAME for random weights")
     if args.dtype not in (None, "bfloat16", "float32"):
         problems.append(f"--dtype {args.dtype!r}: choose bfloat16 or float32")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for name, value in DEFAULTS["cuda" if args.device.type == "cuda" else "cpu"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    problems += [f"--{name} must be positive, got {getattr(args, name)}" for name in ("batch", "seq", "steps", "rank")
-                 if getattr(args, name) < 1]
+    problems += [f"--{name} must be positive, got {getattr(args, name)}"
+                 for name in ("batch", "seq", "rounds", "gen_rounds", "init_rounds", "rank") if getattr(args, name) < 1]
+    args.phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
+    problems += [f"--phases: unknown phase {phase!r}; choose from {', '.join(PHASES)}" for phase in args.phases
+                 if phase not in PHASES]
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        problems.append("--warmup must be >= 0 and --threads >= 1")
     if problems:
         raise ValueError("bench.py: " + "; ".join(problems))
     args.dtype = getattr(torch, args.dtype) if args.dtype else (
@@ -120,7 +142,138 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Models, batches, timing and memory.
+# Timing, statistics and the machine's load.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    """Seconds fn() takes, with the device's queued work finished before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def spread(values: list[float]) -> dict:
+    """Median and interquartile range (Q1, Q3; inclusive quartiles, so within the values) of a list of samples."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "n": len(values)}
+
+
+def paired(numerators: list[float], denominators: list[float], factor: float = 1.0) -> dict:
+    """spread of the per-round ratios numerator / (factor x denominator)."""
+    return spread([a / (factor * b) for a, b in zip(numerators, denominators)])
+
+
+class Machine:
+    """Marks of (wall clock, this process's CPU seconds, the busy CPU seconds of every process) taken along the run,
+    to tell how much CPU other processes used in each phase; Linux's /proc/stat (None elsewhere)."""
+
+    def __init__(self):
+        self.cpus = os.cpu_count() or 1
+        self.load_start = os.getloadavg()
+        self.marks: list[tuple[float, float, float | None]] = []
+        self.phases: dict[str, dict] = {}
+        self.mark()
+
+    @staticmethod
+    def busy_seconds() -> float | None:
+        """CPU seconds all processes spent busy since boot: user + nice + system + irq + softirq + steal."""
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _, _, irq, softirq, steal = (int(f) for f in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def mark(self) -> None:
+        own = os.times()
+        self.marks.append((time.perf_counter(), own.user + own.system, self.busy_seconds()))
+
+    @staticmethod
+    def cores(start, end) -> tuple[float, float | None]:
+        """(this process's busy cores, other processes' busy cores) on average between two marks."""
+        wall = max(end[0] - start[0], 1e-9)
+        own = (end[1] - start[1]) / wall
+        short = wall < 1.0  # /proc/stat counts in clock ticks (10 ms): too coarse for less
+        others = None if start[2] is None or end[2] is None or short else max(0.0, (end[2] - start[2]) / wall - own)
+        return own, others
+
+    @contextmanager
+    def phase(self, name: str):
+        self.mark()
+        start = self.marks[-1]
+        yield
+        self.mark()
+        own, others = self.cores(start, self.marks[-1])
+        self.phases[name] = {"seconds": self.marks[-1][0] - start[0], "own_cores": own, "other_cores": others}
+
+    def own_load(self) -> float:
+        """This process's share of the 1-minute load average now: the load average is an exponential average with a
+        60 s time constant, taken here over this process's busy cores between successive marks."""
+        load = 0.0
+        for start, end in zip(self.marks, self.marks[1:]):
+            decay = math.exp(-(end[0] - start[0]) / 60)
+            load = load * decay + self.cores(start, end)[0] * (1 - decay)
+        return load
+
+    def finish(self) -> dict:
+        """Load averages at start and end, the other processes' CPU per phase, and the warnings they call for.
+
+        The warnings come from the other processes' CPU, measured: the 1-minute load average lags by about a minute
+        (a job that ended just before the start still shows), so its change from start to end (this process's own
+        share, own_load, removed) only warns where /proc/stat is missing."""
+        self.mark()
+        own_recent = self.own_load()
+        load_end = os.getloadavg()
+        change = (load_end[0] - own_recent - self.load_start[0]) / self.cpus
+        warnings = []
+        for name, phase in self.phases.items():
+            if phase["other_cores"] is not None and phase["other_cores"] / self.cpus > OTHERS_WARN:
+                warnings.append(f"other processes used {phase['other_cores']:.2f} of {self.cpus} cores during "
+                                f"{name}")
+        if self.marks[0][2] is None and abs(change) > LOAD_CHANGE_WARN:
+            warnings.append(f"the 1-minute load changed by {change * self.cpus:+.1f} ({change:+.2f} per core) from "
+                            f"start to end, this process's own {own_recent:.1f} removed")
+        return {"cpus": self.cpus, "load_start": list(self.load_start), "load_end": list(load_end),
+                "own_load": own_recent, "load_change_per_core": change, "phases": self.phases, "warnings": warnings}
+
+
+def interleaved(runs: dict[str, Callable[[], None]], rounds: int, warmup: int, device, machine: Machine,
+                log: Callable[[str], None] = lambda what: None, optional=()) -> dict[str, list[float] | str]:
+    """Seconds of every run: `warmup` untimed rounds, then `rounds` timed rounds, each calling every run once in turn,
+    in reverse order every other round (so no run always follows the same one). A run that runs out of memory, or an
+    `optional` one that fails, is dropped from the next rounds; its entry becomes the reason."""
+    times: dict[str, list[float] | str] = {name: [] for name in runs}
+    for i in range(warmup + rounds):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            if isinstance(times[name], str):
+                continue
+            try:
+                seconds = timed(runs[name], device)
+            except torch.OutOfMemoryError:
+                times[name] = "out of memory"
+                release_memory()
+                continue
+            except Exception as e:
+                if name not in optional:
+                    raise
+                times[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                continue
+            if i >= warmup:
+                times[name].append(seconds)
+        machine.mark()
+        log(f"round {i + 1 - warmup} of {rounds}" if i >= warmup else f"warm-up {i + 1} of {warmup}")
+    return times
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models, batches and memory.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def hf_config(args) -> dict:
@@ -141,11 +294,22 @@ def random_model(config: model_lib.ModelConfig, device, dtype) -> model_lib.Tran
 
 
 def fresh_model(args) -> model_lib.Transformer:
-    """A new copy of the benchmarked model (every method starts from its own)."""
+    """A new copy of the benchmarked model."""
     torch.manual_seed(0)
     if args.config:
         return random_model(model_lib.ModelConfig.from_hf(CONFIGS[args.config]), args.device, args.dtype)
     return model_lib.load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def twin(model: model_lib.Transformer) -> model_lib.Transformer:
+    """A second model on the same weight tensors (nothing copied), for a method that never changes the base weights:
+    the adapter methods and frozen share one set of weights, so that all methods fit in memory at once."""
+    other = model_lib.build_model(model.config)  # on "meta": no memory
+    other.load_state_dict(model.state_dict(), assign=True)
+    if model.config.tie_word_embeddings:
+        other.lm_head.weight = other.model.embed_tokens.weight
+    other.inv_freq = model.inv_freq  # not in the state dict
+    return other.eval()
 
 
 def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -> dict:
@@ -158,20 +322,6 @@ def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -
 def autocast_for(args):
     """bf16 autocast when the weights are bf16, as train_gsm8k.py trains (fp32 runs without autocast)."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16) if args.dtype == torch.bfloat16 else nullcontext()
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device) -> float:
-    """Seconds fn() takes, with the device's queued work finished before and after."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 def reset_peak_memory(device) -> bool:
@@ -222,12 +372,6 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def matmul_params(model: torch.nn.Module) -> int:
-    """N of the 2N FLOPs per token of a forward pass: the weights of every nn.Linear, lm_head included (a tied
-    embedding costs no FLOPs as a lookup, but does as lm_head)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
 def peak_flops(args) -> float | None:
     """The GPU's dense bf16 peak from PEAK_BF16_FLOPS; None on CPU, in fp32, or for a GPU not in the table."""
     if args.device.type != "cuda" or args.dtype != torch.bfloat16:
@@ -237,8 +381,40 @@ def peak_flops(args) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training step, per method.
+# FLOPs and the training step of each method.
 # ---------------------------------------------------------------------------------------------------------------------
+
+def step_flops(config: model_lib.ModelConfig, method: str, seq: int, rank: int) -> float:
+    """FLOPs per token of one training step of `method` (a multiply-add is 2 FLOPs); elementwise work is not counted.
+
+    frozen (the floor): 4N + 6 T d_q L. N = the weights of every nn.Linear, lm_head included (a tied embedding costs
+      nothing as a lookup, 2 FLOPs per weight as lm_head); forward 2N, activation gradients 2N. Causal attention per
+      layer: forward 2 T d_q (q k^T and p v over T/2 keys on average, d_q = heads x head_dim, T = seq), backward twice
+      that; L layers.
+    full: frozen + 2N, the weight gradients.
+    lorasb, loraxs: frozen + per target layer (W0 m x n; B m x r, R r x r, A r x n, R trains)
+      forward 2r(n + r + m): h = x A^T, g = h R^T, g B^T;
+      backward 2r(m + 2r + n): dg = dy B, dR = dg^T h, dh = dg R, dx += dh A;
+      that is 4r(m + n) + 6r^2 in all.
+    lora, peft: frozen + per target layer (B m x r, A r x n, both train)
+      forward 2r(n + m): h = x A^T, h B^T; backward 4r(n + m): dh = dy B, dB = dy^T h, dA = dh^T x, dx += dh A;
+      6r(m + n) in all.
+    Below layer 0 no activation gradient is needed when only adapters train; this count ignores that (< 1/L of the
+    frozen step), so the floor it gives an adapter is slightly high."""
+    skeleton = model_lib.build_model(config)  # on "meta": shapes only
+    n = sum(m.weight.numel() for m in skeleton.modules() if isinstance(m, torch.nn.Linear))
+    flops = 4 * n + 6 * seq * config.num_attention_heads * config.head_dim * config.num_hidden_layers
+    shapes = [m.weight.shape for m in lorasb.find_targets(skeleton).values()]
+    if method == "full":
+        flops += 2 * n
+    elif method in ("lorasb", "loraxs"):
+        flops += sum(4 * rank * (m + k) + 6 * rank ** 2 for m, k in shapes)
+    elif method in ("lora", "peft"):
+        flops += sum(6 * LORA_RANK * (m + k) for m, k in shapes)
+    elif method != "frozen":
+        raise ValueError(f"unknown method {method!r}")
+    return float(flops)
+
 
 def random_updates(model: torch.nn.Module, lr: float) -> dict[str, torch.Tensor]:
     """An `updates` dict of the right shapes for add_adapters("lorasb"): -lr * sign(noise), fp32, on the model's
@@ -248,8 +424,8 @@ def random_updates(model: torch.nn.Module, lr: float) -> dict[str, torch.Tensor]
 
 
 def prepare(model: model_lib.Transformer, method: str, rank: int) -> None:
-    """Turn a fresh model into what `method` trains. Adapter SVDs are randomized here (the factors' values do not
-    change the step time; the exact SVD is timed in bench_init)."""
+    """Turn a model into what `method` trains. Adapter SVDs are randomized here (the factors' values do not change the
+    step time; the exact SVD is timed in bench_init)."""
     if method == "lorasb":
         lorasb.add_adapters(model, "lorasb", rank, updates=random_updates(model, 1e-4), randomized_svd=True)
     elif method == "loraxs":
@@ -264,157 +440,6 @@ def prepare(model: model_lib.Transformer, method: str, rank: int) -> None:
         raise ValueError(f"unknown method {method!r}")
 
 
-def step_time(loss_fn, batch: dict, params: list, device, steps: int) -> float:
-    """Median seconds of one training step, the trainer's: loss.backward(), clip the gradient norm to 1, AdamW step,
-    zero the gradients. With no trainable parameters (the frozen floor) the step is forward + backward alone."""
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda") if params else None
-
-    def step():
-        loss_fn(batch).backward()
-        if optimizer:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    times = [timed(step, device) for _ in range(WARMUP_STEPS + steps)]
-    return statistics.median(times[WARMUP_STEPS:])
-
-
-def training_row(model: torch.nn.Module, loss_fn, args, vocab_size: int, flops_per_token: float) -> dict:
-    """Step time, throughput, peak memory and MFU of training `model` (adapters already in place)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    batch = random_batch(vocab_size, args.batch, args.seq, args.device)
-    model.train()
-    peak_resettable = reset_peak_memory(args.device)
-    seconds = step_time(loss_fn, batch, params, args.device, args.steps)
-    tokens_per_s = args.batch * args.seq / seconds
-    peak = peak_flops(args)
-    return {"step_s": seconds, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak_memory(args.device),
-            "peak_memory_per_method": peak_resettable, "trainable": sum(p.numel() for p in params),
-            "mfu": flops_per_token * tokens_per_s / peak if peak else None}
-
-
-def bench_training(args, method: str) -> dict:
-    """One method on its own fresh model, as train_gsm8k.py runs it."""
-    model = fresh_model(args)
-    n = matmul_params(model)
-    prepare(model, method, args.rank)
-    autocast = autocast_for(args)
-
-    def loss_fn(batch):
-        with autocast:
-            return causal_lm_loss(model, batch)
-
-    # forward 2N + activation gradients 2N per token, + 2N for the weight gradients when every weight trains
-    row = training_row(model, loss_fn, args, model.config.vocab_size, (6 if method == "full" else 4) * n)
-    del model, loss_fn
-    release_memory()
-    return row
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Initialization: the first-update estimate and the SVDs.
-# ---------------------------------------------------------------------------------------------------------------------
-
-def trainer_lr_1() -> float:
-    """lr_1 of train_gsm8k.py's default GSM8K schedule (its value does not change the timing)."""
-    defaults = train_gsm8k.parse_args([])
-    total = defaults.epochs * (GSM8K_TRAIN_EXAMPLES // defaults.batch_size)
-    return learning_rate(1, defaults.lr, math.ceil(defaults.warmup_ratio * total), total)
-
-
-def bench_init(args) -> dict:
-    """Seconds of estimate_first_update on INIT_SAMPLES examples (micro batch --batch), and of the SVDs of all targets,
-    exact and randomized: lorasb_factors is timed once per distinct target shape and multiplied by the number of targets
-    of that shape (an SVD's time depends on the shape, and a 7B model has 224 targets of 4 shapes)."""
-    model = fresh_model(args)
-    autocast = autocast_for(args)
-    batches = [random_batch(model.config.vocab_size, args.batch, args.seq, args.device, seed=1 + i)
-               for i in range(math.ceil(INIT_SAMPLES / args.batch))]
-
-    def loss_fn(m, batch):
-        with autocast:
-            return causal_lm_loss(m, batch)
-
-    updates = {}
-
-    def estimate():
-        updates.update(lorasb.estimate_first_update(model, batches, loss_fn, INIT_SAMPLES, trainer_lr_1()))
-
-    estimate_s = timed(estimate, args.device)
-    del model, batches
-    release_memory()
-    shapes = Counter(tuple(u.shape) for u in updates.values())
-    examples = {tuple(u.shape): u for u in updates.values()}
-    lorasb.lorasb_factors(torch.randn(64, 64, device=args.device), 8)  # load the solver libraries before timing
-    svd_s = {}
-    for randomized in (False, True):
-        svd_s[randomized] = sum(count * timed(lambda: lorasb.lorasb_factors(examples[shape], args.rank,
-                                                                            randomized=randomized), args.device)
-                                for shape, count in shapes.items())
-    del updates, examples
-    release_memory()
-    return {"samples": INIT_SAMPLES, "estimate_s": estimate_s, "svd_exact_s": svd_s[False],
-            "svd_randomized_s": svd_s[True], "targets": sum(shapes.values()), "target_shapes": len(shapes)}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Generation and tokenizers.
-# ---------------------------------------------------------------------------------------------------------------------
-
-def random_prompts(vocab_size: int, batch: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(2)
-    return torch.randint(0, vocab_size, (batch, PROMPT_LEN), generator=g).tolist()
-
-
-def bench_generation(args) -> dict:
-    """Greedy tokens/s of model.generate at batch 1 and 16: PROMPT_LEN-token prompts (equal lengths, so no padding),
-    NEW_TOKENS new tokens each (no EOS stop), one warm-up call first."""
-    model = fresh_model(args)
-    result = {}
-    for batch in (1, 16):
-        prompts = random_prompts(model.config.vocab_size, batch)
-
-        def run(new_tokens):
-            out = model_lib.generate(model, prompts, new_tokens, eos_ids=set(), pad_id=0, batch_size=batch)
-            if any(len(o) != new_tokens for o in out):
-                raise RuntimeError(f"model.generate returned {[len(o) for o in out]} tokens, not {new_tokens} each")
-
-        run(2)
-        result[batch] = batch * NEW_TOKENS / timed(lambda: run(NEW_TOKENS), args.device)
-    del model
-    release_memory()
-    return result
-
-
-def bench_tokenizers(args) -> dict | str:
-    """Tokens/s encoding every GSM8K train question and answer, one text at a time, with our Tokenizer and with
-    `tokenizers` (when installed); a note (str) when GSM8K or the tokenizer is not there."""
-    if args.config:
-        return "skipped: --config models have no tokenizer (pass --model FOLDER)"
-    folder = Path(args.model)
-    if not (folder / "tokenizer.json").is_file():
-        return f"skipped: {folder} has no tokenizer.json"
-    if not GSM8K_DIR or not (Path(GSM8K_DIR) / "train.jsonl").is_file():
-        return "skipped: no GSM8K train.jsonl (set LORASB_GSM8K_DIR to a folder holding it)"
-    texts = [row[key] for row in data.load_gsm8k("train", GSM8K_DIR) for key in ("question", "answer")]
-    encoders = {"ours": Tokenizer.from_dir(folder).encode}
-    if importlib.util.find_spec("tokenizers"):
-        import tokenizers
-        theirs = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        encoders["tokenizers"] = lambda text: theirs.encode(text).ids
-    result = {"texts": len(texts)}
-    for name, encode in encoders.items():
-        t0 = time.perf_counter()
-        tokens = sum(len(encode(text)) for text in texts)
-        result[name] = {"tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0)}
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# transformers + PEFT, on the same checkpoint (or config) and settings.
-# ---------------------------------------------------------------------------------------------------------------------
-
 def hf_model(args):
     """The transformers model: the same folder, or the same config with random weights made on the device."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -427,245 +452,462 @@ def hf_model(args):
     return model.to(args.device).eval()
 
 
-def bench_hf(args) -> dict | str:
-    """transformers' greedy generate (batch 1 and 16, equal-length prompts, no EOS stop) and the PEFT LoRA training step
-    (r=32, alpha 64, the seven targets); a note (str) when transformers or peft is missing."""
-    missing = [name for name in ("transformers", "peft") if not importlib.util.find_spec(name)]
-    if missing:
-        return f"skipped: {' and '.join(missing)} not installed"
-    import peft
-    model = hf_model(args)
-    vocab_size = model.config.vocab_size
-    generation = {}
-    for batch in (1, 16):
-        ids = torch.tensor(random_prompts(vocab_size, batch), device=args.device)
+def hf_available() -> list[str]:
+    """The missing ones of transformers and peft (empty when both are installed)."""
+    return [name for name in ("transformers", "peft") if not importlib.util.find_spec(name)]
 
-        def run(new_tokens):
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     do_sample=False, eos_token_id=None, pad_token_id=0)
-            if out.shape != (batch, PROMPT_LEN + new_tokens):
-                raise RuntimeError(f"transformers generate returned {tuple(out.shape)}, not "
-                                   f"{(batch, PROMPT_LEN + new_tokens)}")
 
-        run(2)
-        generation[batch] = batch * NEW_TOKENS / timed(lambda: run(NEW_TOKENS), args.device)
-    n = matmul_params(model)
-    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(lorasb.DEFAULT_TARGETS),
-                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    model = peft.get_peft_model(model, config)
+def trainer(args, method: str, base: model_lib.Transformer | None = None) -> dict:
+    """The model of `method` and its training step: {"step": callable, "trainable": count, "model": the model}.
+    Adapter methods and frozen run on twin(base) when a base is given, else on a fresh model; peft on transformers."""
+    if method == "peft":
+        import peft
+        config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(lorasb.DEFAULT_TARGETS),
+                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(hf_model(args), config)
+        forward = lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask).logits
+    else:
+        model = twin(base) if base is not None and method != "full" else fresh_model(args)
+        prepare(model, method, args.rank)
+        forward = model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=args.device.type == "cuda") if params else None
+    batch = random_batch(model.config.vocab_size, args.batch, args.seq, args.device)
     autocast = autocast_for(args)
 
-    def logits(input_ids, attention_mask):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def loss_fn(batch):
+    def step():
+        """train_gsm8k.py's step: backward, clip the gradient norm to 1, AdamW, zero the gradients (frozen: no
+        trainable parameter, so forward + backward alone)."""
         with autocast:
-            return causal_lm_loss(logits, batch)
+            loss = causal_lm_loss(forward, batch)
+        loss.backward()
+        if optimizer:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    row = training_row(model, loss_fn, args, vocab_size, 4 * n)
-    del model, logits, loss_fn
+    return {"step": step, "trainable": sum(p.numel() for p in params), "model": model}
+
+
+def training_methods() -> list[str]:
+    return [*METHODS, *([] if hf_available() else ["peft"])]
+
+
+def bench_memory(args, method: str) -> dict:
+    """Peak memory of `method` alone: a fresh model, two steps (the second with the optimizer's states in place)."""
+    run = trainer(args, method)
+    resettable = reset_peak_memory(args.device)
+    for _ in range(2):
+        run["step"]()
+    synchronize(args.device)
+    row = {"peak_memory_bytes": peak_memory(args.device), "peak_memory_per_method": resettable,
+           "trainable": run["trainable"]}
+    del run
     release_memory()
-    return {"generation": generation, "training": row}
+    return row
+
+
+def bench_training(args, machine: Machine, log) -> dict:
+    """Every method's model built once (adapters and frozen on one shared set of weights), then the interleaved rounds;
+    per method the step's spread, its FLOPs, its FLOP-adjusted floor and its ratios to the floor, frozen and full."""
+    methods = training_methods()
+    base, runs, trainable = fresh_model(args), {}, {}
+    for method in methods:
+        log(f"building {method}")
+        try:
+            built = trainer(args, method, base)
+            runs[method], trainable[method] = built["step"], built["trainable"]
+            del built
+        except torch.OutOfMemoryError:
+            runs[method] = None
+            release_memory()
+    del base  # its weights live on in the twins
+    times = interleaved({m: step for m, step in runs.items() if step is not None}, args.rounds, args.warmup,
+                        args.device, machine, log)
+    times.update({m: "out of memory" for m, step in runs.items() if step is None})
+    del runs
+    release_memory()
+    config = model_lib.ModelConfig.from_hf(hf_config(args))
+    flops = {m: step_flops(config, m, args.seq, args.rank) for m in methods}
+    tokens, peak = args.batch * args.seq, peak_flops(args)
+    rows = {}
+    for method in methods:
+        t = times[method]
+        if isinstance(t, str):
+            rows[method] = {"error": t}
+            continue
+        step = spread(t)
+        row = {"step_s": step, "times_s": t, "trainable": trainable[method], "flops_per_token": flops[method],
+               "tokens_per_s": tokens / step["median"],
+               "mfu": flops[method] * tokens / step["median"] / peak if peak else None}
+        for other in ("frozen", "full"):
+            if not isinstance(times.get(other), str):
+                row[f"x_{other}"] = paired(t, times[other])
+        if not isinstance(times["frozen"], str):
+            factor = flops[method] / flops["frozen"]
+            row["floor_s"] = {k: v * factor if k != "n" else v for k, v in spread(times["frozen"]).items()}
+            row["x_floor"] = paired(t, times["frozen"], factor)
+        rows[method] = row
+    gauge = (paired(times["lorasb"], times["loraxs"])
+             if not any(isinstance(times[m], str) for m in ("lorasb", "loraxs")) else None)
+    return {"rows": rows, "gauge": gauge}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The report: markdown tables and the targets.
+# Initialization: the first-update estimate and the SVDs.
 # ---------------------------------------------------------------------------------------------------------------------
 
-METHODS = ("lorasb", "loraxs", "lora", "full", "frozen")
+def trainer_lr_1() -> float:
+    """lr_1 of train_gsm8k.py's default GSM8K schedule: lr / ceil(warmup ratio x total steps) (the value does not
+    change the timing)."""
+    total = TRAIN_EPOCHS * (GSM8K_TRAIN_EXAMPLES // TRAIN_BATCH)
+    return learning_rate(1, TRAIN_LR, math.ceil(TRAIN_WARMUP_RATIO * total), total)
 
 
-def ratio(a, b) -> float | None:
-    return a / b if a is not None and b else None
+def bench_init(args, machine: Machine, log) -> dict:
+    """--init_rounds rounds of: estimate_first_update on INIT_SAMPLES examples (micro batch --batch), the exact SVDs of
+    all targets, their randomized SVDs. lorasb_factors is timed once per distinct target shape and multiplied by the
+    number of targets of that shape (an SVD's time depends on its shape; a 7B model has 224 targets of 4 shapes)."""
+    model = fresh_model(args)
+    autocast = autocast_for(args)
+    batches = [random_batch(model.config.vocab_size, args.batch, args.seq, args.device, seed=1 + i)
+               for i in range(math.ceil(INIT_SAMPLES / args.batch))]
+
+    def loss_fn(m, batch):
+        with autocast:
+            return causal_lm_loss(m, batch)
+
+    examples, shapes = {}, Counter(tuple(m.weight.shape) for m in lorasb.find_targets(model).values())
+
+    def estimate():
+        updates = lorasb.estimate_first_update(model, batches, loss_fn, INIT_SAMPLES, trainer_lr_1())
+        examples.update({tuple(u.shape): u for u in updates.values()})  # one update per shape, for the SVDs
+
+    lorasb.lorasb_factors(torch.randn(64, 64, device=args.device), 8)  # load the solver libraries before timing
+    rounds = {"estimate_s": [], "svd_exact_s": [], "svd_randomized_s": []}
+    for i in range(args.init_rounds):
+        rounds["estimate_s"].append(timed(estimate, args.device))
+        # the time of all targets: each shape's SVD time x its count (timed per shape, in turn)
+        for key, randomized in (("svd_exact_s", False), ("svd_randomized_s", True)):
+            rounds[key].append(sum(count * timed(lambda: lorasb.lorasb_factors(examples[shape], args.rank,
+                                                                               randomized=randomized), args.device)
+                                   for shape, count in shapes.items()))
+        machine.mark()
+        log(f"initialization round {i + 1} of {args.init_rounds}")
+    totals = {"total_exact_s": [a + b for a, b in zip(rounds["estimate_s"], rounds["svd_exact_s"])],
+              "total_randomized_s": [a + b for a, b in zip(rounds["estimate_s"], rounds["svd_randomized_s"])]}
+    return {"samples": INIT_SAMPLES, "targets": sum(shapes.values()), "target_shapes": len(shapes),
+            **{key: spread(values) for key, values in {**rounds, **totals}.items()}, "times_s": rounds}
 
 
-def fmt(value, spec: str = ".2f", suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation and tokenizers.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def random_prompts(vocab_size: int, batch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, vocab_size, (batch, PROMPT_LEN), generator=g).tolist()
+
+
+def bench_generation(args, machine: Machine, log) -> dict:
+    """Greedy tokens/s at batch 1 and 16 of model.generate (and with compile_decode, under --compile_decode) and of
+    transformers' generate, interleaved: PROMPT_LEN-token prompts (equal lengths, so no padding), NEW_TOKENS new tokens
+    each (no EOS stop), one untimed round first (it compiles, with --compile_decode)."""
+    ours = fresh_model(args)
+    theirs = None if hf_available() else hf_model(args)
+    runs = {}
+    for batch in (1, 16):
+        prompts = random_prompts(ours.config.vocab_size, batch)
+        ids = torch.tensor(prompts, device=args.device)
+        for compiled in (False, True) if args.compile_decode else (False,):
+            def run(prompts=prompts, compiled=compiled):
+                out = model_lib.generate(ours, prompts, NEW_TOKENS, eos_ids=set(), pad_id=0, batch_size=len(prompts),
+                                         compile_decode=compiled)
+                if any(len(o) != NEW_TOKENS for o in out):
+                    raise RuntimeError(f"model.generate returned {[len(o) for o in out]} tokens, not {NEW_TOKENS}")
+            runs[f"{'compiled' if compiled else 'ours'} {batch}"] = run
+        if theirs is not None:
+            def run_hf(ids=ids):
+                with torch.inference_mode():
+                    out = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                          do_sample=False, eos_token_id=None, pad_token_id=0)
+                if out.shape != (ids.shape[0], PROMPT_LEN + NEW_TOKENS):
+                    raise RuntimeError(f"transformers generate returned {tuple(out.shape)}")
+            runs[f"transformers {batch}"] = run_hf
+    times = interleaved(runs, args.gen_rounds, 1, args.device, machine, log,
+                        optional={name for name in runs if name.startswith("compiled")})
+    result = {}
+    for name, t in times.items():
+        kind, batch = name.split()
+        row = {"times_s": t} if not isinstance(t, str) else {"error": t}
+        if not isinstance(t, str):
+            row["tokens_per_s"] = spread([int(batch) * NEW_TOKENS / s for s in t])
+            if kind != "transformers" and not isinstance(times.get(f"transformers {batch}", "n/a"), str):
+                row["x_transformers"] = paired(times[f"transformers {batch}"], t)  # a speed ratio: their time / ours
+        result.setdefault(kind, {})[int(batch)] = row
+    return result
+
+
+def bench_tokenizers(args, machine: Machine) -> dict | str:
+    """Tokens/s encoding every GSM8K train question and answer, one text at a time, with our Tokenizer and with
+    `tokenizers` (when installed), in TOKENIZER_CHUNKS chunks, interleaved chunk by chunk; a note (str) when GSM8K or
+    the tokenizer is not there."""
+    if args.config:
+        return "skipped: --config models have no tokenizer (pass --model FOLDER)"
+    folder = Path(args.model)
+    if not (folder / "tokenizer.json").is_file():
+        return f"skipped: {folder} has no tokenizer.json"
+    if not GSM8K_DIR or not (Path(GSM8K_DIR) / "train.jsonl").is_file():
+        return "skipped: no GSM8K train.jsonl (set LORASB_GSM8K_DIR to a folder holding it)"
+    texts = [row[key] for row in data.load_gsm8k("train", GSM8K_DIR) for key in ("question", "answer")]
+    encoders = {"ours": Tokenizer.from_dir(folder).encode}
+    if importlib.util.find_spec("tokenizers"):
+        import tokenizers
+        hf_tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        encoders["tokenizers"] = lambda text: hf_tokenizer.encode(text).ids
+    size = math.ceil(len(texts) / TOKENIZER_CHUNKS)
+    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+    rates, tokens = {name: [] for name in encoders}, dict.fromkeys(encoders, 0)
+    for i, chunk in enumerate(chunks):
+        for name in (list(encoders) if i % 2 == 0 else list(encoders)[::-1]):
+            t0 = time.perf_counter()
+            count = sum(len(encoders[name](text)) for text in chunk)
+            rates[name].append(count / (time.perf_counter() - t0))
+            tokens[name] += count
+        machine.mark()
+    result = {"texts": len(texts), "chunks": len(chunks)}
+    for name in encoders:
+        result[name] = {"tokens": tokens[name], "tokens_per_s": spread(rates[name])}
+    if "tokenizers" in encoders:
+        result["ours"]["x_tokenizers"] = paired(rates["ours"], rates["tokenizers"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def fmt(s: dict | None, scale: float = 1.0, spec: str = ".0f", suffix: str = "") -> str:
+    """'median [Q1-Q3]' of a spread, each value x scale; n/a for None."""
+    if s is None:
+        return "n/a"
+    return f"{s['median'] * scale:{spec}}{suffix} [{s['q1'] * scale:{spec}}-{s['q3'] * scale:{spec}}]"
+
+
+def labels(rank: int) -> dict[str, str]:
+    return {"lorasb": f"lorasb r={rank}", "loraxs": f"loraxs r={rank}",
+            "lora": f"lora r={LORA_RANK}, alpha {LORA_ALPHA:g}", "full": "full", "frozen": "frozen (the floor)",
+            "peft": f"PEFT lora r={LORA_RANK}, alpha {LORA_ALPHA:g} (transformers)"}
 
 
 def training_table(results: dict, args) -> list[str]:
-    rows = results["training"]
-    labels = {"lorasb": f"lorasb r={args.rank}", "loraxs": f"loraxs r={args.rank}",
-              "lora": f"lora r={LORA_RANK}, alpha {LORA_ALPHA:g}", "full": "full", "frozen": "frozen (the floor)"}
-    hf = results["hf"]
-    if isinstance(hf, dict):
-        rows = {**rows, "peft": hf["training"]}
-        labels["peft"] = f"PEFT lora r={LORA_RANK}, alpha {LORA_ALPHA:g} (transformers)"
-    frozen, full = (rows[m].get("step_s") for m in ("frozen", "full"))
-    lines = ["| method | trainable params | step (ms) | tokens/s | peak memory (MiB) | MFU | x frozen | x full |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for method, row in rows.items():
-        if "error" in row:
-            lines.append(f"| {labels[method]} | {row['error']} | | | | | | |")
+    rows, memory, names = results.get("training", {}).get("rows", {}), results.get("memory", {}), labels(args.rank)
+    lines = ["| method | trainable params | step ms | FLOP-adjusted floor ms | x floor | x frozen | x full | "
+             "tokens/s | peak memory MiB | MFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in rows or memory:
+        row, mem = rows.get(method, {}), memory.get(method, {})
+        mem_text = f"{mem['peak_memory_bytes'] / 2**20:,.0f}" if "peak_memory_bytes" in mem else mem.get("error", "")
+        if "step_s" not in row:
+            trainable = f"{mem['trainable']:,}" if "trainable" in mem else ""
+            lines.append(f"| {names[method]} | {trainable} | {row.get('error', 'n/a')} | | | | | | {mem_text} | |")
             continue
-        lines.append(f"| {labels[method]} | {row['trainable']:,} | {row['step_s'] * 1e3:.1f} | "
-                     f"{row['tokens_per_s']:,.0f} | {row['peak_memory_bytes'] / 2**20:,.0f} | "
-                     f"{fmt(row['mfu'], '.1%')} | {fmt(ratio(row['step_s'], frozen), '.2f', 'x')} | "
-                     f"{fmt(ratio(row['step_s'], full), '.2f', 'x')} |")
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        lines.append(f"| {names[method]} | {row['trainable']:,} | {fmt(row['step_s'], 1e3)} | "
+                     f"{fmt(row.get('floor_s'), 1e3)} | {fmt(row.get('x_floor'), spec='.2f')} | "
+                     f"{fmt(row.get('x_frozen'), spec='.2f')} | {fmt(row.get('x_full'), spec='.2f')} | "
+                     f"{row['tokens_per_s']:,.0f} | {mem_text} | {mfu} |")
     return lines
 
 
 def init_table(results: dict, args) -> list[str]:
     init, epoch_s = results["init"], results["epoch_s"]
-    parts = [(f"estimate_first_update, {init['samples']} samples in micro-batches of {args.batch}", init["estimate_s"]),
-             (f"exact SVD of all {init['targets']} targets", init["svd_exact_s"]),
-             (f"randomized SVD of all {init['targets']} targets", init["svd_randomized_s"]),
-             ("total: estimate + exact SVD (the trainer's default)", init["estimate_s"] + init["svd_exact_s"]),
-             ("total: estimate + randomized SVD (--init_svd randomized)",
-              init["estimate_s"] + init["svd_randomized_s"])]
-    lines = ["| initialization | seconds | share of one GSM8K epoch |", "|---|---:|---:|"]
-    lines += [f"| {name} | {seconds:.2f} | {fmt(ratio(seconds, epoch_s), '.2%')} |" for name, seconds in parts]
+    parts = [(f"estimate_first_update, {init['samples']} samples in micro-batches of {args.batch}", "estimate_s"),
+             (f"exact SVD of all {init['targets']} targets", "svd_exact_s"),
+             (f"randomized SVD of all {init['targets']} targets", "svd_randomized_s"),
+             ("total: estimate + exact SVD (the trainer's default)", "total_exact_s"),
+             ("total: estimate + randomized SVD (--init_svd randomized)", "total_randomized_s")]
+    lines = [f"| initialization ({args.init_rounds} rounds) | seconds | share of one GSM8K epoch |", "|---|---:|---:|"]
+    for name, key in parts:
+        share = fmt(init[key], 100 / epoch_s, ".2f", "%") if epoch_s else "n/a"
+        lines.append(f"| {name} | {fmt(init[key], spec='.2f')} | {share} |")
     return lines
 
 
-def generation_table(results: dict) -> list[str]:
-    ours, hf = results["generation"], results["hf"]
-    lines = ["| greedy generation | batch | tokens/s | ours / transformers |", "|---|---:|---:|---:|"]
-    for batch, tokens_per_s in ours.items():
-        theirs = hf["generation"][batch] if isinstance(hf, dict) else None
-        lines.append(f"| model.generate (ours) | {batch} | {tokens_per_s:,.1f} | "
-                     f"{fmt(ratio(tokens_per_s, theirs), '.2f', 'x')} |")
-        if theirs is not None:
-            lines.append(f"| transformers generate | {batch} | {theirs:,.1f} | |")
+def generation_table(results: dict, args) -> list[str]:
+    names = {"ours": "model.generate (ours)", "compiled": "model.generate(compile_decode=True)",
+             "transformers": "transformers generate"}
+    lines = ["| greedy generation | batch | tokens/s | speed vs transformers |", "|---|---:|---:|---:|"]
+    for kind, by_batch in results["generation"].items():
+        for batch, row in by_batch.items():
+            if "error" in row:
+                lines.append(f"| {names[kind]} | {batch} | {row['error']} | |")
+                continue
+            versus = fmt(row["x_transformers"], spec=".2f", suffix="x") if "x_transformers" in row else ""
+            lines.append(f"| {names[kind]} | {batch} | {fmt(row['tokens_per_s'], spec=',.1f')} | {versus} |")
     return lines
 
 
-def tokenizer_table(results: dict) -> list[str]:
+def tokenizer_table(results: dict, args) -> list[str]:
     tok = results["tokenizers"]
     if isinstance(tok, str):
         return [f"Tokenizer throughput {tok}."]
-    theirs = tok.get("tokenizers", {}).get("tokens_per_s")
-    lines = [f"| tokenizer (GSM8K train, {tok['texts']:,} texts, one at a time) | tokens | tokens/s | "
-             f"ours / tokenizers |", "|---|---:|---:|---:|"]
+    lines = [f"| tokenizer (GSM8K train, {tok['texts']:,} texts one at a time, {tok['chunks']} chunks) | tokens | "
+             f"tokens/s | ours / tokenizers |", "|---|---:|---:|---:|"]
     for name in ("ours", "tokenizers"):
         if name in tok:
-            versus = fmt(ratio(tok[name]["tokens_per_s"], theirs), ".2f", "x") if name == "ours" else ""
-            lines.append(f"| {name} | {tok[name]['tokens']:,} | {tok[name]['tokens_per_s']:,.0f} | {versus} |")
+            versus = fmt(tok[name].get("x_tokenizers"), spec=".2f", suffix="x") if name == "ours" else ""
+            lines.append(f"| {name} | {tok[name]['tokens']:,} | {fmt(tok[name]['tokens_per_s'], spec=',.0f')} | "
+                         f"{versus} |")
     return lines
 
 
-def targets(results: dict) -> list[dict]:
-    """Each goal of the implementation: the ratio it is judged on, and whether it is met (None when not measured)."""
-    steps = {m: row.get("step_s") for m, row in results["training"].items()}
-    hf = results["hf"] if isinstance(results["hf"], dict) else None
-    peft_step = hf["training"].get("step_s") if hf else None
-    init = results["init"]
-    goals = [("lorasb step <= 1.05 x the frozen floor", "lorasb / frozen", ratio(steps["lorasb"], steps["frozen"]),
-              lambda r: r <= 1.05),
-             ("lorasb step <= 0.75 x full fine-tuning", "lorasb / full", ratio(steps["lorasb"], steps["full"]),
-              lambda r: r <= 0.75),
-             ("lorasb step no slower than the PEFT LoRA step", "lorasb / PEFT lora", ratio(steps["lorasb"], peft_step),
-              lambda r: r <= 1.0)]
-    for batch, ours in results["generation"].items():
-        goals.append((f"generation at batch {batch} no slower than transformers", "tokens/s ours / transformers",
-                      ratio(ours, hf["generation"][batch]) if hf else None, lambda r: r >= 1.0))
-    goals.append(("initialization under 2% of an epoch", "(estimate + exact SVD) / epoch",
-                  ratio(init["estimate_s"] + init["svd_exact_s"], results["epoch_s"]), lambda r: r < 0.02))
-    return [{"target": target, "ratio": what, "measured": value, "met": None if value is None else ok(value)}
-            for target, what, value, ok in goals]
+def machine_lines(results: dict) -> list[str]:
+    machine = results["machine"]
+    load = lambda values: " ".join(f"{v:.2f}" for v in values)
+    others = ", ".join(f"{name} {phase['other_cores']:.2f}" for name, phase in machine["phases"].items()
+                       if phase["other_cores"] is not None)
+    lines = [f"Machine: {machine['cpus']} cores; load average (1, 5, 15 min) {load(machine['load_start'])} at start, "
+             f"{load(machine['load_end'])} at end (about {machine['own_load']:.1f} of it this process's own: a change "
+             f"of {machine['load_change_per_core']:+.2f} per core)"
+             + (f"; cores used by other processes: {others}." if others else ".")]
+    lines += [f"**WARNING: {w}: the figures are noisy.**" for w in machine["warnings"]]
+    return lines
+
+
+def notes(results: dict, args) -> list[str]:
+    """Short facts on how this run measured, for the phases it ran."""
+    setup = results["setup"]
+    out = [f"torch {setup['torch']}, {setup['device_name']}, {setup['threads']} torch threads; phases "
+           f"{', '.join(args.phases)}; wall time {results['wall_s']:.0f} s."]
+    if "training" in results:
+        out += [f"Step: forward + backward + clip_grad_norm_ + AdamW on one batch of random token ids; each method has "
+                f"its own model (adapters and frozen share the base weights); {args.warmup} warm-up steps each, then "
+                f"{args.rounds} rounds of one step per method in turn, the order reversed every other round"
+                + (", CUDA-synchronized" if args.device.type == "cuda" else "")
+                + ("; bf16 weights under bf16 autocast." if args.dtype == torch.bfloat16 else "."),
+                "Figures: median [interquartile range] over rounds; ratios (x floor, x frozen, x full, the gauge, vs "
+                "transformers) are medians of per-round ratios.",
+                "frozen: every weight frozen, the embedding output requires grad (forward + activation gradients, no "
+                "optimizer). FLOP-adjusted floor = frozen's step x the method's FLOPs / frozen's (bench.step_flops: "
+                "4N + attention; + 2N for full; + 4r(m+n) + 6r^2 per target for lorasb/loraxs; + 6r(m+n) for "
+                "lora/PEFT).",
+                "MFU = FLOPs per token x tokens/s / peak, "
+                + (f"peak {peak_flops(args):.3g} FLOP/s (bf16 dense)." if peak_flops(args)
+                   else "n/a on CPU, in fp32, or on a GPU missing from PEAK_BF16_FLOPS.")]
+    if "init" in results:
+        out.append(f"Initialization: {args.init_rounds} rounds; epoch = ceil({GSM8K_TRAIN_EXAMPLES} / {args.batch}) x "
+                   f"the lorasb step = " + (f"{results['epoch_s']:.1f} s" if results["epoch_s"] else "n/a")
+                   + f"; SVD times are one lorasb_factors call per distinct target shape "
+                   f"({results['init']['target_shapes']}) x the number of targets of that shape.")
+    if "generation" in results:
+        out.append(f"Generation: {PROMPT_LEN}-token random prompts, {NEW_TOKENS} new tokens, no EOS; one untimed "
+                   f"round, then {args.gen_rounds} rounds, ours and transformers in turn.")
+    if "memory" in results:
+        if args.device.type == "cuda":
+            out.append("Peak memory: torch.cuda.max_memory_allocated of each method alone on a fresh model, two steps.")
+        elif all(row.get("peak_memory_per_method", True) for row in results["memory"].values()):
+            out.append(f"Peak memory: peak RSS (VmHWM, reset through /proc/self/clear_refs) of each method alone on a "
+                       f"fresh model, two steps; it includes {setup['baseline_rss_bytes'] / 2**20:,.0f} MiB of Python "
+                       f"and torch (the PEFT row also holds transformers and peft).")
+        else:
+            out.append("Peak memory: the peak RSS since the process started (/proc/self/clear_refs could not reset "
+                       "it): the largest figure so far, not per method.")
+        if args.dtype == torch.bfloat16:
+            out.append("full keeps bf16 weights, gradients and AdamW states (train_gsm8k.py keeps fp32 trained "
+                       "weights).")
+    missing = hf_available()
+    out.append(f"transformers + PEFT skipped: {' and '.join(missing)} not installed." if missing else
+               f"transformers: the same {'config, random weights' if args.config else 'checkpoint'}, sdpa attention, "
+               f"{setup['dtype']}; PEFT LoRA on the same seven targets, same step.")
+    return out
 
 
 def report(results: dict, args) -> str:
     setup = results["setup"]
     lines = [f"## bench.py: {setup['model']} on {setup['device_name']}, {setup['dtype']}, batch {args.batch} x "
-             f"{args.seq} tokens", "", *training_table(results, args), "", *init_table(results, args), "",
-             *generation_table(results), "", *tokenizer_table(results), "",
-             "| target | measured | |", "|---|---|---|"]
-    for goal in results["targets"]:
-        value = fmt(goal["measured"], ".2%") if "epoch" in goal["ratio"] else fmt(goal["measured"], ".2f", "x")
-        result = "n/a" if goal["met"] is None else "met" if goal["met"] else "missed"
-        lines.append(f"| {goal['target']} | {goal['ratio']} = {value} | {result} |")
-    lines += ["", *[f"- {note}" for note in results["notes"]]]
-    return "\n".join(lines)
-
-
-def notes(results: dict, args) -> list[str]:
-    setup = results["setup"]
-    out = [f"torch {setup['torch']}, {setup['device_name']}, {setup['cpus']} CPU cores, load average "
-           f"{setup['load_average']} at start; wall time {results['wall_s']:.0f} s.",
-           f"Step: forward + backward + clip_grad_norm_ + AdamW (train_gsm8k.py's step) on one batch of random token "
-           f"ids, median of {args.steps} steps after {WARMUP_STEPS} warm-up steps"
-           + (", CUDA-synchronized" if args.device.type == "cuda" else "")
-           + ("; bf16 weights run under bf16 autocast." if args.dtype == torch.bfloat16 else "."),
-           "frozen: every weight frozen, the embedding output requires grad: forward + activation gradients of every "
-           "layer, no optimizer: the floor of any adapter. Adapter factors come from randomized SVDs here (their "
-           "values do not change the step time).",
-           f"Epoch = ceil({GSM8K_TRAIN_EXAMPLES} / {args.batch}) x the lorasb step = "
-           f"{fmt(results['epoch_s'], '.1f')} s (every example {args.seq} tokens, batch {args.batch}); the SVD times "
-           f"are one lorasb_factors call per distinct target shape ({results['init']['target_shapes']}) times the "
-           f"number of targets of that shape.",
-           "MFU = FLOPs per token x tokens/s / peak: 6N for full, 4N for adapters and the floor (forward 2N + "
-           "activation gradients 2N), N = the nn.Linear weights incl. lm_head; "
-           + ("peak " + fmt(peak_flops(args), '.3g') + " FLOP/s (bf16 dense)." if peak_flops(args)
-              else "n/a on CPU, in fp32, or on a GPU missing from PEAK_BF16_FLOPS.")]
-    if args.device.type == "cuda":
-        out.append("Peak memory: torch.cuda.max_memory_allocated, reset after each model is built.")
-    elif all(row.get("peak_memory_per_method", True) for row in results["training"].values()):
-        out.append(f"Peak memory: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after each model "
-                   f"is built), so it includes {setup['baseline_rss_bytes'] / 2**20:,.0f} MiB of Python and torch "
-                   f"measured before any model (the PEFT row also holds the imported transformers and peft).")
-    else:
-        out.append("Peak memory: the peak RSS since the process started (VmHWM or ru_maxrss; /proc/self/clear_refs "
-                   "could not reset it): the largest figure so far, not per method.")
-    if args.dtype == torch.bfloat16:
-        out.append("full keeps bf16 weights, gradients and AdamW states, as train_gsm8k.py --dtype bfloat16 does.")
-    if isinstance(results["hf"], str):
-        out.append(f"transformers + PEFT comparison {results['hf']}.")
-    else:
-        out.append(f"transformers: the same {'config, random weights' if args.config else 'checkpoint'}, "
-                   f"attn_implementation='sdpa', {setup['dtype']}; PEFT LoRA on the same seven targets, same step.")
-    return out
-
-
-def guarded(fn, *fn_args):
-    """fn's result, or {"error": ...} when the device runs out of memory (the other rows still get measured)."""
-    try:
-        return fn(*fn_args)
-    except torch.OutOfMemoryError:
-        release_memory()
-        return {"error": "out of memory"}
+             f"{args.seq} tokens", ""]
+    if "training" in results:
+        gauge = results["training"]["gauge"]
+        lines += [f"**Noise gauge: lorasb / loraxs step = {fmt(gauge, spec='.3f')}** (the two do the same work: the "
+                  f"distance from 1.00 is this run's noise)" if gauge else
+                  "**Noise gauge: n/a** (lorasb or loraxs failed)", ""]
+    lines += [*machine_lines(results), ""]
+    sections = {"training": training_table, "memory": training_table, "init": init_table,
+                "generation": generation_table, "tokenizers": tokenizer_table}
+    done = set()
+    for key, table in sections.items():
+        if key in results and table not in done:
+            lines += [*table(results, args), ""]
+            done.add(table)
+    return "\n".join(lines + [f"- {note}" for note in notes(results, args)])
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return run_bench(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_bench(args) -> dict:
     config = model_lib.ModelConfig.from_hf(hf_config(args))
     limit = min(min(m.weight.shape) for m in lorasb.find_targets(model_lib.build_model(config)).values())
     if max(args.rank, LORA_RANK) > limit:
         raise ValueError(f"the smallest target layer of this model allows rank <= {limit}: lower --rank "
                          f"(LoRA uses r={LORA_RANK}, so this model is too small for the comparison)")
+    machine = Machine()
     start = time.perf_counter()
     results = {"setup": {
         "model": f"--config {args.config} (random weights)" if args.config else str(args.model),
         "device_name": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else
         f"CPU ({platform.processor() or platform.machine()})",
-        "dtype": str(args.dtype).removeprefix("torch."), "batch": args.batch, "seq": args.seq, "steps": args.steps,
-        "rank": args.rank, "torch": torch.__version__, "cpus": os.cpu_count(),
-        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "dtype": str(args.dtype).removeprefix("torch."), "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
+        "warmup": args.warmup, "gen_rounds": args.gen_rounds, "init_rounds": args.init_rounds, "rank": args.rank,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
         "baseline_rss_bytes": proc_status_bytes("VmRSS")}}
 
     def log(what):
         print(f"bench: {what} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
-    log("initialization")
-    results["init"] = bench_init(args)
-    results["training"] = {}
-    for method in METHODS:
-        log(f"training step: {method}")
-        results["training"][method] = guarded(bench_training, args, method)
-    lorasb_step = results["training"]["lorasb"].get("step_s")
-    results["epoch_s"] = math.ceil(GSM8K_TRAIN_EXAMPLES / args.batch) * lorasb_step if lorasb_step else None
-    log("generation")
-    results["generation"] = bench_generation(args)
-    log("transformers + PEFT")
-    results["hf"] = guarded(bench_hf, args)
-    if "error" in results["hf"]:
-        results["hf"] = f"failed: {results['hf']['error']}"
-    log("tokenizers")
-    results["tokenizers"] = bench_tokenizers(args)
+    results["epoch_s"] = None
+    if "init" in args.phases:
+        with machine.phase("initialization"):
+            results["init"] = bench_init(args, machine, log)
+        release_memory()
+    if "memory" in args.phases:
+        results["memory"] = {}
+        with machine.phase("memory"):
+            for method in training_methods():
+                log(f"peak memory: {method}")
+                try:
+                    results["memory"][method] = bench_memory(args, method)
+                except torch.OutOfMemoryError:
+                    release_memory()
+                    results["memory"][method] = {"error": "out of memory"}
+    if "training" in args.phases:
+        with machine.phase("training rounds"):
+            results["training"] = bench_training(args, machine, lambda what: log(f"training: {what}"))
+        log(f"noise gauge lorasb / loraxs = {fmt(results['training']['gauge'], spec='.3f')}")
+        lorasb_step = results["training"]["rows"]["lorasb"].get("step_s")
+        if lorasb_step:
+            results["epoch_s"] = math.ceil(GSM8K_TRAIN_EXAMPLES / args.batch) * lorasb_step["median"]
+    if "generation" in args.phases:
+        with machine.phase("generation"):
+            results["generation"] = bench_generation(args, machine, lambda what: log(f"generation: {what}"))
+        release_memory()
+    if "tokenizers" in args.phases:
+        with machine.phase("tokenizers"):
+            log("tokenizers")
+            results["tokenizers"] = bench_tokenizers(args, machine)
     results["wall_s"] = time.perf_counter() - start
-    results["notes"] = notes(results, args)
-    results["targets"] = targets(results)
+    results["machine"] = machine.finish()
+    for warning in results["machine"]["warnings"]:
+        log(f"WARNING: {warning}")
     print(report(results, args), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

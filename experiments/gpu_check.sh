@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check: bench.py on random-weight models of the Qwen2.5-0.5B and Mistral-7B shapes (no download, no
-# network), bf16, in under 10 minutes on one H100/H200-class GPU. Writes each table (markdown), its figures (JSON)
-# and its log to $OUT (default ./gpu_results), and prints the tables.
+# The GPU check: bench.py (interleaved rounds, medians and IQRs, the lorasb / loraxs noise gauge, FLOP-adjusted
+# floors) on random-weight models of the Qwen2.5-0.5B and Mistral-7B shapes (no download, no network), bf16, then the
+# compiled decode step (model.generate(compile_decode=True)) on the Qwen shapes: at most 12 minutes on one
+# H100/H200-class GPU (each run has its own timeout). Writes each table (markdown), its figures (JSON) and its log to
+# $OUT (default ./gpu_results), and prints the tables.
 #
 #     bash experiments/gpu_check.sh
 #
-# Mistral-7B full fine-tuning is measured with bf16 weights, gradients and AdamW states, 8 bytes per parameter
-# (~58 GB) plus activations, to fit in ~139 GB; train_gsm8k.py keeps trained weights in fp32 (16 bytes per
-# parameter), so its 7B full fine-tuning needs more than one GPU. Should it still run out of memory, its row says so and the other rows are measured.
+# During the timed rounds every method's model is alive at once: on Mistral-7B one shared set of bf16 weights for the
+# adapters and frozen (~14.5 GB), full fine-tuning's own bf16 weights, gradients and AdamW states (8 bytes per
+# parameter, ~58 GB), and transformers + PEFT's model (~14.5 GB), plus one step's activations: ~110 GB of ~139 GB.
+# train_gsm8k.py keeps fully trained weights in fp32 (16 bytes per parameter), so its 7B full fine-tuning needs more
+# than one GPU. A method that still runs out of memory gets "out of memory" in its row; the others are measured.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_results}"
@@ -36,6 +40,10 @@ run() {  # run NAME TIMEOUT_S BENCH_ARGS...
     fi
 }
 
-run qwen2.5-0.5b 240 --config qwen2.5-0.5b --batch 8 --seq 512 --steps 10
-run mistral-7b 330 --config mistral-7b --batch 4 --seq 512 --steps 5
+# Every phase, the GPU defaults (30 rounds, 5 generation rounds, 3 initialization rounds) on the small model; fewer on
+# the 7B, whose exact SVDs take longest. The compiled decode step compiles twice (batch 1, then any batch size): it
+# runs last, generation only, so that a slow compile cannot cost the other figures.
+run qwen2.5-0.5b 180 --config qwen2.5-0.5b --batch 8 --seq 512
+run mistral-7b 360 --config mistral-7b --batch 4 --seq 512 --rounds 20 --gen_rounds 3 --init_rounds 2
+run qwen2.5-0.5b-compiled-decode 180 --config qwen2.5-0.5b --phases generation --gen_rounds 5 --compile_decode
 exit "$status"

@@ -1,0 +1,87 @@
+"""LowRankLinear's hand-written forward and backward (_LowRankLinearFunction) equal plain autograd through the three
+thin matmuls, for every combination of what trains, in fp64, under bf16 autocast and under torch.compile."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lorasb
+
+
+def reference(layer: lorasb.LowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    """base(x) + s ((x A^T) R^T) B^T by autograd, with the same casts to x's dtype."""
+    h = F.linear(x, layer.A.to(x.dtype))
+    if layer.R is not None:
+        h = F.linear(h, layer.R.to(x.dtype))
+    return layer.base(x) + layer.scale * F.linear(h, layer.B.to(x.dtype))
+
+
+def make_layer(method: str, bias: bool, train_base: bool, dtype=torch.float64) -> lorasb.LowRankLinear:
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=bias).requires_grad_(train_base)
+    b, a = torch.randn(10, 4), torch.randn(4, 12)
+    r = torch.randn(4, 4) if method == "lorasb" else None
+    return lorasb.LowRankLinear(base, b, a, r, scale=1.0 if method == "lorasb" else 2.5).to(dtype)
+
+
+def trained(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in layer.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["lorasb", "lora"])
+@pytest.mark.parametrize("bias, train_base, x_grad", [(False, False, True), (True, True, True), (True, False, False)])
+def test_forward_and_gradients_equal_autograd(method, bias, train_base, x_grad):
+    layer = make_layer(method, bias, train_base)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=x_grad)
+    dy = torch.randn(3, 5, 10, dtype=torch.float64)
+    params = trained(layer)
+    inputs = [*params.values(), *([x] if x_grad else [])]
+    expected_y = reference(layer, x)
+    expected = torch.autograd.grad(expected_y, inputs, dy)
+    y = layer(x)
+    torch.testing.assert_close(y, expected_y)
+    for name, got, want in zip([*params, "x"], torch.autograd.grad(y, inputs, dy), expected):
+        torch.testing.assert_close(got, want, msg=name)
+    assert layer.B.dtype == layer.A.dtype == torch.float64  # the stored factors are untouched
+
+
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients():
+    layer = make_layer("lorasb", bias=True, train_base=False, dtype=torch.float32)
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = reference(layer, x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert layer.R.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_compiles_without_graph_breaks():
+    layer = make_layer("lorasb", bias=True, train_base=False, dtype=torch.float32)
+    x = torch.randn(2, 3, 12)
+    expected = layer(x)
+    try:
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected)
+        compiled(x).sum().backward()
+        assert layer.R.grad is not None
+    finally:
+        torch._dynamo.reset()
+
+
+def test_frozen_factors_are_cast_once_and_follow_changes():
+    layer = make_layer("lorasb", bias=False, train_base=False, dtype=torch.float32)
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        b16, a16 = layer._frozen_factors(torch.bfloat16)
+        assert b16.dtype == torch.bfloat16 and layer._frozen_factors(torch.bfloat16)[0] is b16  # kept
+        with torch.no_grad():
+            layer.B.mul_(2)  # an in-place change (load_adapter copies into B): cast again
+        torch.testing.assert_close(layer._frozen_factors(torch.bfloat16)[0], (2 * b16.float()).bfloat16())
+        layer.double().float()  # moving the module drops the copies
+        assert layer._cast_cache is None
+    assert "_cast_cache" not in str(layer.state_dict().keys())
+    assert layer._frozen_factors(torch.float32)[0] is layer.B  # no copy when the dtype is B's own
