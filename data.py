@@ -376,9 +376,9 @@ def is_equiv(prediction: str, reference: str, authors_fallback: bool = False) ->
 
     When strip_string raises (two units, a "\\sqrt" or "\\frac" with nothing after it, a ratio like "x/4"), theirs
     evaluates math_equal(prediction, prediction): the prediction against itself, true for any non-empty prediction, so
-    every such answer counts as correct and MATH scores are inflated (../shared/docs/method.md, section 8). Here the
-    raw answers are compared instead (math_equal(prediction, reference), what the line evidently meant; Hendrycks'
-    original compared the strings); authors_fallback=True reproduces theirs, to measure what it changes."""
+    every such answer counts as correct and MATH scores are inflated. Here the raw answers are compared instead
+    (math_equal(prediction, reference), what the line evidently meant; Hendrycks' original compared the strings);
+    authors_fallback=True reproduces theirs, to measure what it changes."""
     try:
         normalized_prediction, normalized_reference = strip_string(prediction), strip_string(reference)
     except ValueError:

@@ -9,7 +9,7 @@ with W0, b, B and A frozen and R the only trainable tensor (r^2 parameters per l
 LoRA-SB sets s = 1 and initializes from dW, an estimate of the first full fine-tuning step:
 
     G  = sum of the gradients of the loss over a few samples      (estimate_first_update)
-    dW = -lr_1 * sign(G)                                             (adamw_first_step: Adam's first step is a sign step)
+    dW = -lr_1 * sign(G)                                             (adamw_first_step: Adam's first step is sign(G))
     dW ~= U_r S_r V_r^T                                              (truncated_svd, fp32)
     B = U_r,  R = S_r,  A = V_r^T                                    (lorasb_factors)
 
@@ -596,7 +596,7 @@ def _check_tensor_info(name: str, info: Any) -> str | None:
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         return f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
     numel = 1
-    for d in shape:  # left to right, as the reference checks it: [0, 2**62, 2**62] is empty, [2**62, 2**62, 0] overflows
+    for d in shape:  # left to right, as the reference checks: [0, 2**62, 2**62] is empty, [2**62, 2**62, 0] overflows
         numel *= d
         if numel > MAX_NUMEL:
             return f"tensor {name!r} has shape {shape}, whose element count overflows"
@@ -609,8 +609,8 @@ def _check_tensor_info(name: str, info: Any) -> str | None:
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file: ({name: tensor}, metadata). The tensors are CPU views of a private memory map of the file
-    (pages are read when touched), so loading a model tensor by tensor keeps memory near one model.
+    """Read a safetensors file: ({name: tensor}, metadata). The tensors are CPU views of a private memory map of the
+    file (pages are read when touched), so loading a model tensor by tensor keeps memory near one model.
 
     Every malformed file raises ValueError naming the file and the problem. It accepts what the reference library
     accepts (whitespace around the header, "__metadata__": null, extra keys in a tensor entry), except duplicate tensor
@@ -717,7 +717,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         try:
             module = existing[name] if name in existing else model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path}: module {name} is not in the model (is this adapter for another model?)") from None
+            raise ValueError(f"{path}: module {name} is not in the model (is this adapter for another model?)"
+                             ) from None
         linear = module.base if isinstance(module, LowRankLinear) else module
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{path}: module {name} is a {type(linear).__name__}, not an nn.Linear")
@@ -764,4 +765,5 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | 
               "inference_mode": True}
     os.makedirs(out_dir, exist_ok=True)
     save_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
-    atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda f: f.write(json.dumps(config, indent=2, allow_nan=False).encode()))
+    atomic_write(os.path.join(out_dir, "adapter_config.json"),
+                 lambda f: f.write(json.dumps(config, indent=2, allow_nan=False).encode()))

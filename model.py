@@ -36,7 +36,7 @@ from tqdm import tqdm
 from lorasb import atomic_write, load_safetensors
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Config: read from the checkpoint's config.json (b2 of the engineering notes), with a short list of supported types.
+# Config: read from the checkpoint's config.json, with a short list of supported model types.
 # ---------------------------------------------------------------------------------------------------------------------
 
 SUPPORTED_MODEL_TYPES = {"llama": "Llama 2, Llama 3.x, SmolLM/SmolLM2", "mistral": "Mistral-7B", "qwen2": "Qwen2/2.5"}
@@ -380,7 +380,8 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     for row, prompt in enumerate(prompts):
         input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, T - len(prompt):] = True
-    # Under torch.autocast (fp32 weights that train, computing in bf16) k and v come in the autocast dtype, not the weights'
+    # Under torch.autocast (fp32 weights that train, computing in bf16) k and v come in the autocast dtype, not in the
+    # weights'
     device_type = weight.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     cache = KVCache(model.config, B, T + max_new_tokens, dtype, weight.device)

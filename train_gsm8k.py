@@ -166,7 +166,8 @@ def check_args(args, ddp_world_size: int) -> list[str]:
                         "comma-separated")
     if args.micro_batch_size >= 1 and args.batch_size % (args.micro_batch_size * ddp_world_size):
         problems.append(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                        f"{args.micro_batch_size} x {ddp_world_size} GPU(s): gradient accumulation needs a whole number")
+                        f"{args.micro_batch_size} x {ddp_world_size} GPU(s): gradient accumulation needs a whole "
+                        "number")
     if args.adapter and not args.eval_only:
         problems.append("--adapter is for --eval_only (training writes its own adapter)")
     if args.adapter and not Path(args.adapter).is_file():
@@ -562,7 +563,8 @@ def rng_states(device: torch.device) -> dict:
     """Every RNG the run could draw from (on CUDA, this process's device only), in types torch.load(weights_only=True)
     accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    return {"python": random.getstate(), "numpy": numpy_state,
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
@@ -925,7 +927,8 @@ def generate_answers(model, tokenizer: data.Tokenizer, questions: list[dict], eo
 def held_out_loss(model, tokenizer: data.Tokenizer, questions: list[dict], args, env: Setup) -> float:
     """Mean next-token loss per response token of the reference solutions, in the training format (teacher forcing):
     a smoother measure than accuracy for comparing methods on the same budget."""
-    pairs = [(data.TRAIN_PROMPT.format(instruction=questions[i]["question"]), data.gsm8k_response(questions[i]["answer"]))
+    pairs = [(data.TRAIN_PROMPT.format(instruction=questions[i]["question"]),
+              data.gsm8k_response(questions[i]["answer"]))
              for i in env.my_share(len(questions))]
     examples, _ = data.tokenize_dataset(tokenizer, pairs, args.max_length)
     sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss * tokens, tokens)

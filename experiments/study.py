@@ -120,8 +120,8 @@ class Results:
             existing = json.loads(path.read_text())
             if existing.get("settings") != settings:
                 changed = sorted(k for k in settings if existing.get("settings", {}).get(k) != settings[k])
-                raise SystemExit(f"{path} holds a study with other settings ({', '.join(changed)}): pass another --out, "
-                                 f"or delete the file to start over")
+                raise SystemExit(f"{path} holds a study with other settings ({', '.join(changed)}): pass another "
+                                 f"--out, or delete the file to start over")
             self.data = existing
 
     def part(self, name: str, compute):
@@ -551,9 +551,10 @@ def claim3_rows(results: Results, chosen: dict, b: Budget) -> list[str]:
     best = {m: results.get(f"claim3/{run_name(m, ranks[m], c['best_lr'])}") for m, c in chosen.items()}
     level = max(min(smoothed(r["losses"])) for r in best.values())  # a level every method reaches
     base = results.get("claim3/eval/base")
-    lines = [f"Claim 3: {b.steps} steps of {b.batch_size} examples, lr grid per method chosen on {b.validation_examples} "
-             f"validation examples; test loss on {b.test_solutions} GSM8K test solutions, greedy accuracy on the first "
-             f"{b.accuracy_questions} questions [95% Wilson interval]; 'steps to {level:.3f}' = first step whose "
+    lines = [f"Claim 3: {b.steps} steps of {b.batch_size} examples, lr grid per method chosen on "
+             f"{b.validation_examples} validation examples; test loss on {b.test_solutions} GSM8K test solutions, "
+             f"greedy accuracy on the first {b.accuracy_questions} questions [95% Wilson interval]; "
+             f"'steps to {level:.3f}' = first step whose "
              f"5-step mean training loss reaches the level every method reaches.", "",
              "| method | trainable | lr | validation loss | final train loss | steps to level | test loss | accuracy |",
              "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -654,9 +655,9 @@ def plot(results: Results, chosen: dict, b: Budget, out: Path) -> None:
     samples = sorted({*b.init_samples, b.num_init_samples})
     rho = [results.get(f"claim4/samples-{n}")["probes"]["0"]["all"]["own"] for n in samples]
     c1 = results.get("claim1/at_init")["rho"]["all"]
-    svg.line_plot(out / "rho_vs_init_samples.svg", [{"label": "LoRA-SB init", "x": samples, "y": rho},
-                                                    {"label": "LoRA-XS", "x": samples, "y": [c1["loraxs"]] * len(samples),
-                                                     "dashed": True}],
+    svg.line_plot(out / "rho_vs_init_samples.svg",
+                  [{"label": "LoRA-SB init", "x": samples, "y": rho},
+                   {"label": "LoRA-XS", "x": samples, "y": [c1["loraxs"]] * len(samples), "dashed": True}],
                   f"rho at W0 against the number of init samples (rank {b.rank})", "init samples", "rho", logx=True,
                   logy=True, hline=(c1["ceiling"], "ceiling"))
     jump = results.get("claim4/lr_1")

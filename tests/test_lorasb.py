@@ -638,7 +638,8 @@ def test_the_readme_snippet_runs_on_a_tiny_hugging_face_model(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     namespace = {"model": model, "batches": batches}
     exec(compile(snippet, "README.md", "exec"), namespace)
-    assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "peft_adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter.safetensors").is_file()
+    assert (tmp_path / "peft_adapter" / "adapter_config.json").is_file()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 7 * 16 * 16
     for name, adapter in lorasb.adapters(model).items():  # trained, W0 untouched, unmerged after the block
         assert torch.equal(adapter.base.weight, before.get_submodule(name).weight)

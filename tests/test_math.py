@@ -1,5 +1,6 @@
 """Tests of data.py's MATH protocol (the authors' MATH_eval.py, utils.py and grader.py): the reference and predicted
-answers, strip_string rule by rule, is_equiv and the authors' fallback, scoring, and reading MetaMath's MATH test file."""
+answers, strip_string rule by rule, is_equiv and the authors' fallback, scoring, and reading MetaMath's MATH test
+file."""
 
 import json
 import sys
