@@ -642,14 +642,14 @@ def plot(results: Results, chosen: dict, b: Budget, out: Path) -> None:
     svg.line_plot(out / "loss_curves.svg", curves, "Training loss at each method's best lr (5-step mean)",
                   "optimizer step", "training loss")
     series = []
-    for method, rank, label in (("lorasb", b.rank, "LoRA-SB run, its subspace"),
-                                ("loraxs", b.rank, "LoRA-XS run, its subspace"),
-                                ("full", None, "full FT run, LoRA-SB's step-0 subspace")):
+    for color, (method, rank, label) in zip(svg.COLORS, (("lorasb", b.rank, "LoRA-SB run, its subspace"),
+                                                         ("loraxs", b.rank, "LoRA-XS run, its subspace"),
+                                                         ("full", None, "full FT run, LoRA-SB's step-0 subspace"))):
         probes = results.get(f"claim3/{run_name(method, rank, PAPER_LR)}")["probes"]
         steps = [int(s) for s in probes]
-        series.append({"label": label, "x": steps, "y": [p["all"]["own"] for p in probes.values()]})
-        series.append({"label": f"ceiling ({method})", "x": steps, "y": [p["all"]["ceiling"] for p in probes.values()],
-                       "dashed": True})
+        series.append({"label": label, "x": steps, "y": [p["all"]["own"] for p in probes.values()], "color": color})
+        series.append({"label": f"ceiling, {METHOD_NAMES[method]} run", "x": steps, "color": color, "dashed": True,
+                       "y": [p["all"]["ceiling"] for p in probes.values()]})
     svg.line_plot(out / "rho_over_training.svg", series, f"Captured gradient share rho (rank {b.rank}, lr "
                   f"{PAPER_LR:g})", "optimizer step", "rho", logy=True)
     samples = sorted({*b.init_samples, b.num_init_samples})

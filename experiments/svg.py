@@ -9,8 +9,9 @@ from html import escape
 from pathlib import Path
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
-WIDTH, HEIGHT = 720, 420
-LEFT, RIGHT, TOP, BOTTOM = 70, 190, 40, 50  # margins around the plot area; the legend sits in the right one
+PLOT_WIDTH, PLOT_HEIGHT = 460, 330
+LEFT, TOP, BOTTOM = 70, 40, 50  # margins around the plot area; the legend sits in a right margin sized to its labels
+LEGEND_CHAR_WIDTH = 7  # pixels per character at font-size 12, a little more than sans-serif needs on average
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -39,8 +40,8 @@ def tick_label(value: float) -> str:
 
 def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, logx: bool = False,
               logy: bool = False, hline: tuple[float, str] | None = None) -> None:
-    """Write an SVG line plot. Each series is {"label", "x", "y"} and optionally "dashed": True; points whose y is
-    None are skipped. `hline` = (y, label) draws a grey reference line."""
+    """Write an SVG line plot. Each series is {"label", "x", "y"} and optionally "dashed": True and "color" (else
+    the next of COLORS); points whose y is None are skipped. `hline` = (y, label) draws a grey reference line."""
     points = [(x, y) for s in series for x, y in zip(s["x"], s["y"]) if y is not None]
     ys = [y for _, y in points] + ([hline[0]] if hline else [])
     xs = [x for x, _ in points]
@@ -49,7 +50,9 @@ def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, lo
     fx = math.log10 if logx else float
     fy = math.log10 if logy else float
     x0, x1, y0, y1 = fx(xticks[0]), fx(xticks[-1]), fy(yticks[0]), fy(yticks[-1])
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    plot_w, plot_h = PLOT_WIDTH, PLOT_HEIGHT
+    width = LEFT + plot_w + 60 + LEGEND_CHAR_WIDTH * max(len(s["label"]) for s in series)
+    height = TOP + plot_h + BOTTOM
 
     def px(x: float) -> float:
         return LEFT + (fx(x) - x0) / ((x1 - x0) or 1) * plot_w
@@ -57,10 +60,10 @@ def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, lo
     def py(y: float) -> float:
         return TOP + plot_h - (fy(y) - y0) / ((y1 - y0) or 1) * plot_h
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-           f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
-           f'<text x="{WIDTH / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{LEFT + plot_w / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
     for x in xticks:
         out.append(f'<line x1="{px(x):.1f}" y1="{TOP}" x2="{px(x):.1f}" y2="{TOP + plot_h}" stroke="#eee"/>')
         out.append(f'<text x="{px(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{tick_label(x)}</text>')
@@ -68,16 +71,16 @@ def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, lo
         out.append(f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')
     out.append(f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
-    out.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 12}" text-anchor="middle">{escape(xlabel)}</text>')
+    out.append(f'<text x="{LEFT + plot_w / 2}" y="{height - 12}" text-anchor="middle">{escape(xlabel)}</text>')
     out.append(f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
                f'transform="rotate(-90 16 {TOP + plot_h / 2})">{escape(ylabel)}</text>')
     if hline:
         out.append(f'<line x1="{LEFT}" y1="{py(hline[0]):.1f}" x2="{LEFT + plot_w}" y2="{py(hline[0]):.1f}" '
                    f'stroke="#888" stroke-dasharray="2,3"/>')
-        out.append(f'<text x="{LEFT + plot_w - 4}" y="{py(hline[0]) - 4:.1f}" text-anchor="end" fill="#666">'
+        out.append(f'<text x="{LEFT + plot_w - 4}" y="{py(hline[0]) + 14:.1f}" text-anchor="end" fill="#666">'
                    f'{escape(hline[1])}</text>')
     for i, s in enumerate(series):
-        color = COLORS[i % len(COLORS)]
+        color = s.get("color", COLORS[i % len(COLORS)])
         pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y is not None]
         dash = ' stroke-dasharray="6,4"' if s.get("dashed") else ""
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="'
