@@ -202,9 +202,16 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, input_pos, k)
             v_cache.index_copy_(2, input_pos, v)
             k, v = k_cache, v_cache
-        if self.groups > 1:  # repeat k/v per head group: SDPA's enable_gqa sends masked attention to the math kernel
-            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if self.groups > 1 and mask is not None:
+            # with an explicit mask (the KV-cache path), fold each group's query heads into rows of one KV head:
+            # (B, H, T, d) -> (B, KV, G*T, d), so the cache is read as it is, not copied G times at every step
+            y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], self.groups * T, -1), k, v,
+                                               attn_mask=mask.repeat(1, 1, self.groups, 1))
+            y = y.view(B, -1, T, self.head_dim)
+        else:
+            if self.groups > 1:  # SDPA's own enable_gqa would send the masked decode path to the math kernel
+                k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
