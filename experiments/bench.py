@@ -49,7 +49,7 @@ import data
 import lorasb
 import model as model_lib
 from data import Tokenizer
-from train_gsm8k import causal_lm_loss, learning_rate
+from train_gsm8k import causal_lm_loss, learning_rate, make_optimizer
 
 DEFAULT_MODEL = os.environ.get("LORASB_SMOLLM2_DIR",
                                str(Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
@@ -472,7 +472,7 @@ def trainer(args, method: str, base: model_lib.Transformer | None = None) -> dic
         forward = model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=args.device.type == "cuda") if params else None
+    optimizer = make_optimizer(model, argparse.Namespace(lr=1e-4, weight_decay=0.0), args.device) if params else None
     batch = random_batch(model.config.vocab_size, args.batch, args.seq, args.device)
     autocast = autocast_for(args)
 
