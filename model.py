@@ -203,16 +203,17 @@ class Attention(nn.Module):
             v_cache.index_copy_(2, input_pos, v)
             k, v = k_cache, v_cache
         if self.groups > 1 and mask is not None:
-            # with an explicit mask (the KV-cache path), fold each group's query heads into rows of one KV head:
-            # (B, H, T, d) -> (B, KV, G*T, d), so the cache is read as it is, not copied G times at every step
+            # mask is (B, 1, T, S), as attention_mask_4d builds it. Fold each group's query heads into rows of their
+            # KV head, (B, H, T, d) -> (B, KV, G*T, d), so that k and v (the whole cache, when decoding) are read as
+            # they are instead of copied G times; query head h = kv * G + g, as repeat_interleave pairs them.
             y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], self.groups * T, -1), k, v,
                                                attn_mask=mask.repeat(1, 1, self.groups, 1))
-            y = y.view(B, -1, T, self.head_dim)
+            y = y.unflatten(2, (self.groups, T)).permute(0, 3, 1, 2, 4)  # (B, T, KV, G, d), whatever SDPA's layout
         else:
-            if self.groups > 1:  # SDPA's own enable_gqa would send the masked decode path to the math kernel
+            if self.groups > 1:  # SDPA's own enable_gqa would send masked attention to the math kernel
                 k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -204,6 +204,24 @@ def test_padded_batch_equals_unpadded(tiny):
                 torch.testing.assert_close(logits[i, span], alone[i], rtol=1e-5, atol=1e-5)
 
 
+def test_attention_does_not_depend_on_the_memory_layout_sdpa_returns(tiny, monkeypatch):
+    """CUDA's memory-efficient kernel returns its output as a transposed (B, T, H, d) buffer, not a contiguous
+    (B, H, T, d) one: the grouped-query paths (folded with a mask, repeated without) must read it either way."""
+    _, model = tiny
+    assert model.model.layers[0].self_attn.groups > 1
+    ids = torch.tensor([PROMPTS[0], PROMPTS[2][:len(PROMPTS[0])]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        expected = [model(ids, mask), model(ids), M.generate(model, PROMPTS, 8, eos_ids=[], pad_id=0, batch_size=2)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(model(ids), expected[1], rtol=0, atol=0)
+        assert M.generate(model, PROMPTS, 8, eos_ids=[], pad_id=0, batch_size=2) == expected[2]
+
+
 @pytest.mark.parametrize("variant", ["llama_tied", "llama3_rope", "mistral", "qwen2"])
 def test_greedy_generation_matches_transformers(checkpoints, variant):
     folder, hf = checkpoints[variant]
