@@ -45,6 +45,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LAYER_TYPES = lorasb.DEFAULT_TARGETS
 PAPER_LR = 1e-4
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "loraxs": "LoRA-XS", "lorasb": "LoRA-SB"}
+METHOD_COLORS = dict(zip(METHOD_NAMES, svg.COLORS))  # one colour per method in every plot
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -638,13 +639,15 @@ def plot(results: Results, chosen: dict, b: Budget, out: Path) -> None:
         run = results.get(f"claim3/{run_name(method, ranks[method], choice['best_lr'])}")
         if run["losses"][-1] is not None:
             curves.append({"label": f"{METHOD_NAMES[method]} (lr {choice['best_lr']:g})",
-                           "x": list(range(1, len(run["losses"]) + 1)), "y": smoothed(run["losses"])})
+                           "x": list(range(1, len(run["losses"]) + 1)), "y": smoothed(run["losses"]),
+                           "color": METHOD_COLORS[method]})
     svg.line_plot(out / "loss_curves.svg", curves, "Training loss at each method's best lr (5-step mean)",
                   "optimizer step", "training loss")
     series = []
-    for color, (method, rank, label) in zip(svg.COLORS, (("lorasb", b.rank, "LoRA-SB run, its subspace"),
-                                                         ("loraxs", b.rank, "LoRA-XS run, its subspace"),
-                                                         ("full", None, "full FT run, LoRA-SB's step-0 subspace"))):
+    for method, rank, label in (("lorasb", b.rank, "LoRA-SB run, its subspace"),
+                                ("loraxs", b.rank, "LoRA-XS run, its subspace"),
+                                ("full", None, "full FT run, LoRA-SB's step-0 subspace")):
+        color = METHOD_COLORS[method]
         probes = results.get(f"claim3/{run_name(method, rank, PAPER_LR)}")["probes"]
         steps = [int(s) for s in probes]
         series.append({"label": label, "x": steps, "y": [p["all"]["own"] for p in probes.values()], "color": color})
@@ -656,8 +659,9 @@ def plot(results: Results, chosen: dict, b: Budget, out: Path) -> None:
     rho = [results.get(f"claim4/samples-{n}")["probes"]["0"]["all"]["own"] for n in samples]
     c1 = results.get("claim1/at_init")["rho"]["all"]
     svg.line_plot(out / "rho_vs_init_samples.svg",
-                  [{"label": "LoRA-SB init", "x": samples, "y": rho},
-                   {"label": "LoRA-XS", "x": samples, "y": [c1["loraxs"]] * len(samples), "dashed": True}],
+                  [{"label": "LoRA-SB init", "x": samples, "y": rho, "color": METHOD_COLORS["lorasb"]},
+                   {"label": "LoRA-XS", "x": samples, "y": [c1["loraxs"]] * len(samples), "dashed": True,
+                    "color": METHOD_COLORS["loraxs"]}],
                   f"rho at W0 against the number of init samples (rank {b.rank})", "init samples", "rho", logx=True,
                   logy=True, hline=(c1["ceiling"], "ceiling"))
     jump = results.get("claim4/lr_1")
