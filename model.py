@@ -351,14 +351,10 @@ def prefill(model: Transformer, input_ids, attention_mask, cache: KVCache) -> to
     return model(input_ids, attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
 
 
-def decode_one_token(model: Transformer, tokens, cache: KVCache, slot: int) -> torch.Tensor:
-    """Feed one token per row (B,) into cache slot `slot`; return each row's greedy next token (B,). The pad keys of
-    the prompts stay masked at every step, through the cache's mask."""
-    return decode_at(model, tokens, cache, torch.tensor([slot], device=tokens.device))
-
-
 def decode_at(model: Transformer, tokens, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
-    """decode_one_token with the slot as a tensor (1,): one compiled step then serves every slot without recompiling."""
+    """Feed one token per row (B,) into the cache slot input_pos (a tensor (1,), so that one compiled step serves
+    every slot without recompiling); return each row's greedy next token (B,). The pad keys of the prompts stay masked
+    at every step, through the cache's mask."""
     attention_mask = torch.ones_like(tokens[:, None], dtype=torch.bool)
     return model(tokens[:, None], attention_mask, cache, input_pos, last_only=True)[:, -1].argmax(-1)
 
@@ -388,8 +384,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     for row, prompt in enumerate(prompts):
         input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, T - len(prompt):] = True
-    # Under torch.autocast (fp32 weights that train, computing in bf16) k and v come in the autocast dtype, not in the
-    # weights'
+    # under torch.autocast (fp32 weights that train, computing in bf16) k and v come in autocast's dtype
     device_type = weight.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     cache = KVCache(model.config, B, T + max_new_tokens, dtype, weight.device)
