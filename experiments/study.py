@@ -289,7 +289,7 @@ def train_run(study: Study, method: str, rank: int | None, lr: float, steps: int
 def evaluate_saved(study: Study, name: str, method: str, accuracy: bool = True) -> dict:
     """Held-out loss on the first test_solutions GSM8K test solutions and, with `accuracy`, greedy accuracy on the
     first accuracy_questions (the authors' prompt, stop strings and scoring), for the trained weights of run `name`, or
-    for the base model when method is "base". Adapters are merged, as the trainer evaluates in fp32."""
+    for the base model when method is "base", prepared as the trainer evaluates (trainer.prepare_evaluation)."""
     b = study.budget
     args = study.trainer_args("lorasb" if method == "base" else method, b.rank, PAPER_LR, b.steps)
     env = trainer.setup(args)
@@ -298,19 +298,15 @@ def evaluate_saved(study: Study, name: str, method: str, accuracy: bool = True) 
         model.load_state_dict(lorasb.load_safetensors(study.cache / f"{name}.safetensors")[0])
     elif method != "base":
         lorasb.load_adapter(model, study.cache / f"{name}.safetensors")
-    model.eval()
-    if env.weights_dtype == torch.float32:
-        lorasb.merge_adapters(model)
+    trainer.prepare_evaluation(model, args, env)
     with torch.no_grad(), env.autocast():
         test_loss = trainer.held_out_loss(model, study.tokenizer, study.test[:b.test_solutions], args, env)
         if not accuracy:
             return {"test_loss": test_loss}
         rows = trainer.generate_answers(model, study.tokenizer, study.test[:b.accuracy_questions], study.eos_ids,
                                         args, env)
-    scored = data.score([r["completion"] for r in rows], [r["gold"] for r in rows])
-    return {"test_loss": test_loss, "accuracy": scored["accuracy"], "correct": scored["correct"],
-            "total": scored["total"], "invalid": scored["invalid"],
-            "accuracy_95ci": wilson_interval(scored["correct"], scored["total"])}
+    metrics, _ = trainer.score_gsm8k(rows)
+    return {"test_loss": test_loss, **metrics, "accuracy_95ci": wilson_interval(metrics["correct"], metrics["total"])}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
