@@ -388,6 +388,16 @@ def is_equiv(prediction: str, reference: str, authors_fallback: bool = False) ->
             or normalized_prediction == normalized_reference)
 
 
+def normalizes(*answers: str) -> bool:
+    """Whether strip_string accepts every answer (is_equiv's fallback, the authors' or ours, is then not taken)."""
+    try:
+        for answer in answers:
+            strip_string(answer)
+    except ValueError:
+        return False
+    return True
+
+
 def score_math(completions: list[str], references: list[str]) -> dict:
     """MATH accuracy of generated completions (already cut at the stop strings) against reference answers, scored
     correctly, with what the authors' is_equiv fallback would have given beside it.
@@ -400,7 +410,9 @@ def score_math(completions: list[str], references: list[str]) -> dict:
                          f"and {len(references)}")
     preds = [extract_math_answer(c) for c in completions]
     hits = [p is not None and is_equiv(p, r) for p, r in zip(preds, references)]
-    authors = [p is not None and is_equiv(p, r, authors_fallback=True) for p, r in zip(preds, references)]
+    # the fallback differs only where strip_string raises: elsewhere the verdict is hits', not compared a second time
+    authors = [h if p is None or normalizes(p, r) else is_equiv(p, r, authors_fallback=True)
+               for p, r, h in zip(preds, references, hits)]
     total = len(references)
     return {"accuracy": sum(hits) / total, "correct": sum(hits), "invalid": sum(p is None for p in preds),
             "total": total, "accuracy_authors_fallback": sum(authors) / total,
