@@ -1,5 +1,5 @@
-"""Tests of data.py: downloads against a loopback server, GSM8K / MetaMathQA loading, the authors' prompt format and
-label rule, resumable batching, and the authors' GSM8K scoring rules."""
+"""Tests of data.py: GSM8K / MetaMathQA / MATH file loading, the authors' prompt format and label rule, resumable
+batching, and the authors' GSM8K scoring rules."""
 
 import json
 import random
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import data
+from machinery.tokenizer import Tokenizer
 
-from conftest import GSM8K_DIR, SMOLLM2_DIR, needs_gsm8k, needs_smollm2
+from conftest import GSM8K_DIR, SMOLLM2_DIR, TINY_MATH, needs_gsm8k, needs_smollm2, write_tiny_math
 
 # the first GSM8K test problem, verbatim
 JANET_Q = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
@@ -46,7 +47,7 @@ class MergingTokenizer(ByteTokenizer):
 
 
 # -----------------------------------------------------------------------------
-# GSM8K and MetaMathQA
+# GSM8K, MetaMathQA and the MATH test file
 
 
 @needs_gsm8k
@@ -84,6 +85,30 @@ def test_load_metamathqa_takes_the_first_rows_in_order(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"query": "q"}]))
     with pytest.raises(ValueError, match=r"bad\.json\[1\].*'response'"):
         data.load_metamathqa(2, tmp_path / "bad.json")
+
+
+def test_load_math_reads_the_question_the_boxed_answer_subject_and_level(tmp_path):
+    problems = data.load_math(write_tiny_math(tmp_path / "MATH_test.jsonl"))
+    assert [p["question"] for p in problems] == [q for q, _, _, _ in TINY_MATH]
+    assert [p["answer"] for p in problems] == ["\\frac{1}{2}", "5", "\\frac{x}{3}", "3"]
+    assert problems[0]["subject"] == "Algebra" and problems[0]["level"] == "Level 1"
+    bare = tmp_path / "bare.jsonl"  # MetaMath's own file has no level
+    bare.write_text(json.dumps({"instruction": "q", "output": "\\boxed{1}"}) + "\n")
+    assert data.load_math(bare) == [{"question": "q", "answer": "1"}]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"bad.jsonl:2: not valid JSON"),
+    (json.dumps({"instruction": "q"}), r"bad.jsonl:2: missing string field 'output'"),
+    (json.dumps({"instruction": "q", "output": "so it is 5."}), r"bad.jsonl:2: .*no \\boxed\{\.\.\.\} answer"),
+])
+def test_load_math_names_the_file_and_line_of_a_bad_record(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"instruction": "q", "output": "\\boxed{1}"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        data.load_math(path)
+    with pytest.raises(FileNotFoundError, match="MATH_test.jsonl"):
+        data.load_math(tmp_path / "missing.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -156,7 +181,7 @@ def test_a_label_boundary_that_tokenizes_differently_is_reported():
 @needs_gsm8k
 @needs_smollm2
 def test_real_tokenizer_keeps_the_authors_boundary_exact():
-    tok = data.Tokenizer.from_dir(SMOLLM2_DIR)
+    tok = Tokenizer.from_dir(SMOLLM2_DIR)
     rows = data.load_gsm8k("train", GSM8K_DIR)[:200]
     pairs = [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
     with warnings.catch_warnings():
@@ -320,14 +345,14 @@ def test_is_correct_has_the_authors_percentage_leniency():
     assert data.is_correct(0, 0) and not data.is_correct(17, 18) and not data.is_correct(None, 18)
 
 
-def test_score_counts_correct_and_invalid():
+def test_score_gsm8k_counts_correct_and_invalid():
     completions = ["x\nThe answer is: 18", "The answer is: 1800", "The answer is 18", "The answer is: 3"]
-    result = data.score(completions, [18, 18, 18, 4])
+    result = data.score_gsm8k(completions, [18, 18, 18, 4])
     assert {k: result[k] for k in ("accuracy", "correct", "invalid", "total")} == \
         {"accuracy": 0.5, "correct": 2, "invalid": 1, "total": 4}
     assert result["extracted"] == [18, 1800, None, 3] and result["is_correct"] == [True, True, False, False]
     with pytest.raises(ValueError, match="as many"):
-        data.score(completions, [18])
+        data.score_gsm8k(completions, [18])
 
 
 def official_answer(text: str) -> str:

@@ -1,16 +1,13 @@
-"""Tests of data.py's MATH protocol (the authors' MATH_eval.py, utils.py and grader.py): the reference and predicted
-answers, strip_string rule by rule, is_equiv and the authors' fallback, scoring, and reading MetaMath's MATH test
-file."""
+"""Tests of machinery/math_grader.py (the authors' MATH_eval.py, utils.py and grader.py): the reference and predicted
+answers, strip_string rule by rule, is_equiv and the authors' fallback, and scoring."""
 
-import json
 import sys
 import time
 
 import pytest
 
-import data
-
-from conftest import TINY_MATH, write_tiny_math
+from machinery.math_grader import (extract_math_answer, is_equiv, last_boxed, reference_answer, score_math,
+                                    strip_string, symbolic_equal)
 
 
 # -----------------------------------------------------------------------------
@@ -19,13 +16,13 @@ from conftest import TINY_MATH, write_tiny_math
 
 def test_reference_answer_is_the_inside_of_the_last_boxed_with_nested_braces():
     solution = "First $\\boxed{1}$, then $\\boxed{\\frac{\\sqrt{2}}{2}}$ and $x^{2}$."
-    assert data.last_boxed(solution) == "\\boxed{\\frac{\\sqrt{2}}{2}}"
-    assert data.reference_answer(solution) == "\\frac{\\sqrt{2}}{2}"
-    assert data.reference_answer("so $\\boxed{\\{1, 2\\}}$") == "\\{1, 2\\}"
-    assert data.last_boxed("no box, $\\fbox{7}$") == "\\fbox{7}" and data.reference_answer("$\\fbox{7}$") is None
-    assert data.reference_answer("$\\boxed 5$.") is None  # no braces after \boxed
-    assert data.reference_answer("$\\boxed{\\frac{1}{2}$") is None  # the braces never close
-    assert data.reference_answer("no answer") is None
+    assert last_boxed(solution) == "\\boxed{\\frac{\\sqrt{2}}{2}}"
+    assert reference_answer(solution) == "\\frac{\\sqrt{2}}{2}"
+    assert reference_answer("so $\\boxed{\\{1, 2\\}}$") == "\\{1, 2\\}"
+    assert last_boxed("no box, $\\fbox{7}$") == "\\fbox{7}" and reference_answer("$\\fbox{7}$") is None
+    assert reference_answer("$\\boxed 5$.") is None  # no braces after \boxed
+    assert reference_answer("$\\boxed{\\frac{1}{2}$") is None  # the braces never close
+    assert reference_answer("no answer") is None
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -38,7 +35,7 @@ def test_reference_answer_is_the_inside_of_the_last_boxed_with_nested_braces():
     ("The answer is: ", ""),  # valid, but empty
 ])
 def test_extract_math_answer_follows_the_authors_rules(completion, expected):
-    assert data.extract_math_answer(completion) == expected
+    assert extract_math_answer(completion) == expected
 
 
 # -----------------------------------------------------------------------------
@@ -77,7 +74,7 @@ def test_extract_math_answer_follows_the_authors_rules(completion, expected):
     ("", ""),
 ])
 def test_strip_string_applies_each_rule(answer, expected):
-    assert data.strip_string(answer) == expected
+    assert strip_string(answer) == expected
 
 
 @pytest.mark.parametrize("answer", [
@@ -89,7 +86,7 @@ def test_strip_string_applies_each_rule(answer, expected):
 ])
 def test_strip_string_raises_where_theirs_raises(answer):
     with pytest.raises(ValueError):
-        data.strip_string(answer)
+        strip_string(answer)
 
 
 # -----------------------------------------------------------------------------
@@ -124,32 +121,32 @@ def test_strip_string_raises_where_theirs_raises(answer):
     ("2^3", "8", False),  # "^" is not read (their parse_expr made it XOR)
 ])
 def test_is_equiv_follows_strip_string_and_math_equal(prediction, reference, expected):
-    assert data.is_equiv(prediction, reference) is expected
+    assert is_equiv(prediction, reference) is expected
 
 
 def test_symbolic_comparison_never_runs_the_answer_as_code(monkeypatch):
     called = []
     monkeypatch.setattr(sys, "breakpointhook", lambda *a, **k: called.append(True))
-    assert not data.symbolic_equal("breakpoint()", "1") and not called  # no builtin is in scope
-    assert not data.symbolic_equal("x.evalf(1000000)", "x")  # no attribute access
+    assert not symbolic_equal("breakpoint()", "1") and not called  # no builtin is in scope
+    assert not symbolic_equal("x.evalf(1000000)", "x")  # no attribute access
     start = time.perf_counter()
-    assert not data.symbolic_equal("9**9**9**9", "1")  # no powers: this one would never finish
-    assert not data.symbolic_equal("1+" * 60 + "1", "61")  # longer than MATH_MAX_PLAIN_EXPRESSION
+    assert not symbolic_equal("9**9**9**9", "1")  # no powers: this one would never finish
+    assert not symbolic_equal("1+" * 60 + "1", "61")  # longer than MATH_MAX_PLAIN_EXPRESSION
     assert time.perf_counter() - start < 1
 
 
 def test_the_authors_fallback_counts_an_answer_that_fails_normalization_as_correct():
     # strip_string raises on "x/4", and theirs then compares the prediction with itself
-    assert not data.is_equiv("x/4", "7") and data.is_equiv("x/4", "7", authors_fallback=True)
-    assert not data.is_equiv("7", "y/2") and data.is_equiv("7", "y/2", authors_fallback=True)  # a reference too
-    assert data.is_equiv("x/4", "x/4") and data.is_equiv("x/4", "x/4", authors_fallback=True)  # equal strings
+    assert not is_equiv("x/4", "7") and is_equiv("x/4", "7", authors_fallback=True)
+    assert not is_equiv("7", "y/2") and is_equiv("7", "y/2", authors_fallback=True)  # a reference too
+    assert is_equiv("x/4", "x/4") and is_equiv("x/4", "x/4", authors_fallback=True)  # equal strings
     # when normalization succeeds the two agree
-    assert data.is_equiv("5", "5", authors_fallback=True) and not data.is_equiv("5", "6", authors_fallback=True)
+    assert is_equiv("5", "5", authors_fallback=True) and not is_equiv("5", "6", authors_fallback=True)
 
 
 def test_score_math_counts_invalid_answers_and_the_verdicts_the_fallback_flips():
     completions = ["It is half.\nThe answer is: 0.5", "The answer is: 5.\n", "The answer is: x/3", "I do not know."]
-    result = data.score_math(completions, ["\\frac{1}{2}", "5", "3", "3"])
+    result = score_math(completions, ["\\frac{1}{2}", "5", "3", "3"])
     assert {k: v for k, v in result.items() if not isinstance(v, list)} == {
         "accuracy": 0.5, "correct": 2, "invalid": 1, "total": 4, "accuracy_authors_fallback": 0.75,
         "changed_by_authors_fallback": 1}
@@ -157,32 +154,4 @@ def test_score_math_counts_invalid_answers_and_the_verdicts_the_fallback_flips()
     assert result["is_correct"] == [True, True, False, False]
     assert result["is_correct_authors_fallback"] == [True, True, True, False]
     with pytest.raises(ValueError, match="as many"):
-        data.score_math(completions, ["1"])
-
-
-# -----------------------------------------------------------------------------
-# the MATH test file
-
-
-def test_load_math_reads_the_question_the_boxed_answer_subject_and_level(tmp_path):
-    problems = data.load_math(write_tiny_math(tmp_path / "MATH_test.jsonl"))
-    assert [p["question"] for p in problems] == [q for q, _, _, _ in TINY_MATH]
-    assert [p["answer"] for p in problems] == ["\\frac{1}{2}", "5", "\\frac{x}{3}", "3"]
-    assert problems[0]["subject"] == "Algebra" and problems[0]["level"] == "Level 1"
-    bare = tmp_path / "bare.jsonl"  # MetaMath's own file has no level
-    bare.write_text(json.dumps({"instruction": "q", "output": "\\boxed{1}"}) + "\n")
-    assert data.load_math(bare) == [{"question": "q", "answer": "1"}]
-
-
-@pytest.mark.parametrize("line, message", [
-    ("{not json", r"bad.jsonl:2: not valid JSON"),
-    (json.dumps({"instruction": "q"}), r"bad.jsonl:2: missing string field 'output'"),
-    (json.dumps({"instruction": "q", "output": "so it is 5."}), r"bad.jsonl:2: .*no \\boxed\{\.\.\.\} answer"),
-])
-def test_load_math_names_the_file_and_line_of_a_bad_record(tmp_path, line, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"instruction": "q", "output": "\\boxed{1}"}) + "\n" + line + "\n")
-    with pytest.raises(ValueError, match=message):
-        data.load_math(path)
-    with pytest.raises(FileNotFoundError, match="MATH_test.jsonl"):
-        data.load_math(tmp_path / "missing.jsonl")
+        score_math(completions, ["1"])

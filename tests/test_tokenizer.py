@@ -1,4 +1,4 @@
-"""tokenizer.py against Hugging Face `tokenizers` (and transformers), on tokenizer.json files built here.
+"""machinery/tokenizer.py against Hugging Face `tokenizers` (and transformers), on tokenizer.json files built here.
 
 Each family's tokenizer.json is trained once per module with `tokenizers`' BpeTrainer on a small corpus and saved with
 that family's normalizer / pre-tokenizer / decoder / post-processor; the parity tests then require identical ids and
@@ -15,7 +15,7 @@ import unicodedata
 
 import pytest
 
-from data import Tokenizer, build_decoder, compile_regex, split_pieces
+from machinery.tokenizer import Tokenizer, build_decoder, compile_regex, split_pieces
 
 try:
     import tokenizers
