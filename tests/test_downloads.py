@@ -1,18 +1,24 @@
-"""Downloads (model.py's one home for network I/O) against loopback servers: resume, checksums, errors, and the
-dataset files train_gsm8k.py fetches into the cache."""
+"""machinery/hub.py against loopback servers: downloads (resume, checksums, errors), the dataset files train_gsm8k.py
+fetches into the cache, and resolve_model (local folder, Hugging Face cache, a download from the hub)."""
 
+import functools
 import hashlib
 import json
 import random
+import shutil
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 import data
-import model as M
+import model as model_lib
 import train_gsm8k
+from lorasb import load_safetensors
+from machinery import hub as hub_lib
+from test_model import write_shards
 
 
 # -----------------------------------------------------------------------------
@@ -101,24 +107,24 @@ BLOB = random.Random(0).randbytes(300_000)
 def test_download_verifies_and_skips_a_present_file(serve, tmp_path):
     url, log, _ = serve({"/f.bin": BLOB})
     dest = tmp_path / "sub" / "f.bin"
-    assert M.download_file(url + "/f.bin", dest, sha256=sha(BLOB)) == dest
+    assert hub_lib.download_file(url + "/f.bin", dest, sha256=sha(BLOB)) == dest
     assert dest.read_bytes() == BLOB and not (tmp_path / "sub" / "f.bin.part").exists()
-    M.download_file(url + "/f.bin", dest, sha256=sha(BLOB))
+    hub_lib.download_file(url + "/f.bin", dest, sha256=sha(BLOB))
     assert len(log) == 1  # present with the right hash: no second request
 
 
 def test_download_checksum_mismatch_leaves_no_file(serve, tmp_path):
     url, _, _ = serve({"/f.bin": BLOB})
     dest = tmp_path / "f.bin"
-    with pytest.raises(M.DownloadError) as e:
-        M.download_file(url + "/f.bin", dest, sha256="0" * 64)
+    with pytest.raises(hub_lib.DownloadError) as e:
+        hub_lib.download_file(url + "/f.bin", dest, sha256="0" * 64)
     assert str(dest) in str(e.value) and "0" * 64 in str(e.value) and sha(BLOB) in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_download_resumes_a_cut_transfer_with_range(serve, tmp_path):
     url, log, _ = serve({"/f.bin": BLOB}, cut=1)
-    dest = M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    dest = hub_lib.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
     assert dest.read_bytes() == BLOB
     assert log == [("/f.bin", None), ("/f.bin", f"bytes={len(BLOB) // 2}-")]
 
@@ -126,45 +132,45 @@ def test_download_resumes_a_cut_transfer_with_range(serve, tmp_path):
 def test_download_resumes_a_partial_file_from_an_earlier_run(serve, tmp_path):
     url, log, _ = serve({"/f.bin": BLOB})
     (tmp_path / "f.bin.part").write_bytes(BLOB[:1000])
-    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    hub_lib.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
     assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
 
 
 def test_download_restarts_when_the_server_ignores_range(serve, tmp_path):
     url, log, _ = serve({"/f.bin": BLOB}, ignore_range=True)
     (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # would corrupt the file if appended to
-    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    hub_lib.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
     assert (tmp_path / "f.bin").read_bytes() == BLOB and log == [("/f.bin", "bytes=1000-")]
 
 
 def test_download_restarts_after_416_on_a_too_long_partial_file(serve, tmp_path):
     url, log, _ = serve({"/f.bin": BLOB})
     (tmp_path / "f.bin.part").write_bytes(BLOB + b"extra")
-    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    hub_lib.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
     assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", None)
 
 
 def test_download_keeps_the_partial_file_when_cut_repeatedly_and_resumes_later(serve, tmp_path):
     url, log, state = serve({"/f.bin": BLOB}, cut=10)
-    with pytest.raises(M.DownloadError, match="interrupted.*run again to resume"):
-        M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    with pytest.raises(hub_lib.DownloadError, match="interrupted.*run again to resume"):
+        hub_lib.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
     part = tmp_path / "f.bin.part"
     kept = part.stat().st_size
     assert len(log) == 3 and 0 < kept < len(BLOB) and not (tmp_path / "f.bin").exists()
     state["cut"] = 0
-    M.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
+    hub_lib.download_file(url + "/f.bin", tmp_path / "f.bin", sha256=sha(BLOB))
     assert (tmp_path / "f.bin").read_bytes() == BLOB and log[-1] == ("/f.bin", f"bytes={kept}-")
 
 
 def test_download_errors_name_the_url(serve, tmp_path):
     offline = closed_port_url() + "/f.bin"
-    with pytest.raises(M.DownloadError, match=offline):
-        M.download_file(offline, tmp_path / "f.bin")
+    with pytest.raises(hub_lib.DownloadError, match=offline):
+        hub_lib.download_file(offline, tmp_path / "f.bin")
     url, _, _ = serve({})
-    with pytest.raises(M.DownloadError, match="HTTP 404") as e:
-        M.download_file(url + "/missing.bin", tmp_path / "f.bin")
-    assert e.value.__cause__.code == 404  # model.py reads the HTTP status from the cause
-    assert issubclass(M.DownloadError, OSError)
+    with pytest.raises(hub_lib.DownloadError, match="HTTP 404") as e:
+        hub_lib.download_file(url + "/missing.bin", tmp_path / "f.bin")
+    assert e.value.__cause__.code == 404  # download_model reads the HTTP status from the cause
+    assert issubclass(hub_lib.DownloadError, OSError)
 
 
 def test_gsm8k_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
@@ -173,7 +179,7 @@ def test_gsm8k_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
     url, log, _ = serve({"/gsm/test.jsonl": payload})
     monkeypatch.setenv("LORASB_GSM8K_URL", url + "/gsm")
     monkeypatch.setattr(data, "GSM8K_SHA256", {"test": sha(payload)})
-    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
     assert data.load_gsm8k("test", train_gsm8k.gsm8k_dir(None)) == rows
     assert data.load_gsm8k("test", train_gsm8k.gsm8k_dir(None)) == rows
     assert len(log) == 1 and (tmp_path / "gsm8k" / "test.jsonl").read_bytes() == payload
@@ -181,8 +187,8 @@ def test_gsm8k_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
 
 def test_an_offline_dataset_download_says_where_to_put_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("LORASB_GSM8K_URL", closed_port_url())
-    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
-    with pytest.raises(M.DownloadError, match=r"(?s)could not download.*--data_dir"):
+    monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
+    with pytest.raises(hub_lib.DownloadError, match=r"(?s)could not download.*--data_dir"):
         train_gsm8k.gsm8k_dir(None)
 
 
@@ -190,7 +196,7 @@ def test_metamathqa_is_downloaded_from_the_hub_into_the_cache(serve, tmp_path, m
     rows = [{"query": f"q{i}", "response": f"r{i}\nThe answer is: {i}"} for i in range(3)]
     url, log, _ = serve({"/" + data.METAMATHQA_FILE: json.dumps(rows).encode()})
     monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
     assert data.load_metamathqa(3, train_gsm8k.metamathqa_file(None)) == rows
     assert len(log) == 1 and (tmp_path / "metamathqa" / "MetaMathQA-395K.json").is_file()
 
@@ -200,14 +206,14 @@ def test_math_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
              "type": "Prealgebra"}]
     url, log, _ = serve({"/MATH_test.jsonl": "".join(json.dumps(r) + "\n" for r in rows).encode()})
     monkeypatch.setenv("LORASB_MATH_URL", url + "/MATH_test.jsonl")
-    monkeypatch.setattr(M, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
     expected = [{"question": "What is $1+1$?", "answer": "2", "subject": "Prealgebra"}]
     assert data.load_math(train_gsm8k.math_file(None)) == expected
     assert data.load_math(train_gsm8k.math_file(None)) == expected
     assert len(log) == 1 and (tmp_path / "math" / "MATH_test.jsonl").is_file()
     monkeypatch.setenv("LORASB_MATH_URL", closed_port_url() + "/MATH_test.jsonl")
-    monkeypatch.setattr(M, "CACHE_DIR", tmp_path / "empty")
-    with pytest.raises(M.DownloadError, match=r"(?s)could not download.*--math_path"):
+    monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path / "empty")
+    with pytest.raises(hub_lib.DownloadError, match=r"(?s)could not download.*--math_path"):
         train_gsm8k.math_file(None)
 
 
@@ -293,7 +299,7 @@ def test_the_token_goes_to_the_hub_and_never_to_the_storage_it_redirects_to(fake
     publish(fake_hub, BLOB)
     monkeypatch.setenv("HF_ENDPOINT", fake_hub["url"])
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    folder = M.download_model("org/tiny", cache_dir=tmp_path)
+    folder = hub_lib.download_model("org/tiny", cache_dir=tmp_path)
     assert (folder / "model.safetensors").read_bytes() == BLOB
     to_hub = [auth for server, _, auth, _ in fake_hub["log"] if server == "127.0.0.1"]
     to_storage = [auth for server, _, auth, _ in fake_hub["log"] if server == "127.0.0.2"]
@@ -305,11 +311,11 @@ def test_a_download_resumed_after_main_moved_finishes_the_commit_it_began(fake_h
     first = publish(fake_hub, BLOB)
     monkeypatch.setenv("HF_ENDPOINT", fake_hub["url"])
     fake_hub["cut"] = 3
-    with pytest.raises(M.DownloadError, match="interrupted"):
-        M.download_model("org/tiny", cache_dir=tmp_path)
+    with pytest.raises(hub_lib.DownloadError, match="interrupted"):
+        hub_lib.download_model("org/tiny", cache_dir=tmp_path)
     newer = bytes(b ^ 1 for b in BLOB)  # the same size: a splice of the two would load without an error
     publish(fake_hub, newer)
-    folder = M.download_model("org/tiny", cache_dir=tmp_path)
+    folder = hub_lib.download_model("org/tiny", cache_dir=tmp_path)
     assert (folder / "model.safetensors").read_bytes() == BLOB
     fetched = [path for server, path, _, _ in fake_hub["log"] if server == "127.0.0.1"][1:]  # after the first HEAD
     assert fetched and all(f"/resolve/{first}/" in path for path in fetched)
@@ -320,11 +326,123 @@ def test_a_file_that_changed_during_a_resumed_download_fails_the_hubs_hash(fake_
     url = f"{fake_hub['url']}/org/tiny/resolve/main/model.safetensors"
     dest = tmp_path / "model.safetensors"
     (tmp_path / "model.safetensors.part").write_bytes(bytes(b ^ 1 for b in BLOB[:1000]))  # begun on another version
-    with pytest.raises(M.DownloadError, match=f"sha256 mismatch.*expected {sha(BLOB)}"):
-        M.download_file(url, dest)
+    with pytest.raises(hub_lib.DownloadError, match=f"sha256 mismatch.*expected {sha(BLOB)}"):
+        hub_lib.download_file(url, dest)
     assert not dest.exists() and not (tmp_path / "model.safetensors.part").exists()
-    assert M.download_file(url, dest).read_bytes() == BLOB  # the next call starts clean
+    assert hub_lib.download_file(url, dest).read_bytes() == BLOB  # the next call starts clean
     small = f"{fake_hub['url']}/org/tiny/resolve/main/config.json"
     (tmp_path / "config.json.part").write_bytes(b"[")  # a small file is checked against its git blob sha1
-    with pytest.raises(M.DownloadError, match="git blob sha1 mismatch"):
-        M.download_file(small, tmp_path / "config.json")
+    with pytest.raises(hub_lib.DownloadError, match="git blob sha1 mismatch"):
+        hub_lib.download_file(small, tmp_path / "config.json")
+
+
+# -----------------------------------------------------------------------------
+# resolve_model: local folder, Hugging Face cache, a hub laid out in a folder
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and no token, so the developer's own cache and credentials never leak in."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return tmp_path
+
+
+class FolderHubHandler(SimpleHTTPRequestHandler):
+    requests: list  # (path, Authorization header) of every request, shared by the server's handlers
+
+    def do_GET(self):
+        self.requests.append((self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/org/gated/"):
+            self.send_error(401)
+        else:
+            super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def folder_hub(tmp_path, monkeypatch):
+    """A loopback HTTP server serving a folder laid out like the hub ({repo}/resolve/main/{file}) at HF_ENDPOINT;
+    yields (root, log)."""
+    root = tmp_path / "hub_root"
+    root.mkdir()
+    log = []
+    handler = functools.partial(type("Handler", (FolderHubHandler,), {"requests": log}), directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield root, log
+    server.shutdown()
+    server.server_close()
+
+
+def test_resolve_local_folder(tiny_model_dir, hub_env):
+    assert hub_lib.resolve_model(tiny_model_dir) == tiny_model_dir
+    assert hub_lib.resolve_model(str(tiny_model_dir)) == tiny_model_dir
+    with pytest.raises(FileNotFoundError, match="not a hub model name"):
+        hub_lib.resolve_model(hub_env / "no" / "such" / "folder")
+
+
+@pytest.mark.parametrize("env", ["HF_HUB_CACHE", "HF_HOME"])
+def test_resolve_from_huggingface_cache(tiny_model_dir, hub_env, monkeypatch, env):
+    hub_dir = hub_env / "hf_home" / "hub" if env == "HF_HOME" else hub_env / "hf_hub"
+    if env == "HF_HOME":
+        monkeypatch.delenv("HF_HUB_CACHE")
+        monkeypatch.setenv("HF_HOME", str(hub_env / "hf_home"))
+    root = hub_dir / "models--org--tiny"
+    for commit in ("aaaa", "bbbb"):  # refs/main names bbbb; aaaa is another snapshot
+        shutil.copytree(tiny_model_dir, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("bbbb")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing may be downloaded
+    assert hub_lib.resolve_model("org/tiny", cache_dir=hub_env / "ours") == root / "snapshots" / "bbbb"
+    (root / "refs" / "main").unlink()
+    shutil.rmtree(root / "snapshots" / "bbbb")
+    assert hub_lib.resolve_model("org/tiny", cache_dir=hub_env / "ours") == root / "snapshots" / "aaaa"
+
+
+def test_download_from_hub_then_cache(tiny_model_dir, hub_env, folder_hub, monkeypatch):
+    root, log = folder_hub
+    repo_dir = root / "org" / "tiny" / "resolve" / "main"
+    repo_dir.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", repo_dir)
+    (repo_dir / "generation_config.json").write_text('{"eos_token_id": [2, 5]}')
+    (repo_dir / "tokenizer.json").write_text("{}")
+    weight_map = write_shards(repo_dir, load_safetensors(tiny_model_dir / "model.safetensors")[0])
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    cache = hub_env / "ours"
+    got = hub_lib.resolve_model("org/tiny", cache_dir=cache)
+    assert got == cache / "org--tiny"
+    assert {p.name for p in got.iterdir()} == ({"config.json", "generation_config.json", "tokenizer.json",
+                                                model_lib.INDEX_FILE} | set(weight_map.values()))
+    assert all(auth == "Bearer hf_secret" for _, auth in log)
+    assert "/org/tiny/resolve/main/special_tokens_map.json" in [p for p, _ in log]  # tried; its 404 is fine
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(model_lib.load_model(got)(ids), model_lib.load_model(tiny_model_dir)(ids))
+    before = len(log)
+    assert hub_lib.resolve_model("org/tiny", cache_dir=cache) == got
+    assert len(log) == before  # the second call downloads nothing
+
+
+def test_download_errors(hub_env, folder_hub, monkeypatch):
+    root, _ = folder_hub
+    with pytest.raises(OSError, match="HTTP 404.*is org/missing a model repository.*--model /path/to/folder"):
+        hub_lib.resolve_model("org/missing", cache_dir=hub_env / "ours")
+    with pytest.raises(OSError, match="HTTP 401.*accept its license on the hub and set HF_TOKEN"):
+        hub_lib.resolve_model("org/gated", cache_dir=hub_env / "ours")
+    repo_dir = root / "org" / "evil" / "resolve" / "main"
+    repo_dir.mkdir(parents=True)
+    (repo_dir / "tokenizer.json").write_text("{}")
+    (repo_dir / model_lib.INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "../../escape.safetensors"}}))
+    with pytest.raises(ValueError, match="plain file names"):
+        hub_lib.resolve_model("org/evil", cache_dir=hub_env / "ours")
+    (repo_dir / model_lib.INDEX_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+        hub_lib.resolve_model("org/evil", cache_dir=hub_env / "fresh")  # "ours" keeps the index it fetched
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())  # nobody listening: offline as far as we can tell
+    with pytest.raises(OSError, match="pass it: --model /path/to/folder"):
+        hub_lib.resolve_model("org/tiny", cache_dir=hub_env / "ours")
