@@ -65,7 +65,7 @@ MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json",
 # Arguments: parsed once (defaults that depend on other arguments are resolved here), then never rewritten.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def number(convert, ok, what: str):
+def argument_type(convert, ok, what: str):
     """An argparse type: the text converted, refused unless ok(value) ("must be `what`")."""
     def parse(text: str):
         if not ok(value := convert(text)):
@@ -75,21 +75,22 @@ def number(convert, ok, what: str):
     return parse
 
 
-POSITIVE_INT = number(int, lambda v: v >= 1, "positive")
-POSITIVE = number(float, lambda v: 0 < v < math.inf, "a positive finite number")
-NON_NEGATIVE = number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-FINITE = number(float, math.isfinite, "a finite number")
-FRACTION = number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+POSITIVE_INT = argument_type(int, lambda v: v >= 1, "positive")
+POSITIVE = argument_type(float, lambda v: 0 < v < math.inf, "a positive finite number")
+NON_NEGATIVE = argument_type(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+FINITE = argument_type(float, math.isfinite, "a finite number")
+FRACTION = argument_type(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
-def names(text: str) -> tuple[str, ...]:
+def comma_separated(text: str) -> tuple[str, ...]:
     return tuple(name for name in text.split(",") if name)
 
 
 def eval_set_names(text: str) -> tuple[str, ...]:
-    if not names(text) or not set(names(text)) <= EVAL_SETS.keys():
+    names = comma_separated(text)
+    if not names or not set(names) <= EVAL_SETS.keys():
         raise argparse.ArgumentTypeError(f"{text!r}: choose test sets among {', '.join(EVAL_SETS)}, comma-separated")
-    return names(text)
+    return names
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--method", default="lorasb", choices=METHODS)
     a("--rank", type=POSITIVE_INT, help="adapter rank (default: 96 for lorasb/loraxs, 32 for lora)")
     a("--lora_alpha", type=FINITE, help="LoRA only: scale = alpha / rank (default: 2 * rank)")
-    a("--targets", type=names, default=",".join(lorasb.DEFAULT_TARGETS), help="module-name suffixes to adapt")
+    a("--targets", type=comma_separated, default=",".join(lorasb.DEFAULT_TARGETS), help="module-name suffixes to adapt")
     a("--train_data", default="gsm8k", choices=("gsm8k", "metamathqa"))
     a("--num_train", type=POSITIVE_INT, help="use the first N training examples (metamathqa default: 50000)")
     a("--data_dir", help="folder with GSM8K train.jsonl and test.jsonl (default: download and cache)")
@@ -384,8 +385,9 @@ def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
     """The schedule of a run on `num_examples` examples: gradient accumulation, total and warmup steps, and what the
     LoRA-SB estimate takes from it.
 
-    lr_1 = --lr / warmup_steps, the learning rate of the schedule's first optimizer step (learning_rate(1, ...)): the
-    estimate models that first step of full fine-tuning, so its step size is the one the optimizer would take. (The
+    lr_1 = --lr / warmup_steps, the learning rate of the schedule's first optimizer step (learning_rate(1, ...); about
+    --lr without warmup): the estimate models that first step of full fine-tuning, so its step size is the one the
+    optimizer would take. (The
     authors' code divided by the warmup length of their small estimation loader instead, about 10x too small an lr_1.)
     --lr_1 replaces it, to reproduce theirs or to study the size of the initialization."""
     grad_accum = args.batch_size // (args.micro_batch_size * ddp_world_size)
@@ -806,7 +808,8 @@ def main(argv=None) -> dict:
         model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype)
         described = load_adapter_to_evaluate(model, args, setup)
     else:
-        examples = training_examples(loaded, args, setup)  # the data and the schedule are checked before any weight
+        # the data, the schedule and the checkpoints to resume from are checked before anything is deleted or loaded
+        examples = training_examples(loaded, args, setup)
         plan = plan_training(args, len(examples), setup.ddp_world_size)
         identity = checkpoints.run_identity(args, setup.ddp_world_size, setup.compute_dtype, training_data_file(args),
                                             loaded.folder)
