@@ -9,11 +9,11 @@ Random weights with the shapes of a real model (no download; speed and memory do
     python -m experiments.bench --config mistral-7b --device cuda --batch 4 --seq 512 --json out/mistral-7b.json
 
 How it measures:
-  - Training step: train_gsm8k.py's (forward + backward + clip_grad_norm_ + AdamW) on one fixed batch of random token
-    ids, for lorasb and loraxs (rank --rank), lora (r=32, alpha 64), full, frozen and PEFT LoRA (when transformers and
-    peft are installed). Every method has its own model, built once and kept; after --warmup steps each, --rounds
-    rounds run one step of every method in turn, the order reversed every other round, so that whatever slows the
-    machine slows every method alike. CUDA timings are synchronized; bf16 weights run under bf16 autocast.
+  - Training step: train_gsm8k.train_step (forward + backward + clip_grad_norm_ + AdamW) on one fixed batch of random
+    token ids, for lorasb and loraxs (rank --rank), lora (r=32, alpha 64), full, frozen and PEFT LoRA (when
+    transformers and peft are installed). Every method has its own model, built once and kept; after --warmup steps
+    each, --rounds rounds run one step of every method in turn, the order reversed every other round, so that whatever
+    slows the machine slows every method alike. CUDA timings are synchronized; bf16 weights run under bf16 autocast.
   - Every time is the median over rounds with its interquartile range [Q1-Q3]; a ratio of two methods is the median of
     the per-round ratios (both measured within the same round).
   - Noise gauge: lorasb / loraxs, whose layers have the same shapes and do the same work.
@@ -34,13 +34,13 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -48,8 +48,8 @@ import torch
 import data
 import lorasb
 import model as model_lib
-from data import Tokenizer
-from train_gsm8k import causal_lm_loss, learning_rate, make_optimizer
+import train_gsm8k
+from machinery.tokenizer import Tokenizer
 
 DEFAULT_MODEL = os.environ.get("LORASB_SMOLLM2_DIR",
                                str(Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
@@ -76,9 +76,7 @@ CONFIGS = {
 }
 METHODS = ("lorasb", "loraxs", "lora", "full", "frozen")  # + "peft" when transformers and peft are installed
 LORA_RANK, LORA_ALPHA = 32, 64.0  # the paper's LoRA baseline
-# train_gsm8k.py's defaults on GSM8K: its first-step LR (lr_1) and its number of estimate samples
-GSM8K_TRAIN_EXAMPLES, TRAIN_BATCH, TRAIN_EPOCHS, TRAIN_LR, TRAIN_WARMUP_RATIO = 7473, 32, 3, 1e-4, 0.02
-INIT_SAMPLES = max(32, round(0.001 * GSM8K_TRAIN_EXAMPLES))
+GSM8K_TRAIN_EXAMPLES = 7473
 PROMPT_LEN, NEW_TOKENS = 64, 64
 TOKENIZER_CHUNKS = 10
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (datasheets)
@@ -319,9 +317,14 @@ def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -
             "labels": ids.to(device)}
 
 
-def autocast_for(args):
-    """bf16 autocast when the weights are bf16, as train_gsm8k.py trains (fp32 runs without autocast)."""
-    return torch.autocast(args.device.type, dtype=torch.bfloat16) if args.dtype == torch.bfloat16 else nullcontext()
+def trainer_setup(args) -> train_gsm8k.Setup:
+    """The trainer's setup of one process on --device, computing in --dtype (bf16 under autocast, as it trains)."""
+    return train_gsm8k.Setup(False, 0, 1, args.device, args.dtype, args.dtype)
+
+
+def trainer_plan() -> train_gsm8k.Plan:
+    """The plan of train_gsm8k.py's default run on GSM8K: its lr_1 and its number of estimate samples."""
+    return train_gsm8k.plan_training(train_gsm8k.parse_args([]), GSM8K_TRAIN_EXAMPLES, 1)
 
 
 def reset_peak_memory(device) -> bool:
@@ -353,16 +356,6 @@ def proc_status_bytes(key: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def peak_memory(device) -> int:
-    """Peak bytes since reset_peak_memory: CUDA allocated tensors, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = proc_status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def release_memory() -> None:
@@ -457,9 +450,11 @@ def hf_available() -> list[str]:
     return [name for name in ("transformers", "peft") if not importlib.util.find_spec(name)]
 
 
-def trainer(args, method: str, base: model_lib.Transformer | None = None) -> dict:
+def method_step(args, method: str, base: model_lib.Transformer | None = None) -> dict:
     """The model of `method` and its training step: {"step": callable, "trainable": count, "model": the model}.
-    Adapter methods and frozen run on twin(base) when a base is given, else on a fresh model; peft on transformers."""
+    Adapter methods and frozen run on twin(base) when a base is given, else on a fresh model; peft on transformers.
+    The step is the trainer's train_step (its default lr, weight decay and clipping) on one fixed batch; frozen has no
+    trainable parameter, so its step is the forward and backward alone."""
     if method == "peft":
         import peft
         config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(lorasb.DEFAULT_TARGETS),
@@ -471,23 +466,24 @@ def trainer(args, method: str, base: model_lib.Transformer | None = None) -> dic
         prepare(model, method, args.rank)
         forward = model
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, argparse.Namespace(lr=1e-4, weight_decay=0.0), args.device) if params else None
-    batch = random_batch(model.config.vocab_size, args.batch, args.seq, args.device)
-    autocast = autocast_for(args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batch = random_batch(model.config.vocab_size, args.batch, args.seq, "cpu")  # moved per step, as data.Batches'
+    setup = trainer_setup(args)
+    if trainable:
+        defaults = train_gsm8k.parse_args([])
+        optimizer = train_gsm8k.make_optimizer(model, defaults, args.device)
+        plan = train_gsm8k.Plan(grad_accum=1, total_steps=1, warmup_steps=1, lr_1=defaults.lr, num_init_samples=None)
+        batches = SimpleNamespace(next_batch=lambda: batch)
 
-    def step():
-        """train_gsm8k.py's step: backward, clip the gradient norm to 1, AdamW, zero the gradients (frozen: no
-        trainable parameter, so forward + backward alone)."""
-        with autocast:
-            loss = causal_lm_loss(forward, batch)
-        loss.backward()
-        if optimizer:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        def step():
+            train_gsm8k.train_step(forward, optimizer, batches, 1, defaults, plan, setup)
+    else:
+        def step():
+            with setup.autocast():
+                loss = train_gsm8k.causal_lm_loss(forward, train_gsm8k.to_device(batch, args.device))
+            loss.backward()
 
-    return {"step": step, "trainable": sum(p.numel() for p in params), "model": model}
+    return {"step": step, "trainable": trainable, "model": model}
 
 
 def training_methods() -> list[str]:
@@ -496,12 +492,12 @@ def training_methods() -> list[str]:
 
 def bench_memory(args, method: str) -> dict:
     """Peak memory of `method` alone: a fresh model, two steps (the second with the optimizer's states in place)."""
-    run = trainer(args, method)
+    run = method_step(args, method)
     resettable = reset_peak_memory(args.device)
     for _ in range(2):
         run["step"]()
     synchronize(args.device)
-    row = {"peak_memory_bytes": peak_memory(args.device), "peak_memory_per_method": resettable,
+    row = {"peak_memory_bytes": train_gsm8k.peak_memory_bytes(args.device), "peak_memory_per_method": resettable,
            "trainable": run["trainable"]}
     del run
     release_memory()
@@ -516,7 +512,7 @@ def bench_training(args, machine: Machine, log) -> dict:
     for method in methods:
         log(f"building {method}")
         try:
-            built = trainer(args, method, base)
+            built = method_step(args, method, base)
             runs[method], trainable[method] = built["step"], built["trainable"]
             del built
         except torch.OutOfMemoryError:
@@ -558,30 +554,23 @@ def bench_training(args, machine: Machine, log) -> dict:
 # Initialization: the first-update estimate and the SVDs.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def trainer_lr_1() -> float:
-    """lr_1 of train_gsm8k.py's default GSM8K schedule: lr / ceil(warmup ratio x total steps) (the value does not
-    change the timing)."""
-    total = TRAIN_EPOCHS * (GSM8K_TRAIN_EXAMPLES // TRAIN_BATCH)
-    return learning_rate(1, TRAIN_LR, math.ceil(TRAIN_WARMUP_RATIO * total), total)
-
-
 def bench_init(args, machine: Machine, log) -> dict:
-    """--init_rounds rounds of: estimate_first_update on INIT_SAMPLES examples (micro batch --batch), the exact SVDs of
-    all targets, their randomized SVDs. lorasb_factors is timed once per distinct target shape and multiplied by the
-    number of targets of that shape (an SVD's time depends on its shape; a 7B model has 224 targets of 4 shapes)."""
-    model = fresh_model(args)
-    autocast = autocast_for(args)
+    """--init_rounds rounds of: estimate_first_update on the trainer's default number of examples (micro batch
+    --batch) with its lr_1, the exact SVDs of all targets, their randomized SVDs. lorasb_factors is timed once per
+    distinct target shape and multiplied by the number of targets of that shape (an SVD's time depends on its shape; a
+    7B model has 224 targets of 4 shapes)."""
+    model, setup, plan = fresh_model(args), trainer_setup(args), trainer_plan()
     batches = [random_batch(model.config.vocab_size, args.batch, args.seq, args.device, seed=1 + i)
-               for i in range(math.ceil(INIT_SAMPLES / args.batch))]
+               for i in range(math.ceil(plan.num_init_samples / args.batch))]
 
     def loss_fn(m, batch):
-        with autocast:
-            return causal_lm_loss(m, batch)
+        with setup.autocast():
+            return train_gsm8k.causal_lm_loss(m, batch)
 
     examples, shapes = {}, Counter(tuple(m.weight.shape) for m in lorasb.find_targets(model).values())
 
     def estimate():
-        updates = lorasb.estimate_first_update(model, batches, loss_fn, INIT_SAMPLES, trainer_lr_1())
+        updates = lorasb.estimate_first_update(model, batches, loss_fn, plan.num_init_samples, plan.lr_1)
         examples.update({tuple(u.shape): u for u in updates.values()})  # one update per shape, for the SVDs
 
     lorasb.lorasb_factors(torch.randn(64, 64, device=args.device), 8)  # load the solver libraries before timing
@@ -597,7 +586,7 @@ def bench_init(args, machine: Machine, log) -> dict:
         log(f"initialization round {i + 1} of {args.init_rounds}")
     totals = {"total_exact_s": [a + b for a, b in zip(rounds["estimate_s"], rounds["svd_exact_s"])],
               "total_randomized_s": [a + b for a, b in zip(rounds["estimate_s"], rounds["svd_randomized_s"])]}
-    return {"samples": INIT_SAMPLES, "targets": sum(shapes.values()), "target_shapes": len(shapes),
+    return {"samples": plan.num_init_samples, "targets": sum(shapes.values()), "target_shapes": len(shapes),
             **{key: spread(values) for key, values in {**rounds, **totals}.items()}, "times_s": rounds}
 
 
@@ -807,7 +796,7 @@ def notes(results: dict, args) -> list[str]:
         if args.device.type == "cuda":
             out.append("Peak memory: torch.cuda.max_memory_allocated of each method alone on a fresh model, two steps.")
         elif all(row.get("peak_memory_per_method", True) for row in results["memory"].values()):
-            out.append(f"Peak memory: peak RSS (VmHWM, reset through /proc/self/clear_refs) of each method alone on a "
+            out.append(f"Peak memory: peak RSS (reset through /proc/self/clear_refs) of each method alone on a "
                        f"fresh model, two steps; it includes {setup['baseline_rss_bytes'] / 2**20:,.0f} MiB of Python "
                        f"and torch (the PEFT row also holds transformers and peft).")
         else:

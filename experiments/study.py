@@ -151,8 +151,8 @@ class Study:
     def __init__(self, args):
         self.args, self.budget = args, args.budget
         base = self.trainer_args("lorasb", self.budget.rank, PAPER_LR, self.budget.steps)
-        self.env = trainer.setup(base)
-        loaded = trainer.load(base, self.env)
+        self.setup = trainer.Setup.from_args(base)
+        loaded = trainer.load(base, self.setup)
         self.folder, self.tokenizer = loaded.folder, loaded.tokenizer
         self.eos_ids, self.pad_id = loaded.eos_ids, loaded.tokenizer.pad_id
         rows = data.load_gsm8k("train", trainer.gsm8k_dir(args.data_dir))
@@ -168,30 +168,25 @@ class Study:
         self.cache.mkdir(parents=True, exist_ok=True)
 
     def trainer_args(self, method: str, rank: int | None, lr: float, steps: int, **options) -> argparse.Namespace:
-        """train_gsm8k.py's own arguments for one run (the trainer parses and checks them)."""
+        """train_gsm8k.py's own arguments for one run (the trainer parses and checks them); None leaves a default."""
         b = self.budget
-        argv = ["--model", str(self.args.model), "--method", method, "--lr", str(lr), "--max_steps", str(steps),
-                "--batch_size", str(b.batch_size), "--micro_batch_size", str(b.micro_batch_size),
-                "--warmup_ratio", str(b.warmup_ratio), "--max_length", str(b.max_length), "--seed", str(self.args.seed),
-                "--num_init_samples", str(options.pop("num_init_samples", b.num_init_samples)),
-                "--eval_batch_size", str(b.eval_batch_size), "--max_new_tokens", str(b.max_new_tokens),
-                "--out_dir", str(self.args.out / "trainer"), "--overwrite"]
-        argv += [f"--{k}={v}" for k, v in options.items()]
-        for flag, value in (("--rank", rank), ("--data_dir", self.args.data_dir), ("--device", self.args.device),
-                            ("--dtype", self.args.dtype)):
-            if value is not None:
-                argv += [flag, str(value)]
-        return trainer.parse_args(argv)
+        settings = {"model": self.args.model, "method": method, "rank": rank, "lr": lr, "max_steps": steps,
+                    "batch_size": b.batch_size, "micro_batch_size": b.micro_batch_size, "warmup_ratio": b.warmup_ratio,
+                    "max_length": b.max_length, "seed": self.args.seed, "num_init_samples": b.num_init_samples,
+                    "eval_batch_size": b.eval_batch_size, "max_new_tokens": b.max_new_tokens,
+                    "data_dir": self.args.data_dir, "device": self.args.device, "dtype": self.args.dtype,
+                    "out_dir": self.args.out / "trainer", **options}
+        return trainer.parse_args([f"--{k}={v}" for k, v in settings.items() if v is not None] + ["--overwrite"])
 
-    def base_model(self, env: trainer.Setup) -> torch.nn.Module:
-        return model_lib.load_model(self.folder, device=env.device, dtype=env.weights_dtype)
+    def base_model(self, setup: trainer.Setup) -> torch.nn.Module:
+        return model_lib.load_model(self.folder, device=setup.device, dtype=setup.weights_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Claim 1's measurement: the fraction of the full gradient a subspace captures.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def full_gradient(study: Study, model, env: trainer.Setup) -> dict[str, torch.Tensor]:
+def full_gradient(study: Study, model, setup: trainer.Setup) -> dict[str, torch.Tensor]:
     """G = dL/dW of every target weight, the mean-loss gradient over the probe examples, at the model's current W
     (for an adapted layer W = W0 + B R A, whose gradient is that of W0 = base.weight). lorasb.estimate_first_update's
     "sgd" rule returns -lr * G, so lr = -1 gives G itself, with the same memory-lean accumulation."""
@@ -199,8 +194,8 @@ def full_gradient(study: Study, model, env: trainer.Setup) -> dict[str, torch.Te
     batches = data.Batches(study.probe, study.budget.micro_batch_size, seed=0, shuffle=False, pad_id=study.pad_id)
 
     def loss_fn(m, batch):
-        with env.autocast():
-            return trainer.causal_lm_loss(m, trainer.to_device(batch, env.device))
+        with setup.autocast():
+            return trainer.causal_lm_loss(m, trainer.to_device(batch, setup.device))
 
     grads = lorasb.estimate_first_update(model, batches, loss_fn, len(study.probe), lr=-1.0, rule="sgd",
                                          targets=("base",) if adapted else lorasb.DEFAULT_TARGETS)
@@ -249,35 +244,35 @@ def captured(grads: dict[str, torch.Tensor], spaces: dict[str, dict], rank: int)
 def train_run(study: Study, method: str, rank: int | None, lr: float, steps: int, probe=None, probe_every: int = 0,
               adjust_init=None, save_as: str | None = None, **options) -> dict:
     """One run of the trainer on the study's training pool: initialize_adapters, then `steps` train_steps (the
-    trainer's LR schedule, accumulation, clipping and AdamW), then the validation loss. `probe(model, env)` is called
+    trainer's LR schedule, accumulation, clipping and AdamW), then the validation loss. `probe(model, setup)` is called
     at step 0 and, with probe_every, every probe_every steps; `adjust_init(model)` may rewrite the adapters after the
     initialization; `save_as` keeps the trained weights for a later evaluation."""
     args = study.trainer_args(method, rank, lr, steps, **options)
-    env = trainer.setup(args)
-    model = study.base_model(env)
+    setup = trainer.Setup.from_args(args)
+    model = study.base_model(setup)
     plan = trainer.plan_training(args, len(study.examples), 1)
     t0 = time.time()
-    trainer.initialize_adapters(model, study.examples, study.pad_id, args, plan, env)
+    trainer.initialize_adapters(model, study.examples, study.pad_id, args, plan, setup)
     if adjust_init:
         adjust_init(model)
     init_seconds = time.time() - t0
-    optimizer = trainer.make_optimizer(model, args, env.device)
+    optimizer = trainer.make_optimizer(model, args, setup.device)
     batches = data.Batches(study.examples, args.micro_batch_size, args.seed, pad_id=study.pad_id)
-    probes = {0: probe(model, env)} if probe else {}
+    probes = {0: probe(model, setup)} if probe else {}
     losses, t0 = [], time.time()
     model.train()
     for step in tqdm(range(1, plan.total_steps + 1), desc=f"{method} lr {lr:g}", leave=False):
-        losses.append(trainer.train_step(model, optimizer, batches, step, args, plan, env)["loss"].item())
+        losses.append(trainer.train_step(model, optimizer, batches, step, args, plan, setup)["loss"].item())
         if not math.isfinite(losses[-1]):  # diverged: the rest of the run would be NaN too
             break
         if probe and probe_every and step % probe_every == 0:
-            probes[step] = probe(model, env)
+            probes[step] = probe(model, setup)
     train_seconds = time.time() - t0
     validation = None
     if math.isfinite(losses[-1]):
         model.eval()
-        with torch.no_grad(), env.autocast():
-            validation = trainer.held_out_loss(model, study.tokenizer, study.validation, args, env)
+        with torch.no_grad(), setup.autocast():
+            validation = trainer.held_out_loss(model, study.tokenizer, study.validation, args, setup)
         if save_as:
             trainer.save_trainable(model, study.cache / f"{save_as}.safetensors", method, str(study.args.model))
     return {"method": method, "rank": rank, "lr": lr, "lr_1": plan.lr_1, "steps": plan.total_steps,
@@ -292,20 +287,20 @@ def evaluate_saved(study: Study, name: str, method: str, accuracy: bool = True) 
     for the base model when method is "base", prepared as the trainer evaluates (trainer.prepare_evaluation)."""
     b = study.budget
     args = study.trainer_args("lorasb" if method == "base" else method, b.rank, PAPER_LR, b.steps)
-    env = trainer.setup(args)
-    model = study.base_model(env)
+    setup = trainer.Setup.from_args(args)
+    model = study.base_model(setup)
     if method == "full":
         model.load_state_dict(lorasb.load_safetensors(study.cache / f"{name}.safetensors")[0])
     elif method != "base":
         lorasb.load_adapter(model, study.cache / f"{name}.safetensors")
-    trainer.prepare_evaluation(model, args, env)
-    with torch.no_grad(), env.autocast():
-        test_loss = trainer.held_out_loss(model, study.tokenizer, study.test[:b.test_solutions], args, env)
+    trainer.prepare_evaluation(model, args, setup)
+    with torch.no_grad(), setup.autocast():
+        test_loss = trainer.held_out_loss(model, study.tokenizer, study.test[:b.test_solutions], args, setup)
         if not accuracy:
             return {"test_loss": test_loss}
         rows = trainer.generate_answers(model, study.tokenizer, study.test[:b.accuracy_questions], study.eos_ids,
-                                        args, env)
-    metrics, _ = trainer.score_gsm8k(rows)
+                                        args, setup)
+    metrics, _ = trainer.score_gsm8k_rows(rows)
     return {"test_loss": test_loss, **metrics, "accuracy_95ci": wilson_interval(metrics["correct"], metrics["total"])}
 
 
@@ -329,21 +324,21 @@ def smoothed(losses: list[float], window: int = 5) -> list[float]:
 def lorasb_model(study: Study, lr: float, steps: int):
     """The base model with LoRA-SB adapters, initialized as the trainer does for this lr and schedule."""
     args = study.trainer_args("lorasb", study.budget.rank, lr, steps)
-    env = trainer.setup(args)
-    model = study.base_model(env)
+    setup = trainer.Setup.from_args(args)
+    model = study.base_model(setup)
     trainer.initialize_adapters(model, study.examples, study.pad_id, args,
-                                trainer.plan_training(args, len(study.examples), 1), env)
-    return model, env, args
+                                trainer.plan_training(args, len(study.examples), 1), setup)
+    return model, setup, args
 
 
 def claim1_at_init(study: Study) -> dict:
     """rho at W0 for LoRA-SB's subspace, LoRA-XS's (the SVD of W0), random ones and the ceiling, at rank `rank`
     and, with the top lora_rank directions of each, at LoRA's rank."""
     b = study.budget
-    sb, env, _ = lorasb_model(study, PAPER_LR, b.steps)
-    xs = study.base_model(env)
+    sb, setup, _ = lorasb_model(study, PAPER_LR, b.steps)
+    xs = study.base_model(setup)
     lorasb.add_adapters(xs, "loraxs", b.rank)
-    grads = full_gradient(study, study.base_model(env), env)
+    grads = full_gradient(study, study.base_model(setup), setup)
     spaces = {"lorasb": subspaces(sb), "loraxs": subspaces(xs), "random": random_subspaces(grads, b.rank, 0)}
     top = {name: {layer: (qb[:, :b.lora_rank], qa[:, :b.lora_rank]) for layer, (qb, qa) in s.items()}
            for name, s in spaces.items() if name != "random"}  # the leading singular directions come first
@@ -365,8 +360,8 @@ def claim2_at_init(study: Study) -> dict:
     """At LoRA-SB's starting point, the W-space step of the plain R-gradient, B g_R A with g_R = B^T G A^T, against
     the optimal one, B X* A = P_B G P_A (lorasb.optimal_r_gradient): their cosine, relative error and norm ratio, for
     the orthonormal factors (B = U_r, R = S_r, A = V_r^T) and for the same product written B = U_r S_r, R = I."""
-    sb, env, _ = lorasb_model(study, PAPER_LR, study.budget.steps)
-    grads = full_gradient(study, sb, env)
+    sb, setup, _ = lorasb_model(study, PAPER_LR, study.budget.steps)
+    grads = full_gradient(study, sb, setup)
     adapters = lorasb.adapters(sb)
     variants = {"orthonormal": {n: (m.B, m.A) for n, m in adapters.items()},
                 "scaled": {n: (m.B @ m.R, m.A) for n, m in adapters.items()}}
@@ -389,8 +384,8 @@ def claim2_at_init(study: Study) -> dict:
 def probe_rho(study: Study, fixed_spaces: dict | None = None):
     """A probe for train_run: on the current full gradient, rho of the run's own adapters (or of `fixed_spaces`, for
     full fine-tuning), of random subspaces of the same rank, and the ceiling."""
-    def probe(model, env) -> dict:
-        grads = full_gradient(study, model, env)
+    def probe(model, setup) -> dict:
+        grads = full_gradient(study, model, setup)
         own = fixed_spaces if fixed_spaces is not None else subspaces(model)
         rank = next(iter(own.values()))[0].shape[1]
         return captured(grads, {"own": own, "random": random_subspaces(grads, rank, 0)}, rank)
@@ -466,9 +461,9 @@ def claim4(study: Study, results: Results) -> None:
     variants |= {"rule-sgd": {"init_rule": "sgd"}, "svd-randomized": {"init_svd": "randomized"}, "random-init": {}}
     grads_at_w0 = {}
 
-    def rho_at_w0(model, env) -> dict:  # the same probe gradient for every variant: computed once
+    def rho_at_w0(model, setup) -> dict:  # the same probe gradient for every variant: computed once
         if not grads_at_w0:
-            grads_at_w0.update(full_gradient(study, study.base_model(env), env))
+            grads_at_w0.update(full_gradient(study, study.base_model(setup), setup))
         return captured(grads_at_w0, {"own": subspaces(model)}, b.rank)
 
     lr_1 = trainer.plan_training(study.trainer_args("lorasb", b.rank, PAPER_LR, b.ablation_steps),
@@ -486,18 +481,18 @@ def initial_jump(study: Study) -> dict:
     lr_1 and R is proportional to it, so one estimate (at lr_1 = 1) serves every value."""
     b = study.budget
     args = study.trainer_args("lorasb", b.rank, PAPER_LR, b.steps)
-    env = trainer.setup(args)
+    setup = trainer.Setup.from_args(args)
     plan = trainer.plan_training(args, len(study.examples), 1)
-    model = study.base_model(env)
-    unit_step = trainer.estimate_first_update(model, study.examples, study.pad_id, args,
-                                              dataclasses.replace(plan, lr_1=1.0), env)  # -sign(G)
+    model = study.base_model(setup)
+    unit_step = trainer.estimate_update_from_examples(model, study.examples, study.pad_id, args,
+                                                      dataclasses.replace(plan, lr_1=1.0), setup)  # -sign(G)
     targets = lorasb.find_targets(model)
     w0 = {n: m.weight.detach().clone() for n, m in targets.items()}
     model.eval()
 
     def validation_loss() -> float:
-        with torch.no_grad(), env.autocast():
-            return trainer.held_out_loss(model, study.tokenizer, study.validation, args, env)
+        with torch.no_grad(), setup.autocast():
+            return trainer.held_out_loss(model, study.tokenizer, study.validation, args, setup)
 
     full_rank, rank_r = [], []
     for lr_1 in b.lr_1_values:
@@ -525,7 +520,7 @@ def initial_jump(study: Study) -> dict:
 def describe(study: Study) -> dict:
     """What the study ran on (recorded once)."""
     return {"training_pool": len(study.examples), "truncated": study.truncated, "probe": len(study.probe),
-            "validation": len(study.validation), "torch": torch.__version__, "device": str(study.env.device),
+            "validation": len(study.validation), "torch": torch.__version__, "device": str(study.setup.device),
             "threads": torch.get_num_threads()}
 
 
@@ -673,7 +668,8 @@ def settings(args, study: Study) -> dict:
     model = Path(args.model).name if Path(args.model).is_dir() else args.model
     return {**{k: (list(map(list, v)) if k == "lr_grid" else list(v) if isinstance(v, tuple) else v)
                for k, v in vars(study.budget).items()},
-            "model": model, "seed": args.seed, "device": str(study.env.device), "dtype": str(study.env.compute_dtype)}
+            "model": model, "seed": args.seed, "device": str(study.setup.device),
+            "dtype": str(study.setup.compute_dtype)}
 
 
 def main(argv=None) -> dict:

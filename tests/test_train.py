@@ -21,6 +21,8 @@ import lorasb
 import model as model_lib
 import train_gsm8k
 from conftest import REPO, TINY_MATH, write_tiny_gsm8k
+from machinery import checkpoints
+from machinery.tokenizer import Tokenizer
 
 
 def run(tmp_path, model_dir, data_dir, *extra, name="run"):
@@ -71,16 +73,16 @@ def test_resume_after_a_stop_ends_with_the_same_weights_bitwise(tmp_path, tiny_m
                                                                 method):
     run_method = functools.partial(run, tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--method", method)
     straight, _ = run_method("--save_every", "2", name="straight")
-    real_save = train_gsm8k.save_checkpoint
+    real_save = checkpoints.save
 
     def save_then_stop(out, step, *args):
         real_save(out, step, *args)
         raise KeyboardInterrupt  # the job is killed right after its step-2 checkpoint
 
-    monkeypatch.setattr(train_gsm8k, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoints, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_method("--save_every", "2", name="stopped")
-    monkeypatch.setattr(train_gsm8k, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save", real_save)
     resumed, _ = run_method("--save_every", "2", "--resume", name="stopped")
     output = "model/model.safetensors" if method == "full" else "adapter.safetensors"
     a, _ = lorasb.load_safetensors(straight / output)
@@ -97,7 +99,7 @@ def stopped_run(tmp_path_factory, tiny_model_dir, tiny_gsm8k_dir):
     step-3 checkpoint (it holds step-2 and step-3). Tests copy `stopped` before touching it."""
     tmp = tmp_path_factory.mktemp("stopped_run")
     straight, _ = run(tmp, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", name="straight")
-    real_save = train_gsm8k.save_checkpoint
+    real_save = checkpoints.save
 
     def save_then_stop(out, step, *args):
         real_save(out, step, *args)
@@ -105,7 +107,7 @@ def stopped_run(tmp_path_factory, tiny_model_dir, tiny_gsm8k_dir):
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(train_gsm8k, "save_checkpoint", save_then_stop)
+        m.setattr(checkpoints, "save", save_then_stop)
         run(tmp, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "1", name="stopped")
     return straight, tmp / "stopped"
 
@@ -128,18 +130,18 @@ def same_adapter(a, b) -> bool:
 
 def test_checkpoints_store_what_trains_and_the_frozen_factors_once(stopped_run):
     straight, stopped = stopped_run
-    checkpoints = stopped / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["initial_adapter.safetensors", "latest", "run.json",
-                                                             "step-0000002", "step-0000003"]
-    trained, _ = lorasb.load_safetensors(checkpoints / "step-0000003" / "trainable.safetensors")
-    initial, _ = lorasb.load_safetensors(checkpoints / "initial_adapter.safetensors")
+    folder = stopped / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["initial_adapter.safetensors", "latest", "run.json",
+                                                        "step-0000002", "step-0000003"]
+    trained, _ = lorasb.load_safetensors(folder / "step-0000003" / "trainable.safetensors")
+    initial, _ = lorasb.load_safetensors(folder / "initial_adapter.safetensors")
     assert len(trained) == 14 and all(name.endswith(".R") for name in trained)  # B and A are not repeated
     assert {name.rpartition(".")[2] for name in initial} == {"B", "R", "A"}
     final, _ = lorasb.load_safetensors(straight / "adapter.safetensors")  # the output stays self-contained
     assert all(torch.equal(final[k], initial[k]) for k in initial if not k.endswith(".R"))
-    manifest = json.loads((checkpoints / "step-0000003" / "manifest.json").read_text())
+    manifest = json.loads((folder / "step-0000003" / "manifest.json").read_text())
     assert set(manifest["sha256"]) == {"step-0000003/trainable.safetensors", "step-0000003/state.pt", "run.json"}
-    assert "initial_adapter sha256" in json.loads((checkpoints / "run.json").read_text())
+    assert "initial_adapter sha256" in json.loads((folder / "run.json").read_text())
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint_and_ends_bitwise_equal(stopped_run, tmp_path, tiny_model_dir,
@@ -190,13 +192,14 @@ def test_resume_refuses_other_data_dtype_model_or_processes_but_not_another_spel
         run(tmp_path, other_model, tiny_gsm8k_dir, *resume, name=out.name)
     recorded = json.loads((out / "checkpoints" / "run.json").read_text())
     with pytest.raises(SystemExit, match="processes: 1 -> 2"):
-        train_gsm8k.check_same_run(out / "checkpoints", {**recorded, "processes": 2})
+        checkpoints.check_same_run(out / "checkpoints", {**recorded, "processes": 2})
     args = train_gsm8k.parse_args(["--model", f"{tiny_model_dir}/", "--data_dir", str(tiny_gsm8k_dir), "--out_dir",
                                    str(out), "--device", "cpu", "--batch_size", "4", "--micro_batch_size", "2",
                                    "--max_steps", "4", "--rank", "4", "--lr", "1e-2", "--num_init_samples", "6"])
-    env = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
-    identity = train_gsm8k.run_identity(args, train_gsm8k.load(args, env), env)
-    train_gsm8k.check_same_run(out / "checkpoints", identity)  # a trailing / names the same folder: accepted
+    setup = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    identity = checkpoints.run_identity(args, 1, torch.float32, train_gsm8k.training_data_file(args),
+                                        train_gsm8k.load(args, setup).folder)
+    checkpoints.check_same_run(out / "checkpoints", identity)  # a trailing / names the same folder: accepted
 
 
 def test_resume_trims_a_cut_metrics_line_and_removes_interrupted_writes(stopped_run, tmp_path, tiny_model_dir,
@@ -216,7 +219,7 @@ def test_resume_trims_a_cut_metrics_line_and_removes_interrupted_writes(stopped_
 
 def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
                                                                             monkeypatch):
-    real_save, real_fdopen = train_gsm8k.save_checkpoint, os.fdopen
+    real_save, real_fdopen = checkpoints.save, os.fdopen
 
     class FullDisk:
         """A file that takes 3000 bytes (the checkpoint's trainable.safetensors), then fails as a full disk does."""
@@ -245,15 +248,14 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
             monkeypatch.setattr(lorasb.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
         real_save(out, step, *args)
 
-    monkeypatch.setattr(train_gsm8k, "save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(checkpoints, "save", save_on_a_full_disk)
     with pytest.raises(SystemExit, match="checkpoint could not be written .*: the disk is full .*MiB free.*--resume"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2")
     monkeypatch.setattr(lorasb.os, "fdopen", real_fdopen)
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "step-0000002" and train_gsm8k.checkpoint_problem(
-        checkpoints / "step-0000002") is None
-    assert sorted(p.name for p in checkpoints.glob("*step*")) == ["step-0000002"]  # no half-written step 4
-    assert not list(checkpoints.glob(".*.tmp"))
+    folder = tmp_path / "run" / "checkpoints"
+    assert (folder / "latest").read_text() == "step-0000002" and checkpoints.problem(folder / "step-0000002") is None
+    assert sorted(p.name for p in folder.glob("*step*")) == ["step-0000002"]  # no half-written step 4
+    assert not list(folder.glob(".*.tmp"))
 
 
 def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
@@ -267,12 +269,24 @@ def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, t
     assert not (evaluated / "checkpoints").exists()
 
 
-def test_bad_input_is_refused_at_once_with_every_problem(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+def refused_by_argparse(capsys, *argv) -> str:
+    """What argparse says when it refuses an argument of train_gsm8k.py (exit status 2)."""
     with pytest.raises(SystemExit) as refused:
-        run(tmp_path, tiny_model_dir, tmp_path / "missing", "--method", "dora", "--batch_size", "5",
-            "--init_rule", "adam")
+        train_gsm8k.parse_args(list(argv))
+    assert refused.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_refused_at_once_with_every_problem(tmp_path, tiny_model_dir, tiny_gsm8k_dir, capsys):
+    assert "argument --method: invalid choice: 'dora'" in refused_by_argparse(capsys, "--method", "dora")
+    assert "argument --init_rule: invalid choice: 'adam'" in refused_by_argparse(capsys, "--init_rule", "adam")
+    assert "argument --batch_size: must be positive, got 0" in refused_by_argparse(capsys, "--batch_size", "0")
+    assert "not allowed with argument" in refused_by_argparse(capsys, "--resume", "--overwrite")
+    with pytest.raises(SystemExit) as refused:  # what argparse cannot see in one argument: every problem at once
+        run(tmp_path, tiny_model_dir, tmp_path / "missing", "--batch_size", "5", "--adapter", str(tmp_path / "no"))
     message = str(refused.value)
-    for expected in ["--method 'dora'", "--batch_size 5 is not a multiple", "--data_dir", "--init_rule 'adam'"]:
+    for expected in ["--batch_size 5 is not a multiple", "--data_dir", "--adapter is for --eval_only",
+                     "--adapter " + str(tmp_path / "no") + ": no such file"]:
         assert expected in message
     with pytest.raises(SystemExit, match=r"--rank 20 is too large for model.layers.0.self_attn.k_proj \(16 x 32\)"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--rank", "20")
@@ -284,7 +298,7 @@ def test_bad_input_is_refused_at_once_with_every_problem(tmp_path, tiny_model_di
 
 
 def test_a_diverging_run_stops_before_saving_and_keeps_the_last_two_checkpoints(tmp_path, tiny_model_dir,
-                                                                                tiny_gsm8k_dir, monkeypatch):
+                                                                                tiny_gsm8k_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"diverged .*NaN or inf at step 1\)\. Nothing from step 1 on was saved"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--lr", "1e9", name="at_once")
     assert not any((tmp_path / "at_once" / "checkpoints").glob("step-*"))
@@ -299,13 +313,7 @@ def test_a_diverging_run_stops_before_saving_and_keeps_the_last_two_checkpoints(
     assert not (out / "adapter.safetensors").exists() and not (out / "summary.json").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
-    with pytest.raises(SystemExit, match="--lr must be a finite number, got nan"):
-        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--lr", "nan", name="nan")
-
-
-def test_json_outputs_are_strict():
-    assert train_gsm8k.strict_json({"loss": float("nan"), "rows": [float("inf"), 1.5]}) == \
-        '{"loss": null, "rows": [null, 1.5]}'
+    assert "argument --lr: must be a positive finite number, got nan" in refused_by_argparse(capsys, "--lr", "nan")
 
 
 def test_examples_that_keep_no_response_token_are_left_out_and_refused_when_none_remains(tmp_path, tiny_model_dir):
@@ -417,14 +425,14 @@ def test_initialize_adapters_is_the_library_estimate_and_svd_bitwise(tiny_model_
     args = train_gsm8k.parse_args(["--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir), "--rank", "4",
                                    "--num_init_samples", "5", "--micro_batch_size", "2", "--batch_size", "4",
                                    "--device", "cpu", "--max_steps", "10"])
-    env = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
-    loaded = train_gsm8k.load(args, env)
+    setup = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    loaded = train_gsm8k.load(args, setup)
     examples, _ = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
     plan = train_gsm8k.plan_training(args, len(examples), 1)
     assert plan.num_init_samples == 5 and plan.lr_1 == pytest.approx(args.lr)  # 10 steps: a 1-step warmup
 
     phase = model_lib.load_model(loaded.folder)
-    report = train_gsm8k.initialize_adapters(phase, examples, loaded.tokenizer.pad_id, args, plan, env)
+    report = train_gsm8k.initialize_adapters(phase, examples, loaded.tokenizer.pad_id, args, plan, setup)
     direct = model_lib.load_model(loaded.folder)
     batches = data.Batches(examples, 2, args.seed + 1, pad_id=loaded.tokenizer.pad_id)
     updates = lorasb.estimate_first_update(direct, batches, train_gsm8k.causal_lm_loss, 5, plan.lr_1)
@@ -455,7 +463,7 @@ def test_gsm8k_and_math_are_scored_and_both_accuracies_written(tmp_path, tiny_mo
                            ["Half.\nThe answer is: 0.5", "The answer is: 5.\nDone.", "The answer is: x/3", "No idea."]))
     budgets = {}
     monkeypatch.setattr(train_gsm8k.model_lib, "generate",
-                        canned_generate(data.Tokenizer.from_dir(tiny_model_dir), completions, budgets))
+                        canned_generate(Tokenizer.from_dir(tiny_model_dir), completions, budgets))
     out, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_only", "--eval_data", "gsm8k,math", "--math_path",
                  str(tiny_math_file), "--math_max_new_tokens", "7")
     summary = json.loads((out / "summary.json").read_text())
@@ -478,13 +486,16 @@ def test_gsm8k_and_math_are_scored_and_both_accuracies_written(tmp_path, tiny_mo
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
 
 
-def test_bad_evaluation_and_switch_arguments_are_refused(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+def test_bad_evaluation_and_switch_arguments_are_refused(tmp_path, tiny_model_dir, tiny_gsm8k_dir, capsys):
+    assert "argument --eval_data: 'gsm8k,mathematics': choose test sets among gsm8k, math" in refused_by_argparse(
+        capsys, "--eval_data", "gsm8k,mathematics")
+    assert "argument --lr_1: must be a positive finite number, got 0" in refused_by_argparse(capsys, "--lr_1", "0")
+    assert "argument --eval_merge: invalid choice: 'fp16'" in refused_by_argparse(capsys, "--eval_merge", "fp16")
     with pytest.raises(SystemExit) as refused:
-        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_data", "gsm8k,mathematics", "--lr_1", "0",
-            "--method", "lora", "--init_svd", "authors", "--eval_merge", "fp16", "--math_path", str(tmp_path / "no"))
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--method", "lora", "--init_svd", "authors", "--math_path",
+            str(tmp_path / "no"))
     message = str(refused.value)
-    for expected in ["--eval_data 'gsm8k,mathematics': choose test sets among gsm8k, math", "--lr_1 must be positive",
-                     "--init_svd authors is LoRA-SB's", "--eval_merge 'fp16'", "--math_path"]:
+    for expected in ["--init_svd authors is LoRA-SB's", "--math_path"]:
         assert expected in message
 
 
@@ -494,12 +505,12 @@ def initialized(tiny_model_dir, tiny_gsm8k_dir, *extra):
     args = train_gsm8k.parse_args(["--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir), "--rank", "4",
                                    "--num_init_samples", "5", "--micro_batch_size", "2", "--batch_size", "4",
                                    "--device", "cpu", "--max_steps", "10", *extra])
-    env = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
-    loaded = train_gsm8k.load(args, env)
+    setup = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    loaded = train_gsm8k.load(args, setup)
     examples, _ = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
     plan = train_gsm8k.plan_training(args, len(examples), 1)
     model = model_lib.load_model(loaded.folder)
-    train_gsm8k.initialize_adapters(model, examples, loaded.tokenizer.pad_id, args, plan, env)
+    train_gsm8k.initialize_adapters(model, examples, loaded.tokenizer.pad_id, args, plan, setup)
     return model, examples, plan
 
 
