@@ -25,9 +25,11 @@ Usage on any torch.nn.Module whose target layers are nn.Linear (a Hugging Face m
     report = add_adapters(model, "lorasb", rank=32, updates=updates)   # freezes everything but R
     ... train the parameters with requires_grad ...
     save_adapter(model, "adapter.safetensors", method="lorasb", base_model="org/name")
+    load_adapter(fresh_model, "adapter.safetensors")
     export_peft(model, "peft_adapter/", base_model="org/name")         # loads in PEFT and vLLM
 
-This file needs torch and the standard library only: copy it into your project.
+Read top to bottom: the equations, the layer, adding adapters, the estimate of the first update; then the LoRA-XS and
+LoRA baselines; then saving, loading and exporting. torch and the standard library only: copy it into your project.
 """
 
 from __future__ import annotations
@@ -36,18 +38,18 @@ import contextlib
 import json
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("lorasb", "loraxs", "lora")
+SVDS = ("exact", "randomized", "authors")  # how the initialization's SVD is computed (truncated_svd, authors_svd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -71,17 +73,15 @@ def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False, ove
     """Top-`rank` singular triplets of `matrix` in fp32: M ~= U_r diag(S_r) V_r^T (Eckart-Young: the best rank-r
     approximation in Frobenius norm, with error^2 = sum_{i>r} S_i^2).
 
-    Exact (torch.linalg.svd) by default. `randomized=True` uses torch.svd_lowrank with `oversample` extra columns and
-    `power_iters` power iterations (the authors used no oversampling, which misses part of the top subspace of a sign
-    matrix's slowly decaying spectrum), under a forked RNG so the caller's random state is untouched.
-    Returns U (m x r), S (r,), Vh (r x n)."""
+    Exact (torch.linalg.svd) by default. `randomized=True`: torch.svd_lowrank with `oversample` extra columns (without
+    them part of the top subspace of a sign matrix's slowly decaying spectrum is missed) and `power_iters` power
+    iterations, under a forked RNG (the caller's random state is untouched). Returns U (m x r), S (r,), Vh (r x n)."""
     m = matrix.float()
     if not randomized:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     q = min(rank + oversample, *m.shape)
-    devices = [m.device] if m.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
         torch.manual_seed(seed)
         u, s, v = torch.svd_lowrank(m, q=q, niter=power_iters)
     return u[:, :rank], s[:rank], v[:, :rank].T
@@ -93,9 +93,8 @@ def authors_svd(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     q=rank, niter=10): a randomized SVD with 10 power iterations and no oversampling. dW = M^T = V S U^T, so the left
     singular vectors of dW are V and the right ones U.
 
-    The values equal theirs (on the same device and torch version) because the seed and the draws are the same. Unlike
-    theirs, it runs under a forked RNG, so the caller's random state is untouched, and U, S, V are not cast to bf16.
-    Returns U_r (m x r), S_r (r,), Vh_r (r x n) of dW, as truncated_svd."""
+    The same seed and draws give their values (same device and torch version), but under a forked RNG (the caller's
+    random state is untouched) and without their cast to bf16. Returns U_r, S_r, Vh_r of dW, as truncated_svd."""
     m = update.float().T
     with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
         torch.manual_seed(42)
@@ -104,30 +103,14 @@ def authors_svd(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return v, s, u.T
 
 
-def lorasb_factors(update: torch.Tensor, rank: int, authors: bool = False,
-                   **svd_options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lorasb_factors(update: torch.Tensor, rank: int,
+                   svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-SB initialization (Thm 6): B = U_r, R = diag(S_r), A = V_r^T from dW ~= U_r S_r V_r^T, so B R A = [dW]_r.
-    The SVD is truncated_svd(update, rank, **svd_options), or with authors=True the authors' (authors_svd)."""
-    u, s, vh = authors_svd(update, rank) if authors else truncated_svd(update, rank, **svd_options)
+    `svd` is "exact" or "randomized" (truncated_svd), or "authors" (authors_svd)."""
+    if svd not in SVDS:
+        raise ValueError(f"unknown svd {svd!r}; choose one of {SVDS}")
+    u, s, vh = authors_svd(update, rank) if svd == "authors" else truncated_svd(update, rank, svd == "randomized")
     return u.contiguous(), torch.diag(s), vh.contiguous()
-
-
-def loraxs_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None,
-                   **svd_options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LoRA-XS initialization (the authors' baseline): W0 ~= U_r S_r V_r^T gives B = U_r, A = S_r V_r^T (S folded into
-    A, so A A^T != I) and R ~ N(0, 1e-5^2). B R A is tiny, so the model starts at ~W0."""
-    u, s, vh = truncated_svd(weight, rank, **svd_options)
-    r = torch.randn(rank, rank, generator=generator, device="cpu").to(weight.device) * 1e-5
-    return u.contiguous(), r, (s[:, None] * vh).contiguous()
-
-
-def lora_factors(out_features: int, in_features: int, rank: int,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard LoRA initialization (Hu et al.; the PEFT default): B = 0 (m x r), A ~ Kaiming-uniform(a=sqrt(5))
-    (r x n), i.e. U(-1/sqrt(n), 1/sqrt(n)). B A = 0, so the model starts exactly at W0."""
-    bound = 1.0 / math.sqrt(in_features)
-    a = torch.rand(rank, in_features, generator=generator) * (2 * bound) - bound
-    return torch.zeros(out_features, rank), a
 
 
 def r_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -154,55 +137,16 @@ def optimal_r_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s
 # The adapter layer.
 # ---------------------------------------------------------------------------------------------------------------------
 
-class _LowRankLinearFunction(torch.autograd.Function):
-    """y = x W0^T + bias + s ((x A^T) R^T) B^T and its gradients, written out so that the adapter costs its thin
-    matmuls and nothing more: its output is added inside the last matmul (addmm_ into the base output) and its input
-    gradient inside the base layer's (addmm_ into dy W0), so no elementwise pass over the (tokens x m) output or the
-    (tokens x n) input gradient is added. Every tensor comes in one dtype; r is None for LoRA.
-
-    Forward:  h = x A^T,  g = h R^T,  y = x W0^T + bias,  y += s g B^T
-    Backward: dg = s dy B,  dR = dg^T h,  dh = dg R,  dx = dy W0 + dh A,
-              and when they train: dW0 = dy^T x, dbias = sum of dy, dB = s dy^T g, dA = dh^T x.
-    Only what the requested gradients need is kept for backward (with W0 and A frozen, not even x)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, b, r, a, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ a.t()
-        g = h if r is None else h @ r.t()
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(g, b.t(), alpha=scale)
-        _, need_weight, _, need_b, need_r, need_a, _ = ctx.needs_input_grad
-        ctx.scale = scale
-        ctx.save_for_backward(x2 if need_weight or need_a else None, weight, b, r, a, h if need_r else None,
-                              g if need_b else None)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x2, weight, b, r, a, h, g = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_b, need_r, need_a, _ = ctx.needs_input_grad
-        shape, dy = dy.shape, dy.reshape(-1, dy.shape[-1])
-        dg = dy @ b if ctx.scale == 1 else (dy @ b).mul_(ctx.scale)
-        dh = dg if r is None else dg @ r
-        dx = (dy @ weight).addmm_(dh, a).view(*shape[:-1], weight.shape[1]) if need_x else None
-        dweight = dy.t() @ x2 if need_weight else None
-        dbias = dy.sum(0) if need_bias else None
-        db = (dy.t() @ g).mul_(ctx.scale) if need_b else None
-        dr = dg.t() @ h if need_r else None
-        da = dh.t() @ x2 if need_a else None
-        return dx, dweight, dbias, db, dr, da, None
-
-
 class LowRankLinear(nn.Module):
     """y = base(x) + s * ((x A^T) R^T) B^T, wrapping an existing nn.Linear (whose weight W0 and bias stay frozen).
 
     LoRA-SB and LoRA-XS: B (m x r) and A (r x n) are frozen buffers, R (r x r) the only parameter, s = 1.
     LoRA: B and A are parameters, there is no R, s = alpha / r.
-    The three thin matmuls never build an m x n matrix, and the forward and backward add nothing to them
-    (_LowRankLinearFunction). B, A and R are kept in fp32 (B and A stay orthonormal to fp32 precision, R's small updates
-    are not rounded away) and cast to the compute dtype at use: the activations' dtype, or autocast's."""
+    The three thin matmuls never build an m x n matrix. B, A and R are kept in fp32 (B and A stay orthonormal to fp32
+    precision, R's small updates are not rounded away) and cast to the compute dtype at use: the activations' dtype,
+    or autocast's. `fused = True` (on the class or on one layer) computes the same with _LowRankLinearFunction."""
+
+    fused = False
 
     def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None, scale: float):
         super().__init__()
@@ -228,10 +172,16 @@ class LowRankLinear(nn.Module):
             return self.base(x)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        bias = None if self.base.bias is None else self.base.bias.to(dtype)
-        r = None if self.R is None else self.R.to(dtype)
+        x = x.to(dtype)
         b, a = self._frozen_factors(dtype) if self.R is not None else (self.B.to(dtype), self.A.to(dtype))
-        return _LowRankLinearFunction.apply(x.to(dtype), self.base.weight.to(dtype), bias, b, r, a, self.scale)
+        r = None if self.R is None else self.R.to(dtype)
+        if self.fused:
+            bias = None if self.base.bias is None else self.base.bias.to(dtype)
+            return _LowRankLinearFunction.apply(x, self.base.weight.to(dtype), bias, b, r, a, self.scale)
+        h = F.linear(x, a)  # x A^T: tokens x r
+        if r is not None:
+            h = F.linear(h, r)  # (x A^T) R^T
+        return self.base(x) + F.linear(h, self.scale * b)  # s on B (m x r), not on the tokens x m output
 
     def _frozen_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen B and A of LoRA-SB/XS in the compute dtype, cast once and kept (in a plain attribute: never
@@ -267,6 +217,47 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, trains={'R' if self.R is not None else 'B, A'}"
+
+
+class _LowRankLinearFunction(torch.autograd.Function):
+    """LowRankLinear's function and gradients written out (LowRankLinear.fused): the adapter's output is added inside
+    the last matmul (addmm_ into the base output) and its input gradient inside the base layer's (addmm_ into dy W0),
+    which saves the plain forward's elementwise passes over the tokens x m output and the tokens x n input gradient.
+    Every tensor comes in one dtype; r is None for LoRA.
+
+    Forward:  h = x A^T,  g = h R^T,  y = x W0^T + bias,  y += s g B^T
+    Backward: dg = s dy B,  dR = dg^T h,  dh = dg R,  dx = dy W0 + dh A,
+              and when they train: dW0 = dy^T x, dbias = sum of dy, dB = s dy^T g, dA = dh^T x.
+    Only what the requested gradients need is kept for backward (with W0 and A frozen, not even x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, b, r, a, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()
+        g = h if r is None else h @ r.t()
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(g, b.t(), alpha=scale)
+        _, need_weight, _, need_b, need_r, need_a, _ = ctx.needs_input_grad
+        ctx.scale = scale
+        ctx.save_for_backward(x2 if need_weight or need_a else None, weight, b, r, a, h if need_r else None,
+                              g if need_b else None)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, weight, b, r, a, h, g = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_b, need_r, need_a, _ = ctx.needs_input_grad
+        shape, dy = dy.shape, dy.reshape(-1, dy.shape[-1])
+        dg = dy @ b if ctx.scale == 1 else (dy @ b).mul_(ctx.scale)
+        dh = dg if r is None else dg @ r
+        dx = (dy @ weight).addmm_(dh, a).view(*shape[:-1], weight.shape[1]) if need_x else None
+        dweight = dy.t() @ x2 if need_weight else None
+        dbias = dy.sum(0) if need_bias else None
+        db = (dy.t() @ g).mul_(ctx.scale) if need_b else None
+        dr = dg.t() @ h if need_r else None
+        da = dh.t() @ x2 if need_a else None
+        return dx, dweight, dbias, db, dr, da, None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -306,53 +297,44 @@ def rank_problems(targets: dict[str, nn.Linear], rank: int) -> list[str]:
             for name, m in targets.items() if not 1 <= rank <= min(m.out_features, m.in_features)]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str] = DEFAULT_TARGETS,
                  updates: dict[str, torch.Tensor] | None = None, lora_alpha: float | None = None, seed: int = 0,
-                 randomized_svd: bool = False, authors_svd: bool = False,
-                 progress: Callable[[Iterable], Iterable] | None = None) -> AdapterReport:
+                 svd: str = "exact", progress: Callable[[Iterable], Iterable] | None = None) -> AdapterReport:
     """Replace every target nn.Linear by a LowRankLinear and freeze everything else; one code path for three methods:
 
     - "lorasb": B, R, A = lorasb_factors(updates[name]) (updates from estimate_first_update), s = 1, R trains.
     - "loraxs": B, R, A = loraxs_factors(W0), s = 1, R trains.
     - "lora":   B = 0, A Kaiming, s = lora_alpha / rank, B and A train.
 
-    The SVDs are exact, or randomized with randomized_svd=True; authors_svd=True gives LoRA-SB the authors' SVD.
-    `progress` wraps the loop over the layers (one SVD each for lorasb and loraxs), e.g. tqdm, to show how far it is.
-    """
+    `svd` is "exact", "randomized" or (LoRA-SB only) "authors": see lorasb_factors. `progress` wraps the loop over the
+    layers (one SVD each for lorasb and loraxs), e.g. tqdm, to show how far it is."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "lorasb" and updates is None:
         raise ValueError("method 'lorasb' needs updates=estimate_first_update(...)")
     if method == "lora" and lora_alpha is None:
         raise ValueError("method 'lora' needs lora_alpha (its scale is lora_alpha / rank)")
-    if authors_svd and method != "lorasb":
-        raise ValueError(f"authors_svd is LoRA-SB's initialization; method {method!r} does not use it")
-    if authors_svd and randomized_svd:
-        raise ValueError("authors_svd and randomized_svd are two different SVDs: choose one")
+    if svd not in SVDS:
+        raise ValueError(f"unknown svd {svd!r}; choose one of {SVDS}")
+    if svd == "authors" and method != "lorasb":
+        raise ValueError(f"svd='authors' is LoRA-SB's initialization; method {method!r} does not use it")
     found = find_targets(model, targets)
     problems = rank_problems(found, rank)
     if problems:
         raise ValueError(problems[0] + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""))
-    if updates is not None:
-        missing = sorted(set(found) - set(updates))
-        if missing:
-            raise ValueError(f"no estimated update for {len(missing)} target layers, e.g. {missing[:3]}")
+    missing = sorted(set(found) - set(updates)) if updates is not None else []
+    if missing:
+        raise ValueError(f"no estimated update for {len(missing)} target layers, e.g. {missing[:3]}")
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear in (progress or iter)(found.items()):
         w0 = linear.weight
         if method == "lorasb":
-            b, r, a = lorasb_factors(updates[name].to(w0.device), rank, authors=authors_svd,
-                                     randomized=randomized_svd)
+            b, r, a = lorasb_factors(updates[name].to(w0.device), rank, svd)
             scale = 1.0
         elif method == "loraxs":
-            b, r, a = loraxs_factors(w0.detach(), rank, generator, randomized=randomized_svd)
+            b, r, a = loraxs_factors(w0.detach(), rank, generator, svd)
             scale = 1.0
         else:
             b, a = lora_factors(linear.out_features, linear.in_features, rank, generator)
@@ -361,6 +343,11 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return AdapterReport(method, rank, sorted(found), trainable, total)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def adapters(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -393,31 +380,6 @@ def merged(model: nn.Module):
 # Estimating the first full fine-tuning update from a few samples.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _batch_size(batch: Any) -> int:
-    """Number of examples in a batch: dim 0 of its first tensor (a tensor, a dict or a sequence of tensors)."""
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v.shape[0]
-    raise TypeError("a batch must be a tensor, or a dict / list / tuple holding tensors whose dim 0 is the batch")
-
-
-def _first_examples(batch: Any, k: int) -> Any:
-    """The first k examples of a batch (every tensor sliced along dim 0)."""
-    cut = lambda v: v[:k] if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if isinstance(batch, dict):
-        return {key: cut(v) for key, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(cut(v) for v in batch)
-    return cut(batch)
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                           num_samples: int, lr: float, targets: Iterable[str] = DEFAULT_TARGETS, rule: str = "adamw",
                           accumulate_on: str | torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -429,13 +391,10 @@ def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Cal
         rule "adamw" (default):  G = sum_b grad(L_b / n_b),      dW = -lr * sign(G)   (the authors' weighting)
         rule "sgd":              G = sum_b (n_b / N) grad(L_b),  dW = -lr * G         (the mean-loss gradient)
 
-    `lr` is lr_1, the learning rate of the schedule's first optimizer step. Memory: only target weights get gradients
-    (every other parameter's requires_grad is off, so backward stops at the first target layer); each gradient is added
-    to an fp32 accumulator (on the weight's device, or on `accumulate_on`, e.g. "cpu") by a post-accumulate-grad hook
-    that then frees it, so at most one target gradient exists at a time. Under torch.distributed each rank passes its
-    own batches and num_samples counts this rank's examples; the sums are all-reduced so every rank gets the same dW.
-    The model's requires_grad flags, train/eval mode and .grad are restored afterwards, also on error.
-    Returns {module name: dW (fp32)}."""
+    `lr` is lr_1, the learning rate of the schedule's first optimizer step. Memory: only target weights get gradients,
+    each added to an fp32 sum (on the weight's device, or on `accumulate_on`, e.g. "cpu") and freed at once
+    (only_targets_get_gradients). Under torch.distributed each rank passes its own batches and num_samples counts this
+    rank's examples; the sums are all-reduced so every rank gets the same dW. Returns {module name: dW (fp32)}."""
     if rule not in ("adamw", "sgd"):
         raise ValueError(f"unknown rule {rule!r}; choose 'adamw' (sign of the gradient) or 'sgd'")
     if num_samples < 1:
@@ -444,74 +403,125 @@ def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Cal
     total = _all_reduce_sum(torch.tensor(float(num_samples))).item()
     sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=accumulate_on or w.device)
             for name, w in weights.items()}
-
-    def accumulate_and_free(name: str) -> Callable[[torch.Tensor], None]:
-        def hook(weight: torch.Tensor) -> None:  # runs once weight.grad is complete for this backward
-            sums[name].add_(weight.grad.to(sums[name].device, torch.float32))
-            weight.grad = None
-        return hook
-
-    params = list(model.parameters())
-    saved_flags = [p.requires_grad for p in params]
-    saved_grads = [p.grad for p in params]
-    was_training = model.training
-    handles = []
-    try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for name, w in weights.items():
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(accumulate_and_free(name)))
-        model.train()
-        seen = 0
+    seen = 0
+    with only_targets_get_gradients(model, weights, lambda name, grad: sums[name].add_(grad.to(sums[name]))):
         for batch in batches:
-            n = min(_batch_size(batch), num_samples - seen)
-            batch = _first_examples(batch, n)
+            batch, n = _first_examples(batch, num_samples - seen)
             loss = loss_fn(model, batch)
-            loss = loss / n if rule == "adamw" else loss * (n / total)
-            loss.backward()
+            (loss / n if rule == "adamw" else loss * (n / total)).backward()
             seen += n
             if seen == num_samples:
                 break
-        if seen < num_samples:
-            raise ValueError(f"the batches held only {seen} examples but num_samples={num_samples}: "
-                             "pass more data or lower num_samples")
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag, grad in zip(params, saved_flags, saved_grads):
-            p.requires_grad_(flag)
-            p.grad = grad
-        model.train(was_training)
-
+    if seen < num_samples:
+        raise ValueError(f"the batches held only {seen} examples but num_samples={num_samples}: "
+                         "pass more data or lower num_samples")
     updates = {}
-    for name, g in sums.items():
-        _all_reduce_sum(g)
+    for name in weights:
+        g = _all_reduce_sum(sums.pop(name))  # each sum is freed as soon as its update exists
         if not torch.isfinite(g).all():
             raise ValueError(f"the gradient of {name} has NaN or inf values: check the loss and the data")
         if not g.any():
             raise ValueError(f"{name} received no gradient (it is all zero): the loss does not depend on this layer, "
                              "so its update cannot be estimated; remove it from the targets")
         updates[name] = adamw_first_step(g, lr) if rule == "adamw" else sgd_first_step(g, lr)
-        sums[name] = None  # free the accumulator as soon as its update exists
     return updates
 
 
+@contextlib.contextmanager
+def only_targets_get_gradients(model: nn.Module, weights: dict[str, torch.Tensor],
+                               on_gradient: Callable[[str, torch.Tensor], Any]):
+    """Within the block, in train mode, only `weights` require gradients (so backward stops at the first target layer),
+    and each weight's gradient, once complete, is passed to on_gradient(name, grad) and freed, so at most one exists
+    at a time. On exit, also on error, every parameter's requires_grad and .grad and the train/eval mode are restored
+    and the hooks removed."""
+    params = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in params]
+    was_training = model.training
+    handles = []
+
+    def hand_over_and_free(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(weight: torch.Tensor) -> None:  # runs once weight.grad is complete for this backward
+            on_gradient(name, weight.grad)
+            weight.grad = None
+        return hook
+
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for name, w in weights.items():
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(hand_over_and_free(name)))
+        model.train()
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, (flag, grad) in zip(params, saved):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+
+
+def _first_examples(batch: Any, k: int) -> tuple[Any, int]:
+    """The first k examples of a batch (a tensor, or a dict / list / tuple of tensors whose dim 0 is the batch) and
+    how many they are: k, or fewer in a smaller batch."""
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    sizes = [v.shape[0] for v in values if isinstance(v, torch.Tensor)]
+    if not sizes:
+        raise TypeError("a batch must be a tensor, or a dict / list / tuple holding tensors whose dim 0 is the batch")
+    cut = lambda v: v[:k] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    if isinstance(batch, dict):
+        batch = {key: cut(v) for key, v in batch.items()}
+    elif isinstance(batch, (list, tuple)):
+        batch = type(batch)(cut(v) for v in batch)
+    else:
+        batch = cut(batch)
+    return batch, min(sizes[0], k)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# safetensors, written and read by hand (torch + json, no pickle). Files are untrusted input: every check below comes
-# from the reference implementation's errors (huggingface/safetensors, SafeTensorError).
+# The baselines: LoRA-XS and LoRA (add_adapters' other two methods).
+# ---------------------------------------------------------------------------------------------------------------------
+
+def loraxs_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None,
+                   svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA-XS initialization (the authors' baseline): W0 ~= U_r S_r V_r^T gives B = U_r, A = S_r V_r^T (S folded into
+    A, so A A^T != I) and R ~ N(0, 1e-5^2). B R A is tiny, so the model starts at ~W0. `svd`: "exact" or
+    "randomized"."""
+    if svd not in ("exact", "randomized"):
+        raise ValueError(f"LoRA-XS's svd is 'exact' or 'randomized', not {svd!r}")
+    u, s, vh = truncated_svd(weight, rank, randomized=svd == "randomized")
+    r = torch.randn(rank, rank, generator=generator, device="cpu").to(weight.device) * 1e-5
+    return u.contiguous(), r, (s[:, None] * vh).contiguous()
+
+
+def lora_factors(out_features: int, in_features: int, rank: int,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard LoRA initialization (Hu et al.; the PEFT default): B = 0 (m x r), A ~ Kaiming-uniform(a=sqrt(5))
+    (r x n), i.e. U(-1/sqrt(n), 1/sqrt(n)). B A = 0, so the model starts exactly at W0."""
+    bound = 1.0 / math.sqrt(in_features)
+    a = torch.rand(rank, in_features, generator=generator) * (2 * bound) - bound
+    return torch.zeros(out_features, rank), a
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: safetensors written and read by hand (torch + json, no pickle), then the adapter's own files. The reader
+# checks what reading needs, so a damaged file is refused by name; in the project, machinery/safetensors_file.py adds
+# the strict checks that untrusted third-party checkpoints need.
 # ---------------------------------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
                       "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
-# Valid in the safetensors format, deliberately not read here: sub-byte types (a tensor is not a whole number of bytes)
-# and F8_E8M0, which only recent torch versions have.
-UNSUPPORTED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0")
 MAX_HEADER_BYTES = 100_000_000
-MAX_NUMEL = 2**63 - 1  # torch counts elements in an int64
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
@@ -532,16 +542,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def remove_interrupted_writes(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files atomic_write leaves behind when its process is killed mid-write, anywhere under
-    `folder` (which no other process may be writing to); returns their paths."""
-    pattern = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # mkstemp's names: prefix, 8 random characters, suffix
-    removed = [str(p) for p in Path(folder).rglob(".*.tmp") if p.is_file() and pattern.fullmatch(p.name)]
-    for path in removed:
-        os.unlink(path)
-    return removed
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -569,104 +569,49 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     atomic_write(path, write)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen, duplicated = set(), set()
-    for key, _ in pairs:
-        (duplicated if key in seen else seen).add(key)
-    if duplicated:  # the reference keeps the last one silently; two different tensors under one name is ambiguous
-        raise ValueError(f"duplicate names in header: {sorted(duplicated)[:5]}")
-    return dict(pairs)
-
-
-def _reject_minus_zero(literal: str) -> int:
-    if literal == "-0":  # Python reads it as 0; the reference reads a float and refuses it
-        raise ValueError("'-0' where a non-negative integer is expected")
-    return int(literal)
-
-
-def _check_tensor_info(name: str, info: Any) -> str | None:
-    """What is wrong with one tensor's header entry, or None."""
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        return f"tensor {name!r} must have 'dtype', 'shape' and 'data_offsets'"
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype in UNSUPPORTED_DTYPES:
-        return f"tensor {name!r} has dtype {dtype!r}, which is valid safetensors but not supported here"
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        return f"tensor {name!r} has dtype {dtype!r}; supported: {sorted(SAFETENSORS_DTYPES)}"
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        return f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
-    numel = 1
-    for d in shape:  # left to right, as the reference checks: [0, 2**62, 2**62] is empty, [2**62, 2**62, 0] overflows
-        numel *= d
-        if numel > MAX_NUMEL:
-            return f"tensor {name!r} has shape {shape}, whose element count overflows"
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
-        return f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end"
-    if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype].itemsize:
-        return f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
-    return None
-
-
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: ({name: tensor}, metadata). The tensors are CPU views of a private memory map of the
-    file (pages are read when touched), so loading a model tensor by tensor keeps memory near one model.
-
-    Every malformed file raises ValueError naming the file and the problem. It accepts what the reference library
-    accepts (whitespace around the header, "__metadata__": null, extra keys in a tensor entry), except duplicate tensor
-    names and the UNSUPPORTED_DTYPES, which are refused with a message that says so."""
+    file (pages are read when touched), so loading a model tensor by tensor keeps memory near one model. A damaged
+    file (truncated, overwritten, not safetensors) raises ValueError naming the file and the problem."""
     path = os.fspath(path)
     size = os.path.getsize(path)
-
-    def fail(msg: str):
-        raise ValueError(f"{path}: {msg}; the file is not a valid safetensors file (re-download or re-save it)")
-
-    if size < 8:
-        fail(f"only {size} bytes")
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            fail(f"header length {header_len} does not fit in a {size}-byte file (limit {MAX_HEADER_BYTES})")
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_int=_reject_minus_zero)
-    except ValueError as e:
-        fail(f"bad JSON header ({e})")
-    except RecursionError:
-        fail("the JSON header is nested too deeply")
-    try:
-        json.dumps(header, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # JSON's "\\ud800" escape decodes to one; the reference refuses it anywhere
-        fail("the header holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
-    if not isinstance(header, dict):
-        fail(f"the header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None)
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        fail("__metadata__ must map strings to strings")
-    data_start, data_len = 8 + header_len, size - 8 - header_len
-    spans = []
-    for name, info in header.items():
-        problem = _check_tensor_info(name, info)
-        if problem:
-            fail(problem)
-        spans.append((*info["data_offsets"], name))
-    end_of_previous = 0
-    for begin, end, name in sorted(spans):
-        if begin != end_of_previous:
-            fail(f"tensor {name!r} starts at byte {begin}, expected {end_of_previous} (overlap or hole)")
-        end_of_previous = end
-    if end_of_previous != data_len:
-        fail(f"the tensors cover {end_of_previous} bytes but the data section has {data_len}")
-    storage = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
-    tensors = {}
-    for begin, end, name in spans:
-        dtype = SAFETENSORS_DTYPES[header[name]["dtype"]]
-        data = storage[data_start + begin:data_start + end]
-        if (data_start + begin) % dtype.itemsize:  # some writers do not pad the header; .view needs alignment
-            data = data.clone()
-        tensors[name] = data.view(dtype).reshape(header[name]["shape"])
+        if size < 8:
+            raise ValueError(f"only {size} bytes")
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"a header length of {header_len} does not fit in a {size}-byte file")
+            header = json.loads(f.read(header_len).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("__metadata__ is not a JSON object")
+        storage = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+        tensors = {name: _tensor_at(storage, 8 + header_len, name, info) for name, info in header.items()}
+    except (ValueError, RecursionError, TypeError, RuntimeError) as e:  # the last two: torch's, on overflowing shapes
+        problem = str(e).splitlines()[0]
+        raise ValueError(f"{path}: {problem}; the file is not a valid safetensors file (re-save or re-download it)"
+                         ) from None
     return tensors, metadata
+
+
+def _tensor_at(storage: torch.Tensor, data_start: int, name: str, info: Any) -> torch.Tensor:
+    """The tensor of one header entry: a view of the file's bytes, once its dtype, shape and offsets agree."""
+    entry = info if isinstance(info, dict) else {}
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    shape, offsets, data_len = entry.get("shape"), entry.get("data_offsets"), len(storage) - data_start
+    if (dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+            or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize):
+        raise ValueError(f"tensor {name!r} is {str(info)[:200]}: not a dtype of {list(SAFETENSORS_DTYPES)} with a "
+                         f"shape and data_offsets that fit each other and the {data_len}-byte data section")
+    data = storage[data_start + offsets[0]:data_start + offsets[1]]
+    if (data_start + offsets[0]) % dtype.itemsize:  # some writers do not pad the header; .view needs alignment
+        data = data.clone()
+    return data.view(dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
