@@ -150,17 +150,6 @@ def score_gsm8k(completions: list[str], golds: list[float]) -> dict:
 # file, checked per record.
 # ---------------------------------------------------------------------------------------------------------------------
 
-GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
-GSM8K_SHA256 = {
-    "train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",  # 7473 problems
-    "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",  # 1319 problems
-}
-METAMATHQA_FILE = "datasets/meta-math/MetaMathQA/resolve/main/MetaMathQA-395K.json"  # on the Hugging Face hub
-# MetaMath's MATH test file (5000 problems), which the authors' MATH_eval.py reads. No checksum is pinned: MetaMath
-# publishes none.
-MATH_URL = "https://raw.githubusercontent.com/meta-math/MetaMath/main/data/test/MATH_test.jsonl"
-
-
 def _check_row(row: object, keys: tuple[str, ...], where: str) -> dict:
     """The `keys` of one record (each a string), or a ValueError naming file:line / file[index]."""
     if not isinstance(row, dict):
@@ -192,12 +181,12 @@ def read_jsonl(path: str | Path, keys: tuple[str, ...], limit: int | None = None
 def load_gsm8k(split: str, data_dir: str | Path) -> list[dict]:
     """GSM8K `split` ("train": 7473, "test": 1319) from `data_dir/{split}.jsonl`, as dicts with keys question, answer.
     (train_gsm8k.py downloads the official files into a cache folder when no --data_dir is given.)"""
-    if split not in GSM8K_SHA256:
-        raise ValueError(f"GSM8K split must be one of {sorted(GSM8K_SHA256)}, got {split!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --data_dir must hold GSM8K's train.jsonl and test.jsonl "
-                                f"(from {GSM8K_URL})")
+                                "(or leave --data_dir out to download them)")
     return read_jsonl(path, ("question", "answer"))
 
 
@@ -233,7 +222,8 @@ def load_math(path: str | Path) -> list[dict]:
     its file and line (theirs silently scored that problem as wrong)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MATH test file {path} not found (MetaMath's MATH_test.jsonl, from {MATH_URL})")
+        raise FileNotFoundError(f"MATH test file {path} not found (MetaMath's MATH_test.jsonl; leave --math_path out to "
+                                "download it)")
     problems = []
     for where, record in jsonl_records(path):
         row = _check_row(record, ("instruction", "output"), where)

@@ -144,9 +144,7 @@ class LowRankLinear(nn.Module):
     LoRA: B and A are parameters, there is no R, s = alpha / r.
     The three thin matmuls never build an m x n matrix. B, A and R are kept in fp32 (B and A stay orthonormal to fp32
     precision, R's small updates are not rounded away) and cast to the compute dtype at use: the activations' dtype,
-    or autocast's. `fused = True` (on the class or on one layer) computes the same with _LowRankLinearFunction."""
-
-    fused = False
+    or autocast's."""
 
     def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None, scale: float):
         super().__init__()
@@ -175,9 +173,6 @@ class LowRankLinear(nn.Module):
         x = x.to(dtype)
         b, a = self._frozen_factors(dtype) if self.R is not None else (self.B.to(dtype), self.A.to(dtype))
         r = None if self.R is None else self.R.to(dtype)
-        if self.fused:
-            bias = None if self.base.bias is None else self.base.bias.to(dtype)
-            return _LowRankLinearFunction.apply(x, self.base.weight.to(dtype), bias, b, r, a, self.scale)
         h = F.linear(x, a)  # x A^T: tokens x r
         if r is not None:
             h = F.linear(h, r)  # (x A^T) R^T
@@ -217,47 +212,6 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, trains={'R' if self.R is not None else 'B, A'}"
-
-
-class _LowRankLinearFunction(torch.autograd.Function):
-    """LowRankLinear's function and gradients written out (LowRankLinear.fused): the adapter's output is added inside
-    the last matmul (addmm_ into the base output) and its input gradient inside the base layer's (addmm_ into dy W0),
-    which saves the plain forward's elementwise passes over the tokens x m output and the tokens x n input gradient.
-    Every tensor comes in one dtype; r is None for LoRA.
-
-    Forward:  h = x A^T,  g = h R^T,  y = x W0^T + bias,  y += s g B^T
-    Backward: dg = s dy B,  dR = dg^T h,  dh = dg R,  dx = dy W0 + dh A,
-              and when they train: dW0 = dy^T x, dbias = sum of dy, dB = s dy^T g, dA = dh^T x.
-    Only what the requested gradients need is kept for backward (with W0 and A frozen, not even x)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, b, r, a, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ a.t()
-        g = h if r is None else h @ r.t()
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(g, b.t(), alpha=scale)
-        _, need_weight, _, need_b, need_r, need_a, _ = ctx.needs_input_grad
-        ctx.scale = scale
-        ctx.save_for_backward(x2 if need_weight or need_a else None, weight, b, r, a, h if need_r else None,
-                              g if need_b else None)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x2, weight, b, r, a, h, g = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_b, need_r, need_a, _ = ctx.needs_input_grad
-        shape, dy = dy.shape, dy.reshape(-1, dy.shape[-1])
-        dg = dy @ b if ctx.scale == 1 else (dy @ b).mul_(ctx.scale)
-        dh = dg if r is None else dg @ r
-        dx = (dy @ weight).addmm_(dh, a).view(*shape[:-1], weight.shape[1]) if need_x else None
-        dweight = dy.t() @ x2 if need_weight else None
-        dbias = dy.sum(0) if need_bias else None
-        db = (dy.t() @ g).mul_(ctx.scale) if need_b else None
-        dr = dg.t() @ h if need_r else None
-        da = dh.t() @ x2 if need_a else None
-        return dx, dweight, dbias, db, dr, da, None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

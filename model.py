@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from machinery.safetensors_file import load_safetensors
+from machinery.safetensors_file import INDEX_FILE, load_safetensors, read_weight_map
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: read from the checkpoint's config.json, with a short list of supported model types.
@@ -432,25 +432,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 # ---------------------------------------------------------------------------------------------------------------------
 # Weight loading: safetensors only (no pickle), strict, one tensor at a time.
 # ---------------------------------------------------------------------------------------------------------------------
-
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def read_weight_map(index_path: Path) -> dict[str, str]:
-    """The {tensor: shard file} map of a model.safetensors.index.json, with every shard a plain file name (the index
-    is untrusted: a path in it could point anywhere)."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in weight_map.items()):
-        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
-    for name, shard in weight_map.items():
-        if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
-            raise ValueError(f"{index_path}: tensor {name!r} maps to {shard!r}; shards must be plain file names")
-    return weight_map
-
 
 def checkpoint_files(folder) -> dict[Path, set[str] | None]:
     """The safetensors files of a folder: {model.safetensors: None} (any tensors), or each shard of the index with

@@ -48,7 +48,7 @@ from tqdm import tqdm
 import data
 import lorasb
 import model as model_lib
-from machinery import checkpoints, distributed, hub, run_folder
+from machinery import checkpoints, datasets, distributed, hub, run_folder
 from machinery.distributed import refuse
 from machinery.math_grader import score_math
 from machinery.tokenizer import Tokenizer
@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_length", type=POSITIVE_INT, default=512, help="truncate training examples to this many tokens")
     a("--num_init_samples", type=POSITIVE_INT, help="examples of the estimate (default: 0.1%% of the data, >= 32)")
     a("--init_rule", default="adamw", choices=("adamw", "sgd"), help="dW = -lr_1 * sign G (adamw) or -lr_1 * G")
-    a("--init_svd", default="exact", choices=("exact", "randomized", "authors"), help="SVD of the initialization; "
+    a("--init_svd", default="exact", choices=lorasb.SVDS, help="SVD of the initialization; "
       "authors: theirs, svd_lowrank with q = rank, 10 power iterations, seed 42 (lorasb only)")
     a("--init_batch_size", type=POSITIVE_INT, help="examples per batch of the estimate (default: --micro_batch_size)")
     a("--lr_1", type=POSITIVE, help="the step size of the first-update estimate, which sets the size of R at init "
@@ -253,47 +253,18 @@ class Setup:
 # Load: the model folder, the tokenizer and the data (downloaded into the cache when not given as local files).
 # ---------------------------------------------------------------------------------------------------------------------
 
-def gsm8k_dir(data_dir: str | None) -> Path:
-    """GSM8K's folder: --data_dir, or the cache, into which the official files are downloaded (sha256-checked) once.
-    LORASB_GSM8K_URL replaces their base URL (a mirror, or a test server)."""
-    if data_dir:
-        return Path(data_dir)
-    base = os.environ.get("LORASB_GSM8K_URL", data.GSM8K_URL).rstrip("/")
-    for split, sha256 in data.GSM8K_SHA256.items():
-        hub.cached_download(f"{base}/{split}.jsonl", f"gsm8k/{split}.jsonl", sha256, "--data_dir")
-    return hub.CACHE_DIR / "gsm8k"
-
-
-def metamathqa_file(path: str | None) -> Path:
-    """--metamathqa_path, or MetaMathQA-395K.json (~400 MB) from the hub (HF_ENDPOINT or huggingface.co), downloaded
-    into the cache once. No checksum is published for it, so it is not verified."""
-    if path:
-        return Path(path)
-    endpoint = os.environ.get("HF_ENDPOINT", hub.HUB_ENDPOINT).rstrip("/")
-    return hub.cached_download(f"{endpoint}/{data.METAMATHQA_FILE}", "metamathqa/MetaMathQA-395K.json",
-                               local_option="--metamathqa_path")
-
-
-def math_file(path: str | None) -> Path:
-    """--math_path, or MetaMath's MATH_test.jsonl (~6 MB) downloaded into the cache once. LORASB_MATH_URL replaces its
-    URL (a mirror, or a test server). No checksum is pinned (see data.MATH_URL); data.load_math checks every record."""
-    if path:
-        return Path(path)
-    return hub.cached_download(os.environ.get("LORASB_MATH_URL", data.MATH_URL), "math/MATH_test.jsonl",
-                               local_option="--math_path")
-
-
 def training_data_file(args) -> Path:
-    return gsm8k_dir(args.data_dir) / "train.jsonl" if args.train_data == "gsm8k" else metamathqa_file(
-        args.metamathqa_path)
+    if args.train_data == "gsm8k":
+        return datasets.gsm8k_dir(args.data_dir) / "train.jsonl"
+    return datasets.metamathqa_file(args.metamathqa_path)
 
 
 def training_pairs(args) -> list[tuple[str, str]]:
     """(prompt, response) pairs in the authors' format: their Alpaca prompt, the response, then EOS."""
     if args.train_data == "gsm8k":
-        rows = data.load_gsm8k("train", gsm8k_dir(args.data_dir))[:args.num_train]
+        rows = data.load_gsm8k("train", datasets.gsm8k_dir(args.data_dir))[:args.num_train]
         return [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
-    rows = data.load_metamathqa(args.num_train or 50_000, metamathqa_file(args.metamathqa_path))
+    rows = data.load_metamathqa(args.num_train or 50_000, datasets.metamathqa_file(args.metamathqa_path))
     return [(data.TRAIN_PROMPT.format(instruction=r["query"]), r["response"]) for r in rows]
 
 
@@ -320,15 +291,18 @@ def load(args, setup: Setup) -> Loaded:
     if setup.ddp and not setup.master_process:
         dist.barrier()
     folder = hub.resolve_model(args.model)
-    questions = data.load_gsm8k("test", gsm8k_dir(args.data_dir))[:args.eval_limit]
+    questions = data.load_gsm8k("test", datasets.gsm8k_dir(args.data_dir))[:args.eval_limit]
     pairs = None if args.eval_only else training_pairs(args)
-    math_problems = data.load_math(math_file(args.math_path))[:args.eval_limit] if "math" in args.eval_data else None
+    math_problems = None
+    if "math" in args.eval_data:
+        math_problems = data.load_math(datasets.math_file(args.math_path))[:args.eval_limit]
     if setup.ddp and setup.master_process:
         dist.barrier()
     config = model_lib.load_config(folder)
     problems = check_model(args, config)
     if not questions:
-        problems.append(f"{gsm8k_dir(args.data_dir) / 'test.jsonl'} holds no test question: evaluation needs one")
+        test_file = datasets.gsm8k_dir(args.data_dir) / "test.jsonl"
+        problems.append(f"{test_file} holds no test question: evaluation needs one")
     if problems:
         refuse(problems)
     return Loaded(folder, config, Tokenizer.from_dir(folder), questions, pairs, math_problems)
@@ -474,15 +448,14 @@ def initialize_adapters(model, examples: list[dict], pad_id: int, args, plan: Pl
         lora    B = 0, A Kaiming, scale alpha / r: the model starts at W0
         full    nothing to add: every weight trains
     """
-    randomized = args.init_svd == "randomized"
     bar = partial(tqdm, desc="adding adapters", unit="layer", disable=not setup.master_process)
     if args.method == "lorasb":
         updates = estimate_update_from_examples(model, examples, pad_id, args, plan, setup)
         return lorasb.add_adapters(model, "lorasb", args.rank, args.targets, updates=updates,
-                                   randomized_svd=randomized, authors_svd=args.init_svd == "authors", progress=bar)
+                                   svd=args.init_svd, progress=bar)
     if args.method in ("loraxs", "lora"):
         return lorasb.add_adapters(model, args.method, args.rank, args.targets, lora_alpha=args.lora_alpha,
-                                   seed=args.seed, randomized_svd=randomized, progress=bar)
+                                   seed=args.seed, svd=args.init_svd, progress=bar)
     return None
 
 

@@ -420,9 +420,9 @@ def prepare(model: model_lib.Transformer, method: str, rank: int) -> None:
     """Turn a model into what `method` trains. Adapter SVDs are randomized here (the factors' values do not change the
     step time; the exact SVD is timed in bench_init)."""
     if method == "lorasb":
-        lorasb.add_adapters(model, "lorasb", rank, updates=random_updates(model, 1e-4), randomized_svd=True)
+        lorasb.add_adapters(model, "lorasb", rank, updates=random_updates(model, 1e-4), svd="randomized")
     elif method == "loraxs":
-        lorasb.add_adapters(model, "loraxs", rank, randomized_svd=True)
+        lorasb.add_adapters(model, "loraxs", rank, svd="randomized")
     elif method == "lora":
         lorasb.add_adapters(model, "lora", LORA_RANK, lora_alpha=LORA_ALPHA)
     elif method == "frozen":  # no weight trains, but backward still runs through every layer down to the embedding
@@ -578,9 +578,9 @@ def bench_init(args, machine: Machine, log) -> dict:
     for i in range(args.init_rounds):
         rounds["estimate_s"].append(timed(estimate, args.device))
         # the time of all targets: each shape's SVD time x its count (timed per shape, in turn)
-        for key, randomized in (("svd_exact_s", False), ("svd_randomized_s", True)):
+        for key, svd in (("svd_exact_s", "exact"), ("svd_randomized_s", "randomized")):
             rounds[key].append(sum(count * timed(lambda: lorasb.lorasb_factors(examples[shape], args.rank,
-                                                                               randomized=randomized), args.device)
+                                                                               svd=svd), args.device)
                                    for shape, count in shapes.items()))
         machine.mark()
         log(f"initialization round {i + 1} of {args.init_rounds}")

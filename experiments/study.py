@@ -40,6 +40,7 @@ import lorasb
 import model as model_lib
 import train_gsm8k as trainer
 from experiments import svg
+from machinery import datasets
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LAYER_TYPES = lorasb.DEFAULT_TARGETS
@@ -155,14 +156,14 @@ class Study:
         loaded = trainer.load(base, self.setup)
         self.folder, self.tokenizer = loaded.folder, loaded.tokenizer
         self.eos_ids, self.pad_id = loaded.eos_ids, loaded.tokenizer.pad_id
-        rows = data.load_gsm8k("train", trainer.gsm8k_dir(args.data_dir))
+        rows = data.load_gsm8k("train", datasets.gsm8k_dir(args.data_dir))
         held = self.budget.probe_examples + self.budget.validation_examples
         self.validation = rows[-self.budget.validation_examples:]
         probe_pairs = loaded.pairs[-held:-self.budget.validation_examples]
         self.examples, self.truncated = data.tokenize_dataset(self.tokenizer, loaded.pairs[:-held],
                                                               self.budget.max_length)
         self.probe, _ = data.tokenize_dataset(self.tokenizer, probe_pairs, self.budget.max_length)
-        self.test = data.load_gsm8k("test", trainer.gsm8k_dir(args.data_dir))
+        self.test = data.load_gsm8k("test", datasets.gsm8k_dir(args.data_dir))
         # the trained weights of the claim-3 runs, kept for their evaluation (outside the committed results)
         self.cache = args.out / "trained" if args.quick else Path("runs") / "study-trained"
         self.cache.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lorasb import atomic_write
-from model import INDEX_FILE, read_weight_map
+from machinery.safetensors_file import INDEX_FILE, read_weight_map
 
 HUB_ENDPOINT = "https://huggingface.co"  # hub_endpoint() reads $HF_ENDPOINT first
 CACHE_DIR = Path.home() / ".cache" / "lorasb"  # downloaded models (models/) and datasets

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,3 +114,23 @@ def _tensor_entry_problem(name: str, info: Any) -> str | None:
     if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype].itemsize:
         return f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
     return None
+
+
+# A checkpoint too large for one file is split into shards named by an index.
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The {tensor: shard file} map of a model.safetensors.index.json, with every shard a plain file name (the index
+    is untrusted: a path in it could point anywhere)."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    for name, shard in weight_map.items():
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
+            raise ValueError(f"{index_path}: tensor {name!r} maps to {shard!r}; shards must be plain file names")
+    return weight_map

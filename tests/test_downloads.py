@@ -1,5 +1,5 @@
-"""machinery/hub.py against loopback servers: downloads (resume, checksums, errors), the dataset files train_gsm8k.py
-fetches into the cache, and resolve_model (local folder, Hugging Face cache, a download from the hub)."""
+"""machinery/hub.py against loopback servers: downloads (resume, checksums, errors), the dataset files that
+machinery/datasets.py fetches into the cache, and resolve_model (local folder, Hugging Face cache, the hub)."""
 
 import functools
 import hashlib
@@ -15,7 +15,7 @@ import torch
 
 import data
 import model as model_lib
-import train_gsm8k
+from machinery import datasets, safetensors_file
 from lorasb import load_safetensors
 from machinery import hub as hub_lib
 from test_model import write_shards
@@ -178,10 +178,10 @@ def test_gsm8k_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
     payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
     url, log, _ = serve({"/gsm/test.jsonl": payload})
     monkeypatch.setenv("LORASB_GSM8K_URL", url + "/gsm")
-    monkeypatch.setattr(data, "GSM8K_SHA256", {"test": sha(payload)})
+    monkeypatch.setattr(datasets, "GSM8K_SHA256", {"test": sha(payload)})
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
-    assert data.load_gsm8k("test", train_gsm8k.gsm8k_dir(None)) == rows
-    assert data.load_gsm8k("test", train_gsm8k.gsm8k_dir(None)) == rows
+    assert data.load_gsm8k("test", datasets.gsm8k_dir(None)) == rows
+    assert data.load_gsm8k("test", datasets.gsm8k_dir(None)) == rows
     assert len(log) == 1 and (tmp_path / "gsm8k" / "test.jsonl").read_bytes() == payload
 
 
@@ -189,15 +189,15 @@ def test_an_offline_dataset_download_says_where_to_put_the_data(tmp_path, monkey
     monkeypatch.setenv("LORASB_GSM8K_URL", closed_port_url())
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
     with pytest.raises(hub_lib.DownloadError, match=r"(?s)could not download.*--data_dir"):
-        train_gsm8k.gsm8k_dir(None)
+        datasets.gsm8k_dir(None)
 
 
 def test_metamathqa_is_downloaded_from_the_hub_into_the_cache(serve, tmp_path, monkeypatch):
     rows = [{"query": f"q{i}", "response": f"r{i}\nThe answer is: {i}"} for i in range(3)]
-    url, log, _ = serve({"/" + data.METAMATHQA_FILE: json.dumps(rows).encode()})
+    url, log, _ = serve({"/" + datasets.METAMATHQA_FILE: json.dumps(rows).encode()})
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
-    assert data.load_metamathqa(3, train_gsm8k.metamathqa_file(None)) == rows
+    assert data.load_metamathqa(3, datasets.metamathqa_file(None)) == rows
     assert len(log) == 1 and (tmp_path / "metamathqa" / "MetaMathQA-395K.json").is_file()
 
 
@@ -208,13 +208,13 @@ def test_math_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
     monkeypatch.setenv("LORASB_MATH_URL", url + "/MATH_test.jsonl")
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
     expected = [{"question": "What is $1+1$?", "answer": "2", "subject": "Prealgebra"}]
-    assert data.load_math(train_gsm8k.math_file(None)) == expected
-    assert data.load_math(train_gsm8k.math_file(None)) == expected
+    assert data.load_math(datasets.math_file(None)) == expected
+    assert data.load_math(datasets.math_file(None)) == expected
     assert len(log) == 1 and (tmp_path / "math" / "MATH_test.jsonl").is_file()
     monkeypatch.setenv("LORASB_MATH_URL", closed_port_url() + "/MATH_test.jsonl")
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path / "empty")
     with pytest.raises(hub_lib.DownloadError, match=r"(?s)could not download.*--math_path"):
-        train_gsm8k.math_file(None)
+        datasets.math_file(None)
 
 
 # -----------------------------------------------------------------------------
@@ -417,7 +417,7 @@ def test_download_from_hub_then_cache(tiny_model_dir, hub_env, folder_hub, monke
     got = hub_lib.resolve_model("org/tiny", cache_dir=cache)
     assert got == cache / "org--tiny"
     assert {p.name for p in got.iterdir()} == ({"config.json", "generation_config.json", "tokenizer.json",
-                                                model_lib.INDEX_FILE} | set(weight_map.values()))
+                                                safetensors_file.INDEX_FILE} | set(weight_map.values()))
     assert all(auth == "Bearer hf_secret" for _, auth in log)
     assert "/org/tiny/resolve/main/special_tokens_map.json" in [p for p, _ in log]  # tried; its 404 is fine
     ids = torch.tensor([[1, 5, 7, 9, 11]])
@@ -437,10 +437,10 @@ def test_download_errors(hub_env, folder_hub, monkeypatch):
     repo_dir = root / "org" / "evil" / "resolve" / "main"
     repo_dir.mkdir(parents=True)
     (repo_dir / "tokenizer.json").write_text("{}")
-    (repo_dir / model_lib.INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "../../escape.safetensors"}}))
+    (repo_dir / safetensors_file.INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "../../escape.safetensors"}}))
     with pytest.raises(ValueError, match="plain file names"):
         hub_lib.resolve_model("org/evil", cache_dir=hub_env / "ours")
-    (repo_dir / model_lib.INDEX_FILE).unlink()
+    (repo_dir / safetensors_file.INDEX_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
         hub_lib.resolve_model("org/evil", cache_dir=hub_env / "fresh")  # "ours" keeps the index it fetched
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())  # nobody listening: offline as far as we can tell

@@ -1,6 +1,5 @@
-"""LowRankLinear's forward and gradients, plain and fused (_LowRankLinearFunction), equal those of the dense layer
-x (W0 + s B R A)^T + b, for every combination of what trains, in fp64, under bf16 autocast and under torch.compile;
-its frozen factors are cast once."""
+"""LowRankLinear's forward and gradients equal those of the dense layer x (W0 + s B R A)^T + b, for every combination
+of what trains, in fp64, under bf16 autocast and under torch.compile; its frozen factors are cast once."""
 
 import pytest
 import torch
@@ -17,25 +16,22 @@ def dense_reference(layer: lorasb.LowRankLinear, x: torch.Tensor) -> torch.Tenso
     return F.linear(x, weight, None if layer.base.bias is None else layer.base.bias.to(x.dtype))
 
 
-def make_layer(method: str, bias: bool, train_base: bool, dtype=torch.float64, fused=False) -> lorasb.LowRankLinear:
+def make_layer(method: str, bias: bool, train_base: bool, dtype=torch.float64) -> lorasb.LowRankLinear:
     torch.manual_seed(0)
     base = nn.Linear(12, 10, bias=bias).requires_grad_(train_base)
     b, a = torch.randn(10, 4), torch.randn(4, 12)
     r = torch.randn(4, 4) if method == "lorasb" else None
-    layer = lorasb.LowRankLinear(base, b, a, r, scale=1.0 if method == "lorasb" else 2.5).to(dtype)
-    layer.fused = fused
-    return layer
+    return lorasb.LowRankLinear(base, b, a, r, scale=1.0 if method == "lorasb" else 2.5).to(dtype)
 
 
 def trained(layer: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in layer.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("method", ["lorasb", "lora"])
 @pytest.mark.parametrize("bias, train_base, x_grad", [(False, False, True), (True, True, True), (True, False, False)])
-def test_forward_and_gradients_equal_the_dense_layer(method, bias, train_base, x_grad, fused):
-    layer = make_layer(method, bias, train_base, fused=fused)
+def test_forward_and_gradients_equal_the_dense_layer(method, bias, train_base, x_grad):
+    layer = make_layer(method, bias, train_base)
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=x_grad)
     dy = torch.randn(3, 5, 10, dtype=torch.float64)
     params = trained(layer)
@@ -49,9 +45,8 @@ def test_forward_and_gradients_equal_the_dense_layer(method, bias, train_base, x
     assert layer.B.dtype == layer.A.dtype == torch.float64  # the stored factors are untouched
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients(fused):
-    layer = make_layer("lorasb", bias=True, train_base=False, dtype=torch.float32, fused=fused)
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients():
+    layer = make_layer("lorasb", bias=True, train_base=False, dtype=torch.float32)
     x = torch.randn(2, 7, 12, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -62,9 +57,8 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients(fused):
     assert layer.R.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_compiles_without_graph_breaks(fused):
-    layer = make_layer("lorasb", bias=True, train_base=False, dtype=torch.float32, fused=fused)
+def test_compiles_without_graph_breaks():
+    layer = make_layer("lorasb", bias=True, train_base=False, dtype=torch.float32)
     x = torch.randn(2, 3, 12)
     expected = layer(x)
     try:

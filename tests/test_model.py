@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as M
+from machinery import safetensors_file
 from conftest import SMOLLM2_DIR as SMOLLM2, has_file
 from lorasb import load_safetensors, save_safetensors
 
@@ -102,7 +103,7 @@ def write_shards(folder: Path, tensors: dict, num_shards: int = 2) -> dict:
         part = names[i::num_shards]
         save_safetensors(folder / shard, {k: tensors[k] for k in part})
         weight_map.update(dict.fromkeys(part, shard))
-    (folder / M.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (folder / safetensors_file.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
     return weight_map
 
 
@@ -328,7 +329,7 @@ def test_bad_index_is_refused(tiny, tmp_path):
     shard_dir.mkdir()
     shutil.copy(folder / "config.json", shard_dir)
     weight_map = write_shards(shard_dir, tensors)
-    index = shard_dir / M.INDEX_FILE
+    index = shard_dir / safetensors_file.INDEX_FILE
 
     def load_with(mapping):
         index.write_text(json.dumps({"weight_map": mapping}))

@@ -531,7 +531,7 @@ def test_the_authors_svd_and_init_batch_size_are_exactly_theirs(tiny_model_dir, 
     direct = model_lib.load_model(tiny_model_dir)
     batches = data.Batches(examples, 3, 43, pad_id=256)  # --init_batch_size 3, the estimate's own order (seed + 1)
     updates = lorasb.estimate_first_update(direct, batches, train_gsm8k.causal_lm_loss, 5, plan.lr_1)
-    lorasb.add_adapters(direct, "lorasb", 4, updates=updates, authors_svd=True)
+    lorasb.add_adapters(direct, "lorasb", 4, updates=updates, svd="authors")
     got, expected = phase.state_dict(), direct.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
