@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lorasb
-from conftest import REPO
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -498,21 +497,3 @@ def test_lorasb_beats_loraxs_and_tracks_full_fine_tuning_on_a_toy_task():
     gap = lambda losses: (losses.log() - full.log()).abs().mean().item()  # noqa: E731
     assert gap(sb) < gap(xs)
 
-
-def test_the_readme_snippet_runs_on_a_tiny_hugging_face_model(tmp_path, monkeypatch):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Use lorasb.py in your own project", 1)[1]
-    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
-    model = tiny_hf_llama()
-    ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones_like(ids[i:i + 4]), "labels": ids[i:i + 4]}
-               for i in (0, 4)] * 8
-    before = copy.deepcopy(model)
-    monkeypatch.chdir(tmp_path)
-    namespace = {"model": model, "batches": batches}
-    exec(compile(snippet, "README.md", "exec"), namespace)
-    assert (tmp_path / "adapter.safetensors").is_file()
-    assert (tmp_path / "peft_adapter" / "adapter_config.json").is_file()
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 7 * 16 * 16
-    for name, adapter in lorasb.adapters(model).items():  # trained, W0 untouched, unmerged after the block
-        assert torch.equal(adapter.base.weight, before.get_submodule(name).weight)
