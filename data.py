@@ -151,26 +151,43 @@ def score_gsm8k(completions: list[str], golds: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _check_row(row: object, keys: tuple[str, ...], where: str) -> dict:
-    """The `keys` of one record (each a string), or a ValueError naming file:line / file[index]."""
+    """The `keys` of one record (each a string that is text), or a ValueError naming file:line / file[index]."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object with keys {list(keys)}, got {type(row).__name__}")
     for key in keys:
         if not isinstance(row.get(key), str):
             raise ValueError(f"{where}: missing string field {key!r} (keys are {sorted(row)})")
+        try:  # a JSON escape such as "\ud800" decodes to a lone surrogate, which no tokenizer or file can take
+            row[key].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: field {key!r} holds a lone surrogate {row[key][e.start]!r} at character "
+                             f"{e.start + 1} (an unpaired \\ud800-\\udfff escape), which is not text") from None
     return {key: row[key] for key in keys}
+
+
+def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each line of a text file, decoded as UTF-8 line by line, so that a byte that is not
+    UTF-8 is a ValueError naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at byte "
+                                 f"{e.start + 1} of the line): save the file as UTF-8") from None
+            yield lineno, line
 
 
 def jsonl_records(path: str | Path) -> Iterator[tuple[str, object]]:
     """(where, record) for each line of a JSON-lines file but blank ones; where is "file:line", for error messages."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield f"{path}:{lineno}", record
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield f"{path}:{lineno}", record
 
 
 def read_jsonl(path: str | Path, keys: tuple[str, ...], limit: int | None = None) -> list[dict]:
@@ -180,6 +197,8 @@ def read_jsonl(path: str | Path, keys: tuple[str, ...], limit: int | None = None
 
 def load_gsm8k(split: str, data_dir: str | Path) -> list[dict]:
     """GSM8K `split` ("train": 7473, "test": 1319) from `data_dir/{split}.jsonl`, as dicts with keys question, answer.
+    An answer without a final "#### N" line (N an integer, as gold_answer reads it) is an error naming its file and
+    line, found here rather than when the answer is scored or turned into a training target.
     (train_gsm8k.py downloads the official files into a cache folder when no --data_dir is given.)"""
     if split not in ("train", "test"):
         raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
@@ -187,7 +206,16 @@ def load_gsm8k(split: str, data_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --data_dir must hold GSM8K's train.jsonl and test.jsonl "
                                 "(or leave --data_dir out to download them)")
-    return read_jsonl(path, ("question", "answer"))
+    rows = []
+    for where, record in jsonl_records(path):
+        row = _check_row(record, ("question", "answer"), where)
+        try:
+            gold_answer(row["answer"])
+        except ValueError:
+            raise ValueError(f"{where}: the answer does not end with a '#### N' line where N is an integer (its end: "
+                             f"{row['answer'][-80:]!r}); fix the line or remove it") from None
+        rows.append(row)
+    return rows
 
 
 def load_metamathqa(num_examples: int, path: str | Path) -> list[dict]:
@@ -198,14 +226,13 @@ def load_metamathqa(num_examples: int, path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MetaMathQA file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        is_json_list = f.read(4096).lstrip().startswith("[")
+    with open(path, "rb") as f:
+        is_json_list = f.read(4096).lstrip().startswith(b"[")
     if is_json_list:
-        with open(path, encoding="utf-8") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        try:
+            records = json.loads("".join(line for _, line in utf8_lines(path)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         rows = [_check_row(r, ("query", "response"), f"{path}[{i}]") for i, r in enumerate(records[:num_examples])]
     else:
         rows = read_jsonl(path, ("query", "response"), limit=num_examples)

@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -596,52 +597,90 @@ def _common(found: dict[str, LowRankLinear], attribute: str) -> Any:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load an adapter saved by save_adapter into `model` and return its metadata.
+    """Load an adapter saved by save_adapter into `model`, a model without adapters, and return its metadata: the
+    target linears are wrapped and everything else is frozen.
 
-    A model without adapters gets them (its target linears are wrapped, everything else frozen); a model that has them
-    gets their values. Names and shapes are checked first, and an error names the module that disagrees."""
+    The whole file is checked against the model first (_adapter_problem), so a refused file raises one ValueError
+    naming the file and what is wrong, and leaves the model as it was. A model that already has adapters is refused:
+    LoRA-SB and LoRA-XS adapters have the same form, so replacing them could silently mix two methods or scales; load
+    into a freshly loaded base model instead."""
     tensors, metadata = load_safetensors(path)
-    if "lorasb" not in metadata:
-        raise ValueError(f"{path}: not an adapter saved by lorasb.save_adapter (no 'lorasb' metadata)")
-    info = json.loads(metadata["lorasb"])
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name, _, part = key.rpartition(".")
         modules.setdefault(name, {})[part] = t
-    existing = adapters(model)
-    if existing and set(existing) != set(modules):
-        diff = sorted(set(existing) ^ set(modules))
-        raise ValueError(f"{path}: the adapter's modules differ from the model's adapters, e.g. {diff[:3]}")
+    problem = _adapter_problem(model, metadata, modules)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    info = json.loads(metadata["lorasb"])
+    for p in model.parameters():
+        p.requires_grad_(False)
     for name, parts in modules.items():
-        try:
-            module = existing[name] if name in existing else model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: module {name} is not in the model (is this adapter for another model?)"
-                             ) from None
-        linear = module.base if isinstance(module, LowRankLinear) else module
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{path}: module {name} is a {type(linear).__name__}, not an nn.Linear")
-        rank = info["rank"]
-        expected = {"B": (linear.out_features, rank), "A": (rank, linear.in_features)}
-        if "R" in parts:
-            expected["R"] = (rank, rank)
-        got = {part: tuple(t.shape) for part, t in parts.items()}
-        if got != expected:
-            raise ValueError(f"{path}: module {name} has {got} but this model needs {expected} "
-                             f"(layer {linear.out_features} x {linear.in_features}, rank {rank})")
-    if not existing:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    for name, parts in modules.items():
-        if name in existing:
-            with torch.no_grad():
-                for part, t in parts.items():
-                    getattr(existing[name], part).copy_(t)
-        else:
-            linear = model.get_submodule(name)
-            adapter = LowRankLinear(linear, parts["B"], parts["A"], parts.get("R"), info["scale"])
-            _set_submodule(model, name, adapter.to(linear.weight.device))
+        linear = model.get_submodule(name)
+        adapter = LowRankLinear(linear, parts["B"], parts["A"], parts.get("R"), float(info["scale"]))
+        _set_submodule(model, name, adapter.to(linear.weight.device))
     return info
+
+
+def _adapter_problem(model: nn.Module, metadata: dict[str, str],
+                    modules: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """What keeps an adapter file (its metadata and its tensors grouped by module) from loading into `model`, or None:
+    adapters already in the model; metadata that is not a JSON object with a known method, a positive integer rank, a
+    finite scale and a list of targets; modules missing from the file or absent from the model's targets; a module
+    without its B, A (and R but for LoRA); tensors that are not floating point, hold NaN or inf, or whose shapes do
+    not fit the layer at the metadata's rank."""
+    existing = adapters(model)
+    if existing:
+        return (f"the model already has adapters (on {len(existing)} layers); load the file into a model without "
+                f"adapters, such as a freshly loaded base model")
+    if not isinstance(metadata.get("lorasb"), str):
+        return "not an adapter saved by lorasb.save_adapter (no 'lorasb' metadata string)"
+    try:
+        info = json.loads(metadata["lorasb"])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting is a RecursionError
+        return f"its 'lorasb' metadata is not JSON ({str(e)[:200]})"
+    if not isinstance(info, dict):
+        return f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object"
+    fields = ("method", "rank", "scale", "targets")
+    if any(field not in info for field in fields):
+        return f"its metadata lacks {[field for field in fields if field not in info]} (it has {sorted(info)})"
+    method, rank, scale, targets = (info[field] for field in fields)
+    if method not in METHODS:
+        return f"its metadata's method {method!r} is not one of {METHODS}"
+    if type(rank) is not int or rank < 1:
+        return f"its metadata's rank {rank!r} is not a positive integer"
+    if type(scale) not in (int, float) or not abs(scale) <= sys.float_info.max:  # NaN, inf and huge ints fail
+        return f"its metadata's scale {scale!r} is not a finite number"
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        return f"its metadata's targets {targets!r} is not a list of module-name suffixes"
+    try:
+        layers = find_targets(model, targets)
+    except ValueError as e:
+        return str(e)
+    missing, extra = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
+    if missing:
+        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching {targets}, "
+                f"e.g. {missing[:3]}")
+    if extra:
+        return (f"it has adapters for modules that are not layers of this model matching {targets}, e.g. "
+                f"{extra[:3]} (is this adapter for another model?)")
+    needed = ["A", "B"] if method == "lora" else ["A", "B", "R"]
+    for name, parts in modules.items():
+        if sorted(parts) != needed:
+            return f"module {name} has tensors {sorted(parts)}; a {method} adapter has {needed}"
+        for part, t in parts.items():
+            if not t.is_floating_point():
+                return f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype"
+            if not torch.isfinite(t.float()).all():
+                return f"{name}.{part} has NaN or inf values"
+        out, inp = layers[name].out_features, layers[name].in_features
+        expected = {part: shape for part, shape in (("A", (rank, inp)), ("B", (out, rank)), ("R", (rank, rank)))
+                    if part in needed}
+        got = {part: tuple(parts[part].shape) for part in needed}
+        if got != expected:
+            return (f"module {name} has shapes {got} but its layer ({out} x {inp}) at the metadata's rank {rank} "
+                    f"needs {expected}")
+    return None
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | None = None) -> None:

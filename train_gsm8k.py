@@ -303,6 +303,8 @@ def load(args, setup: Setup) -> Loaded:
     if not questions:
         test_file = datasets.gsm8k_dir(args.data_dir) / "test.jsonl"
         problems.append(f"{test_file} holds no test question: evaluation needs one")
+    if pairs == []:  # else training_examples would blame --max_length for leaving no response token
+        problems.append(f"no training example in {training_data_file(args)}: training needs one")
     if problems:
         refuse(problems)
     return Loaded(folder, config, Tokenizer.from_dir(folder), questions, pairs, math_problems)

@@ -45,11 +45,13 @@ from typing import Callable
 
 import torch
 
-import data
-import lorasb
-import model as model_lib
-import train_gsm8k
-from machinery.tokenizer import Tokenizer
+if __package__ in (None, ""):  # run as a file (python experiments/bench.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import lorasb  # noqa: E402
+import model as model_lib  # noqa: E402
+import train_gsm8k  # noqa: E402
+from machinery.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_MODEL = os.environ.get("LORASB_SMOLLM2_DIR",
                                str(Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))

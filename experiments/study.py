@@ -28,6 +28,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import data
-import lorasb
-import model as model_lib
-import train_gsm8k as trainer
-from experiments import svg
-from machinery import datasets
+if __package__ in (None, ""):  # run as a file (python experiments/study.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import lorasb  # noqa: E402
+import model as model_lib  # noqa: E402
+import train_gsm8k as trainer  # noqa: E402
+from experiments import svg  # noqa: E402
+from machinery import datasets  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LAYER_TYPES = lorasb.DEFAULT_TARGETS

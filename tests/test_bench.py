@@ -2,10 +2,13 @@
 FLOP-adjusted floors (no timed assertions: speed is what bench.py prints, not what tests check)."""
 
 import json
+import subprocess
+import sys
 
 import torch
 
 import model as model_lib
+from conftest import REPO
 from experiments import bench
 
 
@@ -86,3 +89,10 @@ def test_twin_shares_the_weights_and_adapts_independently():
     ids = torch.randint(0, 256, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(frozen(ids), base(ids))
+
+
+def test_runs_as_a_file_and_as_a_module_from_the_repository_root():
+    for command in (["experiments/bench.py", "--help"], ["-m", "experiments.bench", "--help"]):
+        done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage:")

@@ -73,6 +73,61 @@ def test_load_gsm8k_errors_name_the_file_and_line(tmp_path):
             data.load_gsm8k("train", tmp_path)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("answer", ["She has 3.", "She has 3.\n#### abc", "#### 3 apples", "#### 1.5"])
+def test_a_gsm8k_answer_without_an_integer_final_line_is_refused_at_load_naming_file_and_line(tmp_path, split, answer):
+    good = json.dumps({"question": "q", "answer": "a\n#### 1,234"})
+    (tmp_path / f"{split}.jsonl").write_text("\n".join([good, good, json.dumps({"question": "q", "answer": answer})]))
+    with pytest.raises(ValueError, match=rf"{split}\.jsonl:3: the answer does not end with a '#### N' line where N is "
+                                         rf"an integer \(its end: {re.escape(repr(answer))}\)"):
+        data.load_gsm8k(split, tmp_path)
+
+
+def loader_cases(tmp_path):
+    """(file, a loader of it, a good record) for each data file: GSM8K train and test, MetaMathQA as JSON lines and
+    as the hub's JSON list (one record a line here, after the "[" line), and MATH."""
+    gsm8k = {"question": "q", "answer": "a\n#### 1"}
+    metamath = {"query": "q", "response": "r\nThe answer is: 1"}
+    return [(tmp_path / "train.jsonl", lambda p: data.load_gsm8k("train", p.parent), gsm8k),
+            (tmp_path / "test.jsonl", lambda p: data.load_gsm8k("test", p.parent), gsm8k),
+            (tmp_path / "m.jsonl", lambda p: data.load_metamathqa(3, p), metamath),
+            (tmp_path / "m.json", lambda p: data.load_metamathqa(3, p), metamath),
+            (tmp_path / "MATH_test.jsonl", data.load_math, {"instruction": "q", "output": "\\boxed{1}"})]
+
+
+def write_records(path, records: list[bytes]) -> None:
+    """JSON lines, or for a .json file a JSON list with the first record on line 2."""
+    if path.suffix == ".json":
+        path.write_bytes(b"[\n" + b",\n".join(records) + b"\n]\n")
+    else:
+        path.write_bytes(b"\n".join(records) + b"\n")
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_bytes_that_are_not_utf8_are_refused_naming_file_and_line(tmp_path, case):
+    path, load, good = loader_cases(tmp_path)[case]
+    key = list(good)[0]
+    bad = json.dumps({**good, key: "caf@"}).encode().replace(b"@", b"\xe9")  # Latin-1, not UTF-8
+    write_records(path, [json.dumps(good).encode(), bad, json.dumps(good).encode()])
+    line = 3 if path.suffix == ".json" else 2
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:{line}: not UTF-8 text \(byte b'\\xe9'"):
+        load(path)
+    write_records(path, [json.dumps(good).encode(), json.dumps({**good, key: "café"}).encode(),
+                         json.dumps(good).encode()])
+    assert load(path)[1]["question" if key == "instruction" else key] == "café"  # UTF-8 text is read as before
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_a_lone_surrogate_is_refused_naming_file_line_and_field(tmp_path, case):
+    path, load, good = loader_cases(tmp_path)[case]
+    key = list(good)[-1]
+    bad = json.dumps({**good, key: "x"}).replace('"x"', '"ab\\ud800c"').encode()  # the six characters \ud800
+    write_records(path, [json.dumps(good).encode(), bad, json.dumps(good).encode()])
+    where = re.escape(f"{path}[1]" if path.suffix == ".json" else f"{path}:2")
+    with pytest.raises(ValueError, match=rf"{where}: field '{key}' holds a lone surrogate '\\ud800' at character 3"):
+        load(path)
+
+
 def test_load_metamathqa_takes_the_first_rows_in_order(tmp_path):
     rows = [{"query": f"q{i}", "response": f"r{i}\nThe answer is: {i}", "type": "GSM_AnsAug"} for i in range(5)]
     expected = [{"query": r["query"], "response": r["response"]} for r in rows[:3]]

@@ -346,8 +346,6 @@ def test_save_then_load_round_trip_into_a_fresh_model(tmp_path):
     x, _ = make_data()
     assert torch.equal(fresh(x), model(x))
     assert [n for n, p in fresh.named_parameters() if p.requires_grad] == ["up_proj.R", "down_proj.R"]
-    lorasb.load_adapter(fresh, path)  # loading into existing adapters copies the values
-    assert torch.equal(fresh(x), model(x))
 
 
 def test_loading_into_other_shapes_names_the_module(tmp_path):
@@ -358,8 +356,134 @@ def test_loading_into_other_shapes_names_the_module(tmp_path):
         lorasb.load_adapter(TinyBlock(d=10), path)
     other = nn.Module()
     other.down_proj = nn.Linear(24, 12)
-    with pytest.raises(ValueError, match="module up_proj is not in the model"):
+    with pytest.raises(ValueError, match=r"adapters for modules that are not layers of this model.*'up_proj'"):
         lorasb.load_adapter(other, path)
+
+
+def parameters_and_buffers(model: nn.Module) -> dict:
+    """Every parameter and buffer (value, dtype, requires_grad) and every module's type: what a refused load keeps."""
+    tensors = {name: (t.detach().clone(), t.requires_grad) for name, t in [*model.named_parameters(),
+                                                                          *model.named_buffers()]}
+    return {"tensors": tensors, "modules": [(name, type(m)) for name, m in model.named_modules()]}
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = parameters_and_buffers(model)
+    assert after["modules"] == before["modules"] and after["tensors"].keys() == before["tensors"].keys()
+    for name, (t, requires_grad) in before["tensors"].items():
+        assert after["tensors"][name][1] == requires_grad and after["tensors"][name][0].dtype == t.dtype, name
+        assert torch.equal(after["tensors"][name][0], t), name
+
+
+def adapter_variant(saved, path, tensors=None, info=None, metadata=None):
+    """Write at `path` the adapter file `saved` with its tensors passed through `tensors` (a function of the dict) and
+    its metadata replaced by json of `info` (a function of the dict) or by `metadata` as it is."""
+    loaded, meta = lorasb.load_safetensors(saved)
+    loaded = {name: t.clone() for name, t in loaded.items()}
+    meta = dict(meta)
+    if info is not None:
+        meta["lorasb"] = json.dumps(info(json.loads(meta["lorasb"])))
+    if metadata is not None:
+        meta["lorasb"] = metadata
+    lorasb.save_safetensors(path, tensors(loaded) if tensors else loaded, meta)
+    return path
+
+
+def without(*keys):
+    return lambda tensors: {name: t for name, t in tensors.items() if name not in keys}
+
+
+def changed(key, change):
+    return lambda tensors: {**tensors, key: change(tensors[key])}
+
+
+def with_field(field, value):
+    return lambda info: {**info, field: value}
+
+
+def nan_at_0(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+BAD_ADAPTER_FILES = {  # name: (tensors, info, raw metadata, what the error says)
+    "a module missing": (without("down_proj.B", "down_proj.A", "down_proj.R"), None, None,
+                         r"no adapter for 1 of the model's 2 layers matching \['down_proj', 'up_proj'\], e.g. "
+                         r"\['down_proj'\]"),
+    "a module the model lacks": (lambda t: {**t, **{f"blocks.3.{key}": t[key] for key in t if "up_proj" in key}},
+                                 None, None, r"adapters for modules that are not layers of this model matching "
+                                 r"\['down_proj', 'up_proj'\], e.g. \['blocks.3.up_proj'\] \(is this adapter for "),
+    "a module that is no target": (lambda t: {**t, "head.B": torch.zeros(3, 4), "head.A": torch.zeros(4, 12),
+                                              "head.R": torch.zeros(4, 4)}, None, None,
+                                   r"modules that are not.*'head'"),
+    "R missing": (without("up_proj.R"), None, None, r"module up_proj has tensors \['A', 'B'\]; a lorasb adapter"),
+    "A missing": (without("down_proj.A"), None, None, r"module down_proj has tensors \['B', 'R'\]"),
+    "an unknown tensor": (lambda t: {**t, "up_proj.C": t["up_proj.R"]}, None, None, r"\['A', 'B', 'C', 'R'\]"),
+    "NaN in R": (changed("up_proj.R", nan_at_0), None, None, "up_proj.R has NaN or inf values"),
+    "inf in B": (changed("down_proj.B", lambda t: t.clone().fill_(float("inf"))), None, None,
+                 "down_proj.B has NaN or inf"),
+    "NaN in bf16 A": (changed("down_proj.A", lambda t: nan_at_0(t).bfloat16()), None, None, "down_proj.A has NaN"),
+    "integer B": (changed("up_proj.B", lambda t: t.to(torch.int32)), None, None,
+                  "up_proj.B has dtype torch.int32, not a floating-point dtype"),
+    "boolean R": (changed("up_proj.R", lambda t: t > 0), None, None, "up_proj.R has dtype torch.bool"),
+    "a shape that does not fit the layer": (changed("up_proj.B", lambda t: t[:12]), None, None,
+                                            r"module up_proj has shapes .*\(12, 4\).*layer \(24 x 12\).*needs"),
+    "a rank that disagrees with the tensors": (None, with_field("rank", 3), None, "at the metadata's rank 3 needs"),
+    "a rank that is a string": (None, with_field("rank", "4"), None, "rank '4' is not a positive integer"),
+    "a zero rank": (None, with_field("rank", 0), None, "rank 0 is not a positive integer"),
+    "a NaN scale": (None, with_field("scale", float("nan")), None, "scale nan is not a finite number"),
+    "an inf scale": (None, with_field("scale", float("-inf")), None, "scale -inf is not a finite number"),
+    "a huge integer scale": (None, with_field("scale", 10**400), None, "scale 1000.* is not a finite number"),
+    "a string scale": (None, with_field("scale", "1.0"), None, "scale '1.0' is not a finite number"),
+    "a boolean scale": (None, with_field("scale", True), None, "scale True is not a finite number"),
+    "no scale": (None, lambda info: {k: v for k, v in info.items() if k != "scale"}, None,
+                 r"its metadata lacks \['scale'\]"),
+    "an unknown method": (None, with_field("method", "weird"), None, "method 'weird' is not one of"),
+    "targets that are not a list": (None, with_field("targets", "up_proj"), None, "targets 'up_proj' is not a list"),
+    "targets the model lacks": (None, with_field("targets", ["q_proj"]), None, "no nn.Linear layer matches"),
+    "metadata that is not JSON": (None, None, "{method: lorasb", "metadata is not JSON"),
+    "metadata that is a JSON list": (None, None, "[1, 2]", "metadata is a JSON list, not an object"),
+    "metadata nested too deep": (None, None, "[" * 100_000, "metadata is not JSON"),
+    "metadata that is no string": (None, None, 5, "no 'lorasb' metadata string"),
+    "R in a LoRA file": (None, with_field("method", "lora"), None, r"a lora adapter has \['A', 'B'\]"),
+}
+
+
+@pytest.mark.parametrize("problem", BAD_ADAPTER_FILES)
+def test_a_bad_adapter_file_is_refused_naming_it_and_the_model_is_unchanged(tmp_path, problem):
+    model, base, _, _ = lorasb_model()
+    saved = tmp_path / "adapter.safetensors"
+    lorasb.save_adapter(model, saved, method="lorasb")
+    tensors, info, metadata, message = BAD_ADAPTER_FILES[problem]
+    path = adapter_variant(saved, tmp_path / "bad.safetensors", tensors, info, metadata)
+    fresh = copy.deepcopy(base)
+    before = parameters_and_buffers(fresh)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": .*" + message):
+        lorasb.load_adapter(fresh, path)
+    assert_unchanged(fresh, before)
+    assert lorasb.load_adapter(fresh, saved)["method"] == "lorasb"  # the intact file still loads into it
+
+
+def test_a_model_that_has_adapters_is_refused_and_unchanged(tmp_path):
+    """LoRA-SB file into LoRA adapters (which have no R), LoRA file into LoRA-SB adapters (another scale and no R), and
+    a file of the same method and rank: all refused, with the model as it was; a fresh model takes each file."""
+    lorasb_adapted, base, _, _ = lorasb_model()
+    lora_adapted = copy.deepcopy(base)
+    lorasb.add_adapters(lora_adapted, "lora", 4, targets=("up_proj", "down_proj"), lora_alpha=8)
+    files = {"lorasb": tmp_path / "lorasb.safetensors", "lora": tmp_path / "lora.safetensors"}
+    lorasb.save_adapter(lorasb_adapted, files["lorasb"], method="lorasb")
+    lorasb.save_adapter(lora_adapted, files["lora"], method="lora")
+    for model, file in [(lora_adapted, "lorasb"), (lorasb_adapted, "lora"), (lorasb_adapted, "lorasb")]:
+        before = parameters_and_buffers(model)
+        with pytest.raises(ValueError, match=re.escape(str(files[file])) + ": the model already has adapters"):
+            lorasb.load_adapter(model, files[file])
+        assert_unchanged(model, before)
+    x, _ = make_data()
+    for file, adapted in [("lorasb", lorasb_adapted), ("lora", lora_adapted)]:
+        fresh = copy.deepcopy(base)
+        assert lorasb.load_adapter(fresh, files[file])["scale"] == (1.0 if file == "lorasb" else 2.0)
+        assert torch.equal(fresh(x), adapted(x))
 
 
 def test_peft_export_reproduces_the_merged_weights(tmp_path):

@@ -2,9 +2,12 @@
 the README read, and the invariants of the measurements hold (the figures themselves mean nothing at this size)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO
 from experiments import study
 
 
@@ -61,3 +64,10 @@ def test_a_second_run_recomputes_nothing(quick, tiny_model_dir, tiny_gsm8k_dir, 
     with pytest.raises(SystemExit, match="other settings"):
         study.main(["--quick", "--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir), "--out", str(out),
                     "--device", "cpu", "--steps", "3"])
+
+
+def test_runs_as_a_file_and_as_a_module_from_the_repository_root():
+    for command in (["experiments/study.py", "--help"], ["-m", "experiments.study", "--help"]):
+        done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage:")

@@ -346,6 +346,18 @@ def test_data_and_out_dir_problems_are_found_before_the_model_loads(tmp_path, ti
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, name="a_file/run")
     with pytest.raises(SystemExit, match="--num_init_samples 49: the first-update estimate can use at most 48"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--num_init_samples", "49")
+    no_train = write_tiny_gsm8k(tmp_path / "no_train")
+    (no_train / "train.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=f"no training example in {no_train / 'train.jsonl'}: training needs one"):
+        run(tmp_path, tiny_model_dir, no_train)
+    for split, answer in [("test", "It is 5.\n#### abc"), ("train", "It is 5.")]:
+        bad = write_tiny_gsm8k(tmp_path / f"bad_{split}")
+        lines = (bad / f"{split}.jsonl").read_text().splitlines()
+        lines[2] = json.dumps({"question": "q", "answer": answer})
+        (bad / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        for eval_only in ([], ["--eval_only"]) if split == "test" else ([],):
+            with pytest.raises(ValueError, match=rf"{split}\.jsonl:3: the answer does not end with a '#### N' line"):
+                run(tmp_path, tiny_model_dir, bad, *eval_only)
 
 
 @pytest.mark.parametrize("num_examples, batch_size, world_size", [(14, 4, 2), (10, 4, 2), (13, 2, 3), (5, 3, 1)])
