@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
@@ -231,8 +232,8 @@ def resume_state(out: Path, identity: dict, log: Callable[[str], None]) -> tuple
     differ from the checkpoint's (run.json), or when no checkpoint is intact."""
     folder = out / run_folder.CHECKPOINTS
     if (folder / "latest").exists() and not (folder / "latest").is_file():
-        refuse([f"cannot resume: {folder / 'latest'} is not a file (the trainer writes there the name of the newest "
-                f"checkpoint, and could not): move it out of {folder}, then run again with --resume"])
+        refuse([f"cannot resume: {folder / 'latest'} is not a file (the trainer keeps there the name of the newest "
+                f"checkpoint, and could not write it): move it out of {folder}, then run again with --resume"])
     names = sorted((p.name for p in folder.glob("step-*") if p.is_dir()), reverse=True)
     latest = (folder / "latest").read_text(errors="replace").strip() if (folder / "latest").is_file() else None
     damaged = []
@@ -294,10 +295,14 @@ class StopOnSignal:
     exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT). A second signal exits at once; the
     checkpoints written before it are intact."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # Copies of one notice arrive together: under torchrun a worker gets Ctrl-C's SIGINT (or the scheduler's SIGTERM)
+    # and the copy torchrun forwards to it. Only a signal this much later is a second one.
+    SAME_NOTICE_S = 1.0
 
     def __init__(self, resume_command: str):
         self.resume_command = resume_command
         self.received = 0  # the signal this process got
+        self.received_at = 0.0  # when (time.monotonic)
         self.agreed = 0  # the signal that stops every process
         self.previous = {}
 
@@ -310,13 +315,15 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
     def handle(self, signum: int, frame) -> None:
-        """Only record the signal (the step in progress finishes); at the second one, exit at once. os.write, not
+        """Only record the signal (the step in progress finishes); at a second one, exit at once. os.write, not
         print: the signal may have interrupted a print."""
         name = signal.Signals(signum).name
         if self.received:
-            os.write(2, f"\n{name} again: stopping at once, without a checkpoint of this step\n".encode())
-            os._exit(128 + signum)
-        self.received = signum
+            if time.monotonic() - self.received_at > self.SAME_NOTICE_S:
+                os.write(2, f"\n{name} again: stopping at once, without a checkpoint of this step\n".encode())
+                os._exit(128 + signum)
+            return
+        self.received, self.received_at = signum, time.monotonic()
         os.write(2, f"\n{name}: the run stops after this step, with a checkpoint (a second signal stops it at once)"
                     f"\n".encode())
 

@@ -59,7 +59,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
 def largest(value: int) -> int:
     """The largest of every process's value (the value itself without torchrun): a flag that one process raised,
     known to all. A CPU tensor, so on GPU it goes through gloo and costs no device sync."""
-    if not dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
         return int(value)
     agreed = torch.tensor(int(value))
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX)

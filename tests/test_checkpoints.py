@@ -4,6 +4,7 @@
 import json
 import shlex
 import shutil
+import signal
 
 import pytest
 import torch
@@ -108,3 +109,12 @@ def test_the_resume_command_is_the_run_s_with_resume_in_place_of_overwrite():
     assert shlex.split(command) == ["python", "train_gsm8k.py", "--out_dir", "runs/a b", "--lr", "1e-4", "--resume"]
     assert checkpoints.resume_command("train_gsm8k.py", ["--res"], 1) == "python train_gsm8k.py --res"
     assert checkpoints.resume_command("train_gsm8k.py", ["--ov"], 8).startswith("torchrun [the same torchrun options]")
+
+
+def test_copies_of_one_signal_are_one_notice():
+    """Under torchrun a worker gets Ctrl-C's SIGINT and torchrun's forwarded copy together: that is no second signal
+    (which would exit at once)."""
+    stop = checkpoints.StopOnSignal("python train_gsm8k.py --resume")
+    stop.handle(signal.SIGINT, None)
+    stop.handle(signal.SIGINT, None)
+    assert stop.received == signal.SIGINT and stop.requested()

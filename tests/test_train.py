@@ -384,7 +384,9 @@ def test_a_signal_stops_training_with_a_checkpoint_and_resume_ends_bitwise_equal
 
 def test_a_second_signal_stops_training_at_once(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
     out = tmp_path / "signalled"
-    twice = "os.kill(os.getpid(), signal.SIGTERM)\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(60)"
+    # a second SIGTERM, later than a copy of the first would come
+    twice = "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(1.5)\nos.kill(os.getpid(), signal.SIGTERM)\n" \
+            "time.sleep(60)"
     stopped = trainer_process(out, tiny_model_dir, tiny_gsm8k_dir, twice)
     _, stderr = stopped.communicate(timeout=300)
     assert stopped.returncode == 143, stderr[-3000:]
