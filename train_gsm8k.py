@@ -15,8 +15,9 @@ The paper's arithmetic setting (Mistral-7B, MetaMathQA first 50K, rank 96, 1 epo
 The authors' exact run adds their lr_1, SVD, init batches and evaluated model (README.md, "The authors' exact run"):
         --num_init_samples 50 --init_batch_size 3 --lr_1 2.99994e-7 --init_svd authors --eval_merge bf16
 
-A run, in the order main() calls its phases:
+A run, in the order main() and run() call its phases:
     Setup.from_args         check every argument, start torch.distributed, pick the device and dtypes, seed
+    run_folder.lock         hold --out_dir: a second run on it is refused
     load                    the model folder and config, the tokenizer, the test problems, the training pairs
     plan_training           steps, warmup, lr_1 (the first step's LR, or --lr_1) and the number of init samples
     initialize_adapters     the method: LoRA-SB estimates the first full fine-tuning update, then B, R, A = its SVD
@@ -55,7 +56,9 @@ from machinery.tokenizer import Tokenizer
 
 METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
 EVAL_SETS = {"gsm8k": "predictions.jsonl", "math": "predictions_math.jsonl"}  # test set -> file of its scored answers
-OUTPUTS = ("metrics.jsonl", "summary.json", *EVAL_SETS.values())  # what --overwrite deletes besides the checkpoints
+# Everything a run writes in --out_dir: --overwrite deletes these (and nothing else), the summary lists them.
+OUTPUTS = ("config.json", "metrics.jsonl", run_folder.CHECKPOINTS, "adapter.safetensors", "peft_adapter", "model",
+           *EVAL_SETS.values(), "summary.json")
 DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
 MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json")  # copied beside the weights of a fully fine-tuned model
@@ -512,10 +515,11 @@ def train_step(run_model, optimizer, batches: data.Batches, step: int, args, pla
     return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
 
-def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: Plan, setup: Setup,
-          out: Path) -> float:
+def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: Plan, setup: Setup, out: Path,
+          stop: checkpoints.StopOnSignal) -> float:
     """Steps start_step + 1 .. plan.total_steps: log every --log_every steps to metrics.jsonl and the progress bar,
-    checkpoint every --save_every steps and at the end. Returns the seconds it took."""
+    checkpoint every --save_every steps, at the end, and at the step a signal stops the run (`stop`). Returns the
+    seconds it took."""
     run_model = torch.compile(model) if args.compile else model
     if setup.ddp:
         run_model = distributed.wrap(run_model, setup.device)
@@ -533,7 +537,8 @@ def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: 
         finite = torch.isfinite(result["loss"]) & torch.isfinite(result["grad_norm"])
         diverged_at.masked_fill_((diverged_at == 0) & ~finite, step)  # on the device: no sync per step
         tokens += result["tokens"] * setup.ddp_world_size
-        saving = step % args.save_every == 0 or step == plan.total_steps
+        stopping = stop.requested()
+        saving = stopping or step % args.save_every == 0 or step == plan.total_steps
         if saving or step % args.log_every == 0:
             stop_if_diverged(diverged_at, optimizer if saving else None, step, args, setup, out)
         if step % args.log_every == 0 or step == plan.total_steps:
@@ -552,6 +557,11 @@ def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: 
                 checkpoints.save(out, step, model, optimizer, batches, setup.device)
             if setup.ddp:
                 dist.barrier()
+        if stopping:
+            bar.close()  # before the message that ends the output
+            stop.stop(step, out / run_folder.CHECKPOINTS, setup.master_process)
+    if stop.requested():  # the signal came during the last checkpoint, which is written
+        stop.stop(plan.total_steps, out / run_folder.CHECKPOINTS, setup.master_process)
     return time.time() - t0
 
 
@@ -767,7 +777,7 @@ def print_summary(summary: dict, out: Path) -> None:
           f"[{summary['method']}, rank {summary['rank']}, {summary['model']}]\n"
           f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
           f"training {summary['train_seconds']:.1f} s | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
-          f"outputs in {out}/ (summary.json, predictions*.jsonl, metrics.jsonl, adapter)\n{'=' * 72}")
+          f"outputs in {out}/: {', '.join(name for name in OUTPUTS if (out / name).exists())}\n{'=' * 72}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -777,6 +787,15 @@ def print_summary(summary: dict, out: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup = Setup.from_args(args)
+    with run_folder.lock(args.out_dir, writer=setup.master_process):  # one run per --out_dir, before it is touched
+        summary = run(args, setup, argv)
+    if setup.ddp:
+        distributed.finish()
+    return summary
+
+
+def run(args, setup: Setup, argv) -> dict:
+    """The phases of a run (or of an --eval_only evaluation), in an --out_dir that no other run writes."""
     loaded = load(args, setup)
     if args.eval_only:
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
@@ -813,16 +832,17 @@ def main(argv=None) -> dict:
         if setup.master_process:
             write_config(out, args, plan, loaded, num_trainable, setup)
             run_folder.cut_metrics(out / "metrics.jsonl", start_step)
-        train_seconds = train(model, optimizer, batches, start_step, args, plan, setup, out)
+        # SIGTERM or SIGINT: the step in progress ends with a checkpoint, then the run stops
+        with checkpoints.StopOnSignal(checkpoints.resume_command(__file__, argv, setup.ddp_world_size)) as stop:
+            train_seconds = train(model, optimizer, batches, start_step, args, plan, setup, out, stop)
         if setup.master_process:
-            save_outputs(model, out, args, loaded.folder)
+            with checkpoints.stop_if_a_write_fails(out, resumable=True):
+                save_outputs(model, out, args, loaded.folder)
         described = {"method": args.method, "rank": args.rank, "trainable_parameters": num_trainable,
                      "init_seconds": init_seconds, "train_seconds": train_seconds}
 
-    summary = report(model, loaded, args, setup, out, described)
-    if setup.ddp:
-        distributed.finish()
-    return summary
+    with checkpoints.stop_if_a_write_fails(out, resumable=not args.eval_only):
+        return report(model, loaded, args, setup, out, described)
 
 
 if __name__ == "__main__":

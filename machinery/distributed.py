@@ -56,6 +56,16 @@ def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
                                    **NO_BUFFER_SYNC_PER_FORWARD)
 
 
+def largest(value: int) -> int:
+    """The largest of every process's value (the value itself without torchrun): a flag that one process raised,
+    known to all. A CPU tensor, so on GPU it goes through gloo and costs no device sync."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(value)
+    agreed = torch.tensor(int(value))
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return int(agreed)
+
+
 def gather_rows(rows: list[dict], world_size: int) -> list[dict]:
     """Every process's rows (each with an "index"), on every process, in the order of their indices."""
     gathered = [None] * world_size

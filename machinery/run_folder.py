@@ -1,17 +1,29 @@
-"""The trainer's --out_dir: checked before anything loads, prepared (cleared with --overwrite, rid of what interrupted
-writes left), and written with strict JSON only, each file complete or absent (lorasb.atomic_write)."""
+"""The trainer's --out_dir: checked before anything loads, held by one run at a time (a lock), prepared (cleared with
+--overwrite, rid of what interrupted writes left), and written with strict JSON only, each file complete or absent
+(lorasb.atomic_write)."""
 
+import fcntl
 import json
 import math
 import os
 import re
+import shlex
 import shutil
+import socket
+import sys
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import lorasb
+from machinery import distributed
+from machinery.distributed import refuse
 
 CHECKPOINTS = "checkpoints"  # the subfolder machinery.checkpoints writes
-INTERRUPTED_FOLDER = ".tmp-"  # the prefix of a checkpoint folder being written, renamed into place once complete
+INTERRUPTED_FOLDER = ".tmp-"  # the prefix of a checkpoint folder being written (or deleted), renamed once complete
+LOCK = ".lock"  # held by the run writing the folder; it stays there, and is never an output of a run
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # lorasb.atomic_write's names: mkstemp's 8 random characters
 
 
 def check(args) -> list[str]:
@@ -23,7 +35,7 @@ def check(args) -> list[str]:
     if args.resume and not any((out / CHECKPOINTS).glob("step-*")):
         problems.append(f"--resume: no checkpoint in {out / CHECKPOINTS}; to start over, run without --resume "
                         f"(adding --overwrite if {out} is not empty)")
-    if not args.resume and not args.overwrite and out.is_dir() and any(out.iterdir()):
+    if not args.resume and not args.overwrite and out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         problems.append(f"--out_dir {out} exists and is not empty: pass --resume to continue it, --overwrite to "
                         f"start over, or choose another --out_dir")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
@@ -34,31 +46,75 @@ def check(args) -> list[str]:
     return problems
 
 
+@contextmanager
+def lock(out_dir: str, writer: bool) -> Iterator[None]:
+    """Hold --out_dir for the run (the writing process takes the lock; under torchrun every process learns whether it
+    could): a second run on the same folder is refused, naming the run that holds it. The lock is an flock on
+    <out_dir>/.lock, which the kernel releases when the process ends, however it ends: a killed run leaves nothing that
+    blocks the next one."""
+    with ExitStack() as held:
+        holder = take_lock(Path(out_dir), held) if writer else None
+        if distributed.largest(holder is not None):  # process 0 says why; the others just stop
+            refuse([f"--out_dir {out_dir} is in use by another run ({holder}): wait for it to end, or choose another "
+                    f"--out_dir"])
+        yield
+
+
+def take_lock(out: Path, held: ExitStack) -> str | None:
+    """Lock out/.lock for as long as `held` lasts and write who holds it there; if another process holds it, returns
+    who (its pid, host, start time and command) instead."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = held.enter_context(open(out / LOCK, "a+"))  # "a+": a run that is refused must not erase the holder's record
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip() or "a process that has not yet said who it is"
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{shlex.join([sys.executable, *sys.argv])}\n")
+    f.flush()
+    return None
+
+
 def prepare(out_dir: str, overwrite: bool, outputs: tuple[str, ...], writer: bool) -> Path:
-    """--out_dir, created by the writing process; with --overwrite, first rid of the checkpoints and the `outputs` an
-    earlier run left there. What interrupted writes left goes too (model-sized for full fine-tuning)."""
+    """--out_dir, created by the writing process; with --overwrite, first rid of every output (`outputs`: files and
+    folders, the checkpoints among them) an earlier run left there, and of nothing else. The temporaries of writes that
+    were interrupted go too (model-sized for full fine-tuning)."""
     out = Path(out_dir)
     if writer:
         if overwrite:
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-            for stale in outputs:
-                (out / stale).unlink(missing_ok=True)
+            for name in outputs:
+                remove(out / name)
         out.mkdir(parents=True, exist_ok=True)
-        remove_interrupted_writes(out)
+        remove_interrupted_writes(out, outputs)
     return out
 
 
-def remove_interrupted_writes(folder: str | os.PathLike) -> list[str]:
-    """Delete what a kill mid-write leaves anywhere under `folder` (which no other process may be writing to): the
-    temporary files of lorasb.atomic_write and the temporary checkpoint folders; returns their paths."""
-    folders = [p for p in Path(folder).rglob(f"{INTERRUPTED_FOLDER}*") if p.is_dir()]
-    for path in folders:
+def remove(path: Path) -> None:
+    """A file or a folder (a link: itself, not what it points to), if it is there."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    pattern = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # mkstemp's names: prefix, 8 random characters, suffix
-    files = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and pattern.fullmatch(p.name)]
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_interrupted_writes(out: str | os.PathLike, outputs: tuple[str, ...]) -> list[str]:
+    """Delete what a kill mid-write leaves where the trainer writes (no other process may be writing there): the
+    temporary file of an output beside it in `out` (.summary.json.a1b2c3d4.tmp), the temporary files inside an
+    output folder (checkpoints/, peft_adapter/, model/) and the temporary checkpoint folders; returns their paths. A
+    user's file elsewhere that looks like one is not the trainer's: it stays."""
+    out = Path(out)
+    folders = [out / name for name in outputs if (out / name).is_dir() and not (out / name).is_symlink()]
+    found = [p for name in outputs for p in out.glob(f".{name}.*.tmp")]
+    found += [p for folder in folders for p in folder.iterdir()]
+    files = [p for p in found if p.is_file() and not p.is_symlink() and TEMPORARY.fullmatch(p.name)]
+    temporary_folders = [p for p in (out / CHECKPOINTS).glob(f"{INTERRUPTED_FOLDER}*") if p.is_dir()]
+    for path in temporary_folders:
+        shutil.rmtree(path)
     for path in files:
         path.unlink()
-    return [str(p) for p in folders + files]
+    return [str(p) for p in temporary_folders + files]
 
 
 def strict_json(obj, **options) -> str:

@@ -7,10 +7,13 @@ import functools
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -25,12 +28,27 @@ from machinery import checkpoints
 from machinery.tokenizer import Tokenizer
 
 
-def run(tmp_path, model_dir, data_dir, *extra, name="run"):
-    out = tmp_path / name
-    argv = ["--model", str(model_dir), "--data_dir", str(data_dir), "--out_dir", str(out), "--device", "cpu",
+def trainer_argv(out, model_dir, data_dir, *extra) -> list[str]:
+    """A 4-step LoRA-SB run of rank 4 on the tiny model, evaluated on 4 questions."""
+    return ["--model", str(model_dir), "--data_dir", str(data_dir), "--out_dir", str(out), "--device", "cpu",
             "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "4", "--rank", "4", "--lr", "1e-2",
             "--num_init_samples", "6", "--eval_limit", "4", "--max_new_tokens", "6", "--log_every", "1", *extra]
-    return out, train_gsm8k.main(argv)
+
+
+def run(tmp_path, model_dir, data_dir, *extra, name="run"):
+    out = tmp_path / name
+    return out, train_gsm8k.main(trainer_argv(out, model_dir, data_dir, *extra))
+
+
+def trainer_process(out, model_dir, data_dir, at_step_2: str, *extra) -> subprocess.Popen:
+    """The trainer (trainer_argv) in a process of its own, which runs the Python statements `at_step_2` right after
+    its optimizer step 2 (before the step boundary)."""
+    code = "\n".join(["import os, signal, sys, time", "import train_gsm8k", "real_step = train_gsm8k.train_step",
+                      "def train_step(*args):", "    result = real_step(*args)", "    if args[3] == 2:",
+                      *[f"        {line}" for line in at_step_2.splitlines()], "    return result",
+                      "train_gsm8k.train_step = train_step", "train_gsm8k.main(sys.argv[1:])"])
+    return subprocess.Popen([sys.executable, "-c", code, *trainer_argv(out, model_dir, data_dir, *extra)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("method", ["lorasb", "loraxs", "lora", "full"])
@@ -256,6 +274,124 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
     assert (folder / "latest").read_text() == "step-0000002" and checkpoints.problem(folder / "step-0000002") is None
     assert sorted(p.name for p in folder.glob("*step*")) == ["step-0000002"]  # no half-written step 4
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_full_disk_while_writing_the_outputs_says_so_and_resume_writes_them(stopped_run, tmp_path, tiny_model_dir,
+                                                                              tiny_gsm8k_dir, monkeypatch):
+    real_save_outputs, real_fdopen = train_gsm8k.save_outputs, os.fdopen
+
+    def no_space(fd, mode):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save_on_a_full_disk(*args):
+        monkeypatch.setattr(lorasb.os, "fdopen", no_space)
+        real_save_outputs(*args)
+
+    monkeypatch.setattr(train_gsm8k, "save_outputs", save_on_a_full_disk)
+    with pytest.raises(SystemExit, match=r"the outputs could not be written to .*: the disk is full \(.* MiB free "
+                                         r"there\)\. Make room, then run again with --resume"):
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir)
+    monkeypatch.setattr(lorasb.os, "fdopen", real_fdopen)
+    monkeypatch.setattr(train_gsm8k, "save_outputs", real_save_outputs)
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000004" and not (out / "adapter.safetensors").exists()
+    run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--resume")
+    assert same_adapter(stopped_run[0], out) and (out / "summary.json").is_file()
+
+
+def test_two_trainers_on_one_out_dir_the_second_is_refused_naming_the_first(tmp_path, tiny_model_dir,
+                                                                             tiny_gsm8k_dir):
+    out, ready, go = tmp_path / "shared", tmp_path / "ready", tmp_path / "go"
+    wait = f"open({str(ready)!r}, 'w').close()\ndeadline = time.time() + 120\n" \
+           f"while not os.path.exists({str(go)!r}) and time.time() < deadline:\n    time.sleep(0.05)"
+    first = trainer_process(out, tiny_model_dir, tiny_gsm8k_dir, wait, "--save_every", "1")
+    try:
+        deadline = time.time() + 240
+        while not ready.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), first.communicate()[1][-3000:]
+        before = sorted(p.name for p in (out / "checkpoints").iterdir())
+        with pytest.raises(SystemExit, match=rf"--out_dir {out} is in use by another run \(pid {first.pid} on .*, "
+                                             rf"started .* -c --model .*{out}.*\): wait for it to end"):
+            run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--overwrite", "--lr", "1e-3", name="shared")
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing of the first was touched
+        go.touch()
+        _, stderr = first.communicate(timeout=240)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (out / "adapter.safetensors").is_file() and (out / "summary.json").is_file()
+
+
+def test_overwrite_leaves_no_output_of_the_previous_run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, monkeypatch):
+    out, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--max_steps", "2", name="finished")
+    mine = [out / "notes.txt", out / "notes" / ".draft.abcd1234.tmp"]  # the user's files, which stay
+    for path in mine:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("mine")
+    finished = shutil.copytree(out, tmp_path / "finished_too")
+    stale = ["adapter.safetensors", "peft_adapter", "summary.json", "predictions.jsonl"]
+    with pytest.raises(SystemExit, match="training diverged"):  # a diverged overwrite
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--overwrite", "--lr", "1e9", name="finished")
+    assert not any((out / name).exists() for name in stale) and not any((out / "checkpoints").glob("step-*"))
+    real_save = checkpoints.save
+
+    def save_then_stop(out, step, *args):
+        real_save(out, step, *args)
+        raise KeyboardInterrupt  # killed right after its first checkpoint
+
+    monkeypatch.setattr(checkpoints, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):  # a killed overwrite, of another method
+        run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--overwrite", "--method", "full", "--save_every", "1",
+            name=finished.name)
+    assert not any((finished / name).exists() for name in stale)
+    assert sorted(p.name for p in (finished / "checkpoints").glob("step-*")) == ["step-0000001"]
+    assert all(path.read_text() == "mine" for path in [*mine, finished / "notes.txt"])
+
+
+def test_resume_refuses_a_changed_tokenizer_naming_the_file(tmp_path, tiny_model_dir, tiny_gsm8k_dir, monkeypatch):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    run(tmp_path, model_dir, tiny_gsm8k_dir, "--max_steps", "2", "--eval_limit", "1", "--max_new_tokens", "1")
+    monkeypatch.setattr(train_gsm8k.model_lib, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = model_dir / "tokenizer_config.json"
+    original = config.read_text()
+    config.write_text(original.replace('"eos_token": "<|endoftext|>"', '"eos_token": "\u0120a"'))
+    with pytest.raises(SystemExit, match=r"cannot resume: this run differs from the checkpoint's \("
+                                         r"tokenizer_config.json sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\)"):
+        run(tmp_path, model_dir, tiny_gsm8k_dir, "--max_steps", "2", "--resume")
+    config.write_text(original)
+    (model_dir / "special_tokens_map.json").write_text(json.dumps({"eos_token": "\u0120a"}))
+    with pytest.raises(SystemExit, match=r"special_tokens_map.json sha256: None -> '[0-9a-f]{64}'"):
+        run(tmp_path, model_dir, tiny_gsm8k_dir, "--max_steps", "2", "--resume")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_training_with_a_checkpoint_and_resume_ends_bitwise_equal(stopped_run, tmp_path, tiny_model_dir,
+                                                                                  tiny_gsm8k_dir, name):
+    out, signum = tmp_path / "signalled", signal.Signals[name]
+    stopped = trainer_process(out, tiny_model_dir, tiny_gsm8k_dir, f"os.kill(os.getpid(), {int(signum)})")
+    _, stderr = stopped.communicate(timeout=300)
+    assert stopped.returncode == 128 + signum, stderr[-3000:]
+    assert f"Stopped at step 2 by {signum.name}: its checkpoint is in {out / 'checkpoints'}" in stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000002" and not (out / "adapter.safetensors").exists()
+    command = shlex.split(stderr.split("To continue the run:\n", 1)[1].splitlines()[0])
+    assert command[:2] == ["python", "train_gsm8k.py"] and command[-1] == "--resume"
+    train_gsm8k.main(command[2:])  # the command it printed, in this process
+    assert same_adapter(stopped_run[0], out)
+
+
+def test_a_second_signal_stops_training_at_once(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+    out = tmp_path / "signalled"
+    # a second SIGTERM, later than a copy of the first would come
+    twice = "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(1.5)\nos.kill(os.getpid(), signal.SIGTERM)\n" \
+            "time.sleep(60)"
+    stopped = trainer_process(out, tiny_model_dir, tiny_gsm8k_dir, twice)
+    _, stderr = stopped.communicate(timeout=300)
+    assert stopped.returncode == 143, stderr[-3000:]
+    assert "SIGTERM again: stopping at once, without a checkpoint of this step" in stderr
+    assert not any((out / "checkpoints").glob("step-*"))  # --save_every 200: nothing was due before step 2
 
 
 def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
