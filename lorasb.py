@@ -40,6 +40,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -349,11 +350,20 @@ def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Cal
     `lr` is lr_1, the learning rate of the schedule's first optimizer step. Memory: only target weights get gradients,
     each added to an fp32 sum (on the weight's device, or on `accumulate_on`, e.g. "cpu") and freed at once
     (only_targets_get_gradients). Under torch.distributed each rank passes its own batches and num_samples counts this
-    rank's examples; the sums are all-reduced so every rank gets the same dW. Returns {module name: dW (fp32)}."""
+    rank's examples; the sums are all-reduced so every rank gets the same dW. Returns {module name: dW (fp32)}.
+
+    `batches` is iterated once. Pass something that can be iterated again (a list, a DataLoader): a one-shot iterator
+    such as a generator is consumed here, so a training loop over the same object afterwards gets only what is left of
+    it, possibly nothing, and trains zero steps without an error. Handed an iterator, this warns."""
     if rule not in ("adamw", "sgd"):
         raise ValueError(f"unknown rule {rule!r}; choose 'adamw' (sign of the gradient) or 'sgd'")
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if iter(batches) is batches:
+        warnings.warn(f"estimate_first_update was handed a one-shot iterator ({type(batches).__name__}): it consumes "
+                      f"the batches it reads, so a training loop over the same object afterwards sees only what is "
+                      f"left (none of them once it is exhausted, and trains zero steps); pass a list, or make a fresh "
+                      f"iterator for each use", UserWarning, stacklevel=2)
     weights = {name: linear.weight for name, linear in find_targets(model, targets).items()}
     total = _all_reduce_sum(torch.tensor(float(num_samples))).item()
     sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=accumulate_on or w.device)

@@ -367,10 +367,13 @@ def compiled_decode_at():
 
 @torch.inference_mode()
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
-                   stop: Callable[[list[int]], bool] | None = None, compile_decode: bool = False) -> list[list[int]]:
+                   stop: Callable[[list[int]], bool] | None = None, compile_decode: bool = False,
+                   progress: tqdm | None = None) -> list[list[int]]:
     """Greedy continuation of one batch of prompts. A row ends at an EOS id (not included), after max_new_tokens,
     or when stop(its new tokens) is true; the others go on, and the batch ends when every row has.
-    compile_decode runs each new token through compiled_decode_at (the prompt itself runs uncompiled)."""
+    compile_decode runs each new token through compiled_decode_at (the prompt itself runs uncompiled). `progress`
+    (a tqdm bar) advances after each token by the budget the rows spent: the tokens made, all of it for a row that
+    ended."""
     weight = model.lm_head.weight
     B, T = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -386,6 +389,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     decode = compiled_decode_at() if compile_decode else decode_at
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * B
+    shown = 0  # the budget already counted on `progress`
     for step in range(max_new_tokens):
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
@@ -395,6 +399,10 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                 continue
             new[row].append(token)
             done[row] = len(new[row]) == max_new_tokens or (stop is not None and stop(new[row]))
+        if progress is not None:
+            spent = sum(max_new_tokens if ended else len(made) for ended, made in zip(done, new))
+            progress.update(spent - shown)
+            shown = spent
         if all(done):
             break
         tokens = decode(model, tokens, cache, torch.tensor([T + step], device=weight.device))
@@ -403,7 +411,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int,
              stop: Callable[[list[int]], bool] | None = None, batch_size: int = 16,
-             compile_decode: bool = False) -> list[list[int]]:
+             compile_decode: bool = False, progress: bool = True) -> list[list[int]]:
     """Greedy continuations of token-id prompts: the new tokens of each prompt, in input order, EOS not included.
 
     Prompts are sorted by length (longest first, so running out of memory shows at once) into batches of batch_size,
@@ -412,6 +420,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     compile_decode=True runs the decode step under torch.compile, as gpt-fast does (off by default: the first call
     compiles, which takes seconds to minutes, for a gain on GPU, where fusing the small step's kernels cuts launch
     overhead). The output equals the uncompiled one in fp32.
+    progress=True shows a bar on stderr over every row's token budget (len(prompts) x max_new_tokens, a row that
+    ends early counting its whole budget), advanced after each new token, so even a single long batch shows how far it
+    is; progress=False hides it.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
@@ -420,12 +431,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         raise ValueError(f"prompts {empty[:8]} are empty; every prompt needs at least one token (e.g. BOS)")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
-                      disable=len(order) <= batch_size):
-        rows = order[start:start + batch_size]
-        for i, new in zip(rows, generate_batch(model, [prompts[i] for i in rows], max_new_tokens, set(eos_ids),
-                                               pad_id, stop, compile_decode)):
-            outputs[i] = new
+    with tqdm(total=len(prompts) * max_new_tokens, desc="generate", unit="token", leave=False,
+              disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            for i, new in zip(rows, generate_batch(model, [prompts[i] for i in rows], max_new_tokens, set(eos_ids),
+                                                   pad_id, stop, compile_decode, bar)):
+                outputs[i] = new
     return outputs
 
 

@@ -35,11 +35,13 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -101,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--model", default="Qwen/Qwen2.5-0.5B", help="hub name or local folder (config.json, safetensors, tokenizer)")
     a("--method", default="lorasb", choices=METHODS)
-    a("--rank", type=POSITIVE_INT, help="adapter rank (default: 96 for lorasb/loraxs, 32 for lora)")
+    a("--rank", type=int, help="adapter rank (default: 96 for lorasb/loraxs, 32 for lora)")
     a("--lora_alpha", type=FINITE, help="LoRA only: scale = alpha / rank (default: 2 * rank)")
     a("--targets", type=comma_separated, default=",".join(lorasb.DEFAULT_TARGETS), help="module-name suffixes to adapt")
     a("--train_data", default="gsm8k", choices=("gsm8k", "metamathqa"))
@@ -164,6 +166,8 @@ def check_args(args, ddp_world_size: int) -> list[str]:
     """Every problem argparse cannot see in one argument alone (combinations, files, the number of processes, the
     out_dir), listed at once."""
     problems = []
+    if args.rank is not None and args.rank < 1:  # here, not in argparse, to be listed with the other problems
+        problems.append(f"--rank {args.rank}: the rank must be at least 1")
     if args.init_svd == "authors" and args.method != "lorasb":
         problems.append(f"--init_svd authors is LoRA-SB's initialization; --method {args.method} does not use it")
     if args.batch_size % (args.micro_batch_size * ddp_world_size):
@@ -250,6 +254,20 @@ class Setup:
     def my_share(self, n: int) -> list[int]:
         """The indices of n items that this process handles: every ddp_world_size-th one from ddp_rank."""
         return list(range(self.ddp_rank, n, self.ddp_world_size))
+
+
+def device_line(setup: Setup) -> str:
+    """The run's first line: where it computes and in which dtype (a CPU run is many times slower: said at once)."""
+    if setup.device.type == "cuda":
+        where = f"{setup.device} ({torch.cuda.get_device_name(setup.device)})"
+    elif setup.device.type == "cpu":
+        found = "a GPU is there, --device cpu asks for the CPU" if torch.cuda.is_available() else "no GPU found"
+        where = f"cpu ({found}; {torch.get_num_threads()} threads)"
+    else:
+        where = str(setup.device)
+    dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    computing = f", computing in {dtype(setup.compute_dtype)}" if setup.compute_dtype != setup.weights_dtype else ""
+    return f"device {where}, weights {dtype(setup.weights_dtype)}{computing}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -430,16 +448,22 @@ def estimate_update_from_examples(model, examples: list[dict], pad_id: int, args
                    f"adapter's peak learning rate on every weight (truncated to rank {args.rank}), a large jump that "
                    f"can hurt (README: 'lr_1 sets the size of the initialization'). More steps or a larger "
                    f"--warmup_ratio make lr_1 = --lr / warmup_steps a full fine-tuning step of sensible size.")
+    # A batch counts once its backward pass is done (when the next one comes, or the estimate returns), so the bar
+    # reaches 100% when the estimate has, not one batch's forward and backward before.
     bar = tqdm(desc="estimating", total=local_samples, unit="example", disable=not setup.master_process)
+    previous = 0
 
     def loss_fn(m, batch):
-        bar.update(len(batch["input_ids"]))
+        nonlocal previous
+        bar.update(previous)
+        previous = len(batch["input_ids"])
         with setup.autocast():
             return causal_lm_loss(m, to_device(batch, setup.device))
 
     updates = lorasb.estimate_first_update(model, init_batches, loss_fn, local_samples, plan.lr_1, args.targets,
                                            rule=args.init_rule,
                                            accumulate_on="cpu" if args.init_accumulate_on == "cpu" else None)
+    bar.update(previous)
     bar.close()
     return updates
 
@@ -621,7 +645,7 @@ def save_outputs(model, out: Path, args, folder: Path) -> None:
 
 def load_adapter_to_evaluate(model, args, setup: Setup) -> dict:
     """With --eval_only: load --adapter if given; returns what the summary says was evaluated."""
-    described = {"method": "base", "rank": None, "trainable_parameters": 0, "init_seconds": 0.0, "train_seconds": 0.0}
+    described = {"method": "base", "rank": None}
     if args.adapter:
         info = lorasb.load_adapter(model, args.adapter)
         described.update(method=info["method"], rank=info["rank"])
@@ -680,9 +704,9 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[dict], eos_ids
     # Stop strings are matched on the generated text only (the prompt contains "Instruction:" and "Response:");
     # the last few tokens suffice to see a new one, so each check decodes a short tail.
     stop = lambda new: any(s in tokenizer.decode(new[-8:]) for s in data.STOP_STRINGS)  # noqa: E731
-    # generate sorts the prompts by length into batches (less padding) and shows a progress bar over them
+    # generate sorts the prompts by length into batches (less padding) and shows a progress bar, token by token
     outputs = model_lib.generate(model, prompts, max_new_tokens, eos_ids, tokenizer.pad_id, stop=stop,
-                                 batch_size=args.eval_batch_size)
+                                 batch_size=args.eval_batch_size, progress=setup.master_process)
     rows = []
     for i, new in zip(mine, outputs):
         question = questions[i]
@@ -737,7 +761,8 @@ def evaluate(model, loaded: Loaded, args, setup: Setup) -> tuple[dict, dict[str,
             if setup.ddp:
                 rows = distributed.gather_rows(rows, setup.ddp_world_size)
             metrics[eval_set], predictions[eval_set] = score[eval_set](rows)
-    return {**metrics.pop("gsm8k", {}), "test_loss": test_loss, **metrics}, predictions
+    return {**metrics.pop("gsm8k", {}), "test_loss": test_loss, "test_loss_solutions": len(loaded.questions),
+            **metrics}, predictions
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -759,11 +784,20 @@ def report(model, loaded: Loaded, args, setup: Setup, out: Path, described: dict
         for eval_set, rows in predictions.items():
             run_folder.write_jsonl(out / EVAL_SETS[eval_set], rows)
         run_folder.write_json(out / "summary.json", summary)
-        print_summary(summary, out)
+        print_summary(summary, out, outputs_written(args))
     return summary
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def outputs_written(args) -> list[str]:
+    """What a run writes into its out_dir (listed at its end): the evaluation's files, and a training run's own."""
+    evaluation = ["summary.json", *(EVAL_SETS[name] for name in args.eval_data)]
+    if args.eval_only:
+        return evaluation
+    trained = ["model/"] if args.method == "full" else ["adapter.safetensors", "peft_adapter/"]
+    return ["config.json", "metrics.jsonl", run_folder.CHECKPOINTS + "/", *trained, *evaluation]
+
+
+def print_summary(summary: dict, out: Path, outputs: list[str]) -> None:
     accuracies = []
     if "accuracy" in summary:
         accuracies.append(f"GSM8K test: {summary['accuracy']:.2%} ({summary['correct']}/{summary['total']}, "
@@ -773,11 +807,12 @@ def print_summary(summary: dict, out: Path) -> None:
         accuracies.append(f"MATH test: {m['accuracy']:.2%} ({m['correct']}/{m['total']}, {m['invalid']} without an "
                           f"answer); with the authors' is_equiv fallback {m['accuracy_authors_fallback']:.2%} "
                           f"({m['changed_by_authors_fallback']} verdicts flipped)")
-    print(f"\n{'=' * 72}\n" + "\n".join(accuracies) + f"\nheld-out GSM8K loss {summary['test_loss']:.4f}  "
-          f"[{summary['method']}, rank {summary['rank']}, {summary['model']}]\n"
-          f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
-          f"training {summary['train_seconds']:.1f} s | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
-          f"outputs in {out}/: {', '.join(name for name in OUTPUTS if (out / name).exists())}\n{'=' * 72}")
+    trained = (f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
+               f"training {summary['train_seconds']:.1f} s | ") if "train_seconds" in summary else ""  # not eval-only
+    print(f"\n{'=' * 72}\n" + "\n".join(accuracies) + f"\nheld-out GSM8K loss {summary['test_loss']:.4f} on "
+          f"{summary['test_loss_solutions']} test solutions  [{summary['method']}, rank {summary['rank']}, "
+          f"{summary['model']}]\n{trained}peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
+          f"outputs in {out}/: {', '.join(outputs)}\n{'=' * 72}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -796,6 +831,7 @@ def main(argv=None) -> dict:
 
 def run(args, setup: Setup, argv) -> dict:
     """The phases of a run (or of an --eval_only evaluation), in an --out_dir that no other run writes."""
+    setup.log(device_line(setup))
     loaded = load(args, setup)
     if args.eval_only:
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
@@ -845,5 +881,33 @@ def run(args, setup: Setup, argv) -> dict:
         return report(model, loaded, args, setup, out, described)
 
 
+# What each expected failure asks of the user (expected_failure); the error's own message names the file or input.
+WHAT_TO_DO = ((hub.DownloadError, "Check the connection, or use local files as it says"),
+              (FileNotFoundError, "Check the path it names"), (ValueError, "Fix the input it names"))
+PROJECT_FOLDERS = {Path(__file__).resolve().parent / name for name in ("", "machinery", "experiments")}
+
+
+def expected_failure(e: BaseException) -> bool:
+    """Whether an error is one a user meets and fixes rather than a bug: a failed download (offline), a missing file,
+    or a ValueError raised by this project's own checks of an input (not one from inside torch)."""
+    if isinstance(e, (hub.DownloadError, FileNotFoundError)):
+        return True
+    raised_in = Path(traceback.extract_tb(e.__traceback__)[-1].filename).resolve().parent
+    return isinstance(e, ValueError) and raised_in in PROJECT_FOLDERS
+
+
+def run_command(main_function: Callable[[], object]) -> None:
+    """Run main_function as a command: an expected failure (expected_failure) ends it with one paragraph, the error's
+    message and what to do, and exit status 1, its traceback only when $LORASB_TRACEBACK is 1; any other error keeps
+    its traceback."""
+    try:
+        main_function()
+    except (hub.DownloadError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("LORASB_TRACEBACK") == "1" or not expected_failure(e):
+            raise
+        what_to_do = next(hint for kind, hint in WHAT_TO_DO if isinstance(e, kind))
+        sys.exit(f"Stopped: {e}\n{what_to_do}, then run again. (LORASB_TRACEBACK=1 shows the traceback.)")
+
+
 if __name__ == "__main__":
-    main()
+    run_command(main)

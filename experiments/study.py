@@ -8,7 +8,9 @@ The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder)
 HuggingFaceTB/SmolLM2-135M-Instruct; GSM8K to $LORASB_GSM8K_DIR or else the download. Every figure goes to
 experiments/results/study.json as soon as its part is done (a part is one training run or one measurement), so an
 interrupted study continues where it stopped and never recomputes a finished part; the plots (SVG) and a one-screen
-summary come at the end. The training runs are the trainer's own phases (train_gsm8k.plan_training,
+summary come at the end. A part is reused only from a file made with the same settings (the budget, the model's weights
+by fingerprint, the data by sha256, seed, device, dtype), and a rerun says what it reused, at its start and at its end:
+to compute anew, pass another --out. The training runs are the trainer's own phases (train_gsm8k.plan_training,
 initialize_adapters, make_optimizer, train_step, held_out_loss, generate_answers), not a second training loop.
 
 The claims:
@@ -43,7 +45,8 @@ import lorasb  # noqa: E402
 import model as model_lib  # noqa: E402
 import train_gsm8k as trainer  # noqa: E402
 from experiments import svg  # noqa: E402
-from machinery import datasets  # noqa: E402
+from machinery import checkpoints, datasets  # noqa: E402
+from machinery.hub import sha256_file  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LAYER_TYPES = lorasb.DEFAULT_TARGETS
@@ -114,24 +117,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Results: one JSON file, rewritten atomically after every part; a part that is in it is never recomputed.
+# Results: one JSON file, rewritten atomically after every part; a part in it is reused when the settings match.
 # ---------------------------------------------------------------------------------------------------------------------
 
 class Results:
+    """The study's parts, reused from the file only when it was computed with the same settings (budget, model weights,
+    data, seed, device, dtype), and an account of what this run reused and what it computed."""
+
     def __init__(self, path: Path, settings: dict):
         self.path = path
         self.data = {"settings": settings, "parts": {}}
+        self.reused, self.computed = [], []
         if path.is_file():
             existing = json.loads(path.read_text())
-            if existing.get("settings") != settings:
-                changed = sorted(k for k in settings if existing.get("settings", {}).get(k) != settings[k])
-                raise SystemExit(f"{path} holds a study with other settings ({', '.join(changed)}): pass another "
-                                 f"--out, or delete the file to start over")
+            problem = reuse_problem(path, existing.get("settings", {}), settings)
+            if problem:
+                raise SystemExit(problem)
             self.data = existing
+            if existing["parts"]:
+                print(f"study: {path} already holds {len(existing['parts'])} parts computed with these settings (the "
+                      f"same model weights, data and budget): they are reused, not computed again. To compute "
+                      f"everything anew, pass another --out (or delete the file).", flush=True)
 
     def part(self, name: str, compute):
         """The figures of part `name`: from the file when it is there, else computed now and saved at once."""
-        if name not in self.data["parts"]:
+        if name in self.data["parts"]:
+            self.reused.append(name)
+        else:
             print(f"study: {name}", flush=True)
             t0 = time.time()
             value = compute()
@@ -139,10 +151,63 @@ class Results:
             self.data["parts"][name] = json.loads(json.dumps(value))  # exactly what the file holds (str keys)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lorasb.atomic_write(self.path, lambda f: f.write((json.dumps(self.data, indent=1) + "\n").encode()))
+            self.computed.append(name)
         return self.data["parts"][name]
 
     def get(self, name: str) -> dict:
         return self.data["parts"][name]
+
+    def account(self) -> str:
+        """What this run reused and what it computed: said last, so that a replay is never read as a fresh result."""
+        if not self.reused:
+            return f"study: this run computed all {len(self.computed)} parts; they are in {self.path}."
+        text = (f"study: this run reused {len(self.reused)} of {len(self.reused) + len(self.computed)} parts from "
+                f"{self.path}, computed earlier with the same settings: {', '.join(self.reused)}. ")
+        if self.computed:
+            text += f"It computed {len(self.computed)}: {', '.join(self.computed)}. "
+        else:
+            text += ("It computed nothing new: every figure above was read from that file, and the compute time above "
+                     "is what its parts took when they were computed. ")
+        return text + f"To compute everything anew, pass another --out (or delete {self.path})."
+
+
+FINGERPRINTS = {"model fingerprint": "the model's weights", "data sha256": "the data"}
+
+
+def fingerprints(model_folder: Path, data_folder: Path) -> dict:
+    """What identifies the model and the data beyond their names: the model folder's fingerprint (config.json,
+    tokenizer.json and sampled blocks of the weights: machinery.checkpoints.model_fingerprint) and the sha256 of
+    GSM8K's train.jsonl and test.jsonl."""
+    return {"model fingerprint": checkpoints.model_fingerprint(model_folder),
+            "data sha256": {name: sha256_file(data_folder / name) for name in ("train.jsonl", "test.jsonl")}}
+
+
+def reuse_problem(path: Path, stored: dict, settings: dict) -> str | None:
+    """Why the parts stored in `path` (with `stored` settings) cannot be reused by a study with `settings`, or None.
+    A file that records no fingerprints (made before they were recorded) cannot be checked, so it is not reused."""
+    differences = []
+    for key in sorted(stored.keys() | settings.keys()):
+        old, new = stored.get(key), settings.get(key)
+        if key in FINGERPRINTS and old is None:
+            continue
+        if key == "model fingerprint" and old != new:
+            differences.append(f"{FINGERPRINTS[key]} (fingerprint {old[:12]}... there, {new[:12]}... here)")
+        elif key == "data sha256" and old != new:
+            changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+            differences.append(f"{FINGERPRINTS[key]} (the sha256 of {' and '.join(changed)})")
+        elif old != new:
+            differences.append(f"{key} {json.dumps(old)} there, {json.dumps(new)} here")
+    unverifiable = [label for key, label in FINGERPRINTS.items() if key not in stored]
+    if unverifiable:
+        return (f"{path} records no fingerprint of {' or of '.join(unverifiable)} it was computed with (it was made "
+                f"before the study recorded them), so this run cannot check that its parts fit this model and data"
+                + (f"; its settings also differ: {'; '.join(differences)}" if differences else "")
+                + ". Pass another --out to compute the study anew (or delete the file).")
+    if differences:
+        return (f"{path} holds a study computed with other settings: {'; '.join(differences)}. Its parts cannot be "
+                f"reused: pass another --out to compute the study with these settings (or delete the file to replace "
+                f"it).")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -668,17 +733,19 @@ def plot(results: Results, chosen: dict, b: Budget, out: Path) -> None:
 
 
 def settings(args, study: Study) -> dict:
-    """What must match for a study.json to be continued: the budget, the model's name, the seed, device and dtype."""
+    """What must match for a study.json to be reused: the budget, the model's name and fingerprint, the data's sha256,
+    the seed, device and dtype."""
     model = Path(args.model).name if Path(args.model).is_dir() else args.model
     return {**{k: (list(map(list, v)) if k == "lr_grid" else list(v) if isinstance(v, tuple) else v)
                for k, v in vars(study.budget).items()},
             "model": model, "seed": args.seed, "device": str(study.setup.device),
-            "dtype": str(study.setup.compute_dtype)}
+            "dtype": str(study.setup.compute_dtype), **fingerprints(study.folder, datasets.gsm8k_dir(args.data_dir))}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     study = Study(args)
+    print(f"study: {trainer.device_line(study.setup)}", flush=True)
     results = Results(args.out / "study.json", json.loads(json.dumps(settings(args, study))))
     results.part("setup", lambda: describe(study))
     results.part("claim1/at_init", lambda: claim1_at_init(study))
@@ -690,8 +757,9 @@ def main(argv=None) -> dict:
     plot(results, chosen, study.budget, args.out)
     (args.out / "study.md").write_text(report)
     print(report)
+    print(results.account())
     return results.data
 
 
 if __name__ == "__main__":
-    main()
+    trainer.run_command(main)

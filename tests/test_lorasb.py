@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -249,6 +250,20 @@ def test_estimate_errors_name_the_layer_or_the_problem():
     with pytest.raises(ValueError, match="unknown rule"):
         lorasb.estimate_first_update(model, batches_of(x, y, 4), mse_loss, 4, 1.0, rule="adam")
 
+
+def test_estimate_warns_when_handed_a_one_shot_iterator_and_not_a_list():
+    """A generator is consumed by the estimate: a training loop over it afterwards would run zero steps."""
+    model = TinyBlock()
+    x, y = make_data()
+    batches = batches_of(x, y, 4)
+    generator = (batch for batch in batches)
+    with pytest.warns(UserWarning, match=r"one-shot iterator \(generator\).*trains zero steps.*pass a list"):
+        lorasb.estimate_first_update(model, generator, mse_loss, 11, 1.0, targets=("up_proj",))
+    assert list(generator) == []  # what the warning is about: nothing left for a training loop
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorasb.estimate_first_update(model, batches, mse_loss, 11, 1.0, targets=("up_proj",))
+    assert len(list(batches)) == 3  # a list goes through again
 
 # --- adapters in a model -------------------------------------------------------------------------------------------
 

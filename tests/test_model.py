@@ -252,6 +252,27 @@ def test_generation_stops_per_row(tiny):
         M.generate(model, PROMPTS, 0, eos_ids=[], pad_id=0)
 
 
+def test_generation_shows_progress_within_a_single_batch(tiny, capsys):
+    """One batch of every prompt still shows a bar (a long batch is minutes on a CPU), advanced after each new token
+    by the budget spent: the tokens made, and the whole budget of a row that ended; progress=False shows nothing."""
+    _, model = tiny
+    full = M.generate(model, PROMPTS, 12, eos_ids=[], pad_id=0, batch_size=len(PROMPTS))
+    assert re.search(r"generate:\s+0%.*\| 0/60 ", capsys.readouterr().err)  # 5 prompts x 12 tokens, one batch
+    eos = full[0][3]  # row 0 ends at step 3 at the latest; from then on its whole budget counts as spent
+
+    def spent(step: int) -> int:  # the budget spent once `step` (0-based) has run
+        return sum(12 if eos in new[:step + 1] or step == 11 else step + 1 for new in full)
+
+    steps = next(step for step in range(12) if spent(step) == 60) + 1  # the batch ends when every row has
+    for eos_ids, expected in (([], [5] * 12), ([eos], [spent(0)] + [spent(k) - spent(k - 1) for k in range(1, steps)])):
+        counts = []
+        bar = type("Bar", (), {"update": lambda self, n: counts.append(n)})()
+        M.generate_batch(model, PROMPTS, 12, set(eos_ids), 0, progress=bar)
+        assert counts == expected and sum(counts) == 60
+    M.generate(model, PROMPTS, 12, eos_ids=[], pad_id=0, batch_size=len(PROMPTS), progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_sliding_window_is_refused_not_ignored(tmp_path):
     model = M.load_model(write_checkpoint(tmp_path / "m", model_type="mistral", sliding_window=8))
     assert model(torch.ones(1, 8, dtype=torch.long)).shape == (1, 8, TINY["vocab_size"])

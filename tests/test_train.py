@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -24,7 +25,7 @@ import lorasb
 import model as model_lib
 import train_gsm8k
 from conftest import REPO, TINY_MATH, write_tiny_gsm8k
-from machinery import checkpoints
+from machinery import checkpoints, hub
 from machinery.tokenizer import Tokenizer
 
 
@@ -394,13 +395,30 @@ def test_a_second_signal_stops_training_at_once(tmp_path, tiny_model_dir, tiny_g
     assert not any((out / "checkpoints").glob("step-*"))  # --save_every 200: nothing was due before step 2
 
 
-def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+def listed_outputs(printed: str) -> set[str]:
+    """The outputs the summary's last line names ("outputs in <out_dir>/: a, b/, ...")."""
+    return set(re.search(r"^outputs in .*/: (.*)$", printed, re.M)[1].split(", "))
+
+
+def written(out) -> set[str]:
+    return {p.name + "/" * p.is_dir() for p in out.iterdir()}
+
+
+def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                                      capsys):
     trained, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, name="trained")
+    printed = capsys.readouterr().out
+    assert listed_outputs(printed) == written(trained) and "trainable parameters" in printed
     evaluated, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_only", "--adapter",
                        str(trained / "adapter.safetensors"), name="evaluated")
+    printed = capsys.readouterr().out
+    assert listed_outputs(printed) == written(evaluated) == {"summary.json", "predictions.jsonl"}
+    assert "trainable parameters" not in printed and "training" not in printed  # nothing trained, nothing said of it
+    assert "held-out GSM8K loss" in printed and "on 4 test solutions" in printed  # --eval_limit 4
     assert (evaluated / "predictions.jsonl").read_text() == (trained / "predictions.jsonl").read_text()
     summary = json.loads((evaluated / "summary.json").read_text())
     assert (summary["method"], summary["rank"]) == ("lorasb", 4)  # described by the adapter, not by the defaults
+    assert summary["test_loss_solutions"] == 4 and "train_seconds" not in summary
     assert (evaluated / "summary.json").stat().st_mode & 0o044  # readable by others, as a plain open() would make it
     assert not (evaluated / "checkpoints").exists()
 
@@ -418,11 +436,15 @@ def test_bad_input_is_refused_at_once_with_every_problem(tmp_path, tiny_model_di
     assert "argument --init_rule: invalid choice: 'adam'" in refused_by_argparse(capsys, "--init_rule", "adam")
     assert "argument --batch_size: must be positive, got 0" in refused_by_argparse(capsys, "--batch_size", "0")
     assert "not allowed with argument" in refused_by_argparse(capsys, "--resume", "--overwrite")
+    # argparse stops at the first argument it refuses: with an unknown method and --rank 0, the method; the rank is
+    # then listed with every other problem once the method is fixed
+    assert "argument --method: invalid choice: 'dora'" in refused_by_argparse(capsys, "--method", "dora", "--rank", "0")
     with pytest.raises(SystemExit) as refused:  # what argparse cannot see in one argument: every problem at once
-        run(tmp_path, tiny_model_dir, tmp_path / "missing", "--batch_size", "5", "--adapter", str(tmp_path / "no"))
+        run(tmp_path, tiny_model_dir, tmp_path / "missing", "--batch_size", "5", "--adapter", str(tmp_path / "no"),
+            "--rank", "0")
     message = str(refused.value)
-    for expected in ["--batch_size 5 is not a multiple", "--data_dir", "--adapter is for --eval_only",
-                     "--adapter " + str(tmp_path / "no") + ": no such file"]:
+    for expected in ["--rank 0: the rank must be at least 1", "--batch_size 5 is not a multiple", "--data_dir",
+                     "--adapter is for --eval_only", "--adapter " + str(tmp_path / "no") + ": no such file"]:
         assert expected in message
     with pytest.raises(SystemExit, match=r"--rank 20 is too large for model.layers.0.self_attn.k_proj \(16 x 32\)"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--rank", "20")
@@ -516,8 +538,43 @@ def test_config_records_what_was_resolved_and_the_long_phases_show_progress(tmp_
         train_gsm8k.main(argv)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["num_init_samples"], config["warmup_steps"], config["lr_1"]) == (32, 1, 1e-4)
-    progress = capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert re.match(r"device cpu \((no GPU found|a GPU is there.*); \d+ threads\), weights float32\n", printed.out)
+    progress = printed.err
     assert "adding adapters: 100%" in progress and "14/14" in progress and "held-out loss: 100%" in progress
+    assert re.search(r"generate:\s+0%.*\| 0/4 ", progress)  # 2 questions x 2 tokens, in one batch
+
+
+def test_the_estimate_bar_counts_a_batch_once_its_backward_pass_is_done(tiny_model_dir, tiny_gsm8k_dir,
+                                                                         monkeypatch):
+    """The bar reaches 100% when the estimate is done, not while the last batch is still computing (it showed 100%
+    twice, tens of seconds apart, on a CPU)."""
+    events = []
+
+    class Bar:  # records what the trainer's bars are told
+        def __init__(self, iterable=(), desc="", **options):
+            self.iterable, self.desc = iterable, desc
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n):
+            events.append((self.desc, n))
+
+        def close(self):
+            events.append((self.desc, "closed"))
+
+    def loss_with_a_mark(model, batch, **options):
+        loss = causal_lm_loss(model, batch, **options)
+        loss.register_hook(lambda grad: events.append("backward"))
+        return loss
+
+    causal_lm_loss = train_gsm8k.causal_lm_loss
+    monkeypatch.setattr(train_gsm8k, "tqdm", Bar)
+    monkeypatch.setattr(train_gsm8k, "causal_lm_loss", loss_with_a_mark)
+    initialized(tiny_model_dir, tiny_gsm8k_dir)  # 5 samples in batches of 2, 2, 1
+    assert events == [("estimating", 0), "backward", ("estimating", 2), "backward", ("estimating", 2), "backward",
+                      ("estimating", 1), ("estimating", "closed")]
 
 
 def test_eval_only_warns_when_the_adapter_was_trained_on_another_model(stopped_run, tmp_path, tiny_model_dir,
@@ -595,7 +652,7 @@ def test_initialize_adapters_is_the_library_estimate_and_svd_bitwise(tiny_model_
 def canned_generate(tokenizer, completions: dict[str, str], budgets: dict):
     """A stand-in for model.generate: each prompt gets the completion of the question it contains ("" if none), and
     budgets records the max_new_tokens each question was given (None: questions without a completion)."""
-    def generate(model, prompts, max_new_tokens, eos_ids, pad_id, stop=None, batch_size=16):
+    def generate(model, prompts, max_new_tokens, eos_ids, pad_id, stop=None, batch_size=16, progress=True):
         outputs = []
         for prompt in prompts:
             question = next((q for q in completions if q in tokenizer.decode(prompt)), None)
@@ -645,6 +702,39 @@ def test_bad_evaluation_and_switch_arguments_are_refused(tmp_path, tiny_model_di
     message = str(refused.value)
     for expected in ["--init_svd authors is LoRA-SB's", "--math_path"]:
         assert expected in message
+
+
+def test_expected_failures_end_with_one_paragraph_and_the_traceback_only_on_request(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("LORASB_GSM8K_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens: offline
+    monkeypatch.setattr(hub, "CACHE_DIR", tmp_path / "cache")
+    offline = functools.partial(train_gsm8k.main, ["--model", str(tiny_model_dir), "--out_dir", str(tmp_path / "run"),
+                                                   "--device", "cpu"])
+    with pytest.raises(SystemExit) as stopped:
+        train_gsm8k.run_command(offline)
+    paragraph = stopped.value.code  # what Python prints on stderr, with exit status 1
+    assert paragraph.startswith("Stopped: could not download http://127.0.0.1") and "Offline? Put the file" in paragraph
+    assert paragraph.endswith("Check the connection, or use local files as it says, then run again. "
+                              "(LORASB_TRACEBACK=1 shows the traceback.)")
+    monkeypatch.setenv("LORASB_TRACEBACK", "1")
+    with pytest.raises(hub.DownloadError):
+        train_gsm8k.run_command(offline)
+    monkeypatch.delenv("LORASB_TRACEBACK")
+    wrong_shapes = functools.partial(torch.nn.functional.cross_entropy, torch.zeros(2, 3), torch.zeros(3).long())
+    with pytest.raises(ValueError, match="batch_size"):  # raised inside torch: a bug, whose traceback is kept
+        train_gsm8k.run_command(wrong_shapes)
+    with pytest.raises(RuntimeError):
+        train_gsm8k.run_command(functools.partial(torch.zeros(2).view, 3))
+
+    broken = write_tiny_gsm8k(tmp_path / "broken")  # a refused input, as the command line shows it
+    (broken / "train.jsonl").write_text("{not json\n")
+    result = subprocess.run([sys.executable, str(REPO / "train_gsm8k.py"), "--model", str(tiny_model_dir),
+                             "--data_dir", str(broken), "--out_dir", str(tmp_path / "run"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == (f"Stopped: {broken / 'train.jsonl'}:1: not valid JSON (Expecting property name enclosed "
+                             f"in double quotes at column 2)\nFix the input it names, then run again. "
+                             f"(LORASB_TRACEBACK=1 shows the traceback.)\n")  # the whole of stderr
 
 
 def initialized(tiny_model_dir, tiny_gsm8k_dir, *extra):
