@@ -390,6 +390,9 @@ def test_learning_rate_schedule_starts_at_lr_1_and_decays_to_zero():
     lrs = [train_gsm8k.learning_rate(step, 1e-4, 4, 100) for step in range(1, 101)]
     assert lrs[0] == pytest.approx(1e-4 / 4) and lrs[3] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and 0 < lrs[-1] < 1e-7  # every step moves, the last barely
+    linear = [train_gsm8k.learning_rate(step, 1e-4, 4, 100, "linear") for step in range(1, 101)]
+    assert linear[:4] == lrs[:4] and linear[-1] == pytest.approx(1e-4 / 97)  # 97 decay steps, the last above 0
+    assert all(b - a == pytest.approx(-1e-4 / 97) for a, b in zip(linear[3:], linear[4:]))  # a straight line
 
 
 def free_port() -> int:
