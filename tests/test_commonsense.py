@@ -131,3 +131,51 @@ def test_a_training_record_without_answer_is_refused_with_its_file_and_index(tmp
     with pytest.raises(ValueError, match=r"piqa/train.json\[5\]: missing string field 'answer'"):
         train_gsm8k.main(["--model", str(tiny_model_dir), "--train_data", "commonsense", "--commonsense_dir",
                           str(folder), "--eval_data", "boolq", "--out_dir", str(tmp_path / "run"), "--device", "cpu"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# experiments/commonsense.py --quick on the tiny model
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, tiny_model_dir):
+    from experiments import commonsense
+
+    tmp = tmp_path_factory.mktemp("commonsense")
+    labels = {task: data.COMMONSENSE_TASKS[task].split("|")[:3] for task in commonsense.TASKS}
+    folder = write_commonsense(tmp / "cs", {t: labels[t] for t in commonsense.TASKS}, num_train=2, num_test=4)
+    argv = ["--quick", "--model", str(tiny_model_dir), "--commonsense_dir", str(folder), "--out", str(tmp / "out")]
+    return commonsense, argv, tmp / "out", commonsense.main(argv)
+
+
+def test_the_experiment_writes_every_task_and_method_with_intervals(quick):
+    commonsense, _, out, results = quick
+    written = json.loads((out / "commonsense.json").read_text())
+    assert written["parts"] == results["parts"] and written["summary"] == json.loads(json.dumps(results["summary"]))
+    summary = written["summary"]
+    assert set(summary) == {"base", "lorasb", "loraxs", "lora"}
+    b = commonsense.QUICK
+    tests = [summary["base"]["test"]] + [t for m in ("lorasb", "loraxs", "lora") for t in summary[m]["seeds"].values()]
+    assert all(len(summary[m]["seeds"]) == len(b.seeds) for m in ("lorasb", "loraxs", "lora"))
+    for test in tests:
+        assert set(test["tasks"]) == set(commonsense.TASKS)
+        for cell in (*test["tasks"].values(), test["mean"]):
+            low, high = cell["interval"]
+            assert 0 <= low <= cell["accuracy"] <= high <= 1 and cell["correct"] <= cell["total"]
+        assert test["mean"]["total"] == b.test_per_task * len(commonsense.TASKS)
+    for method, grid in b.lr_grid:
+        assert summary[method]["lr"] in grid and len(summary[method]["validation_losses"]) == len(grid)
+        spread = summary[method]["across_seeds"]
+        assert set(spread) == {*commonsense.TASKS, "mean"} and all(s["std"] >= 0 for s in spread.values())
+    assert (out / "commonsense_accuracy.svg").read_text().startswith("<svg")
+
+
+def test_a_rerun_reuses_parts_with_the_same_settings_only(quick, monkeypatch, capsys):
+    commonsense, argv, out, results = quick
+    monkeypatch.setattr(commonsense, "train_and_measure", lambda *a, **k: pytest.fail("a finished part was rerun"))
+    assert commonsense.main(argv)["parts"] == results["parts"]
+    assert "eval/base: reused (same settings)" in capsys.readouterr().out
+    monkeypatch.setattr(commonsense, "QUICK", commonsense.dataclasses.replace(commonsense.QUICK, test_per_task=3))
+    monkeypatch.setattr(commonsense, "base_model_part", lambda exp: {"test": results["summary"]["base"]["test"]})
+    with pytest.raises(pytest.fail.Exception, match="a finished part was rerun"):
+        commonsense.main(argv)  # the budget changed: the grid runs are recomputed
+    assert "settings changed, recomputed" in capsys.readouterr().out
