@@ -1,6 +1,6 @@
 """Commonsense reasoning accuracy of LoRA-SB, LoRA-XS, LoRA and the base model, measured on CPU.
 
-    python -m experiments.commonsense --commonsense_dir ../shared/commonsense      # SmolLM2-135M-Instruct, ~3 h
+    python -m experiments.commonsense --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~3 h
     python -m experiments.commonsense --quick --model DIR --commonsense_dir DIR --out DIR   # every part, in seconds
 
 The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
@@ -20,11 +20,15 @@ so), and recomputes it otherwise. The runs are the trainer's own phases (train_g
 initialize_adapters, make_optimizer, train_step, response_loss, prepare_evaluation, generate_answers), not a second
 training loop.
 
-The budget (Budget below) is set for about 3 hours on 2 CPU cores, from a timing of its two costs on SmolLM2-135M in
-fp32 (torch threads = 2): one optimizer step of 8 examples of at most 256 tokens, and one generation batch of 32
-prompts with 32 new tokens. With T_step and T_gen those times: runs = (3 methods x 3 lrs) + (3 methods x (seeds - 1))
-= 12 trainings of `steps` steps; evaluations = (3 methods x seeds + 1 base) x 7 tasks x test_per_task / 32 batches:
-total ~ 12 x steps x T_step + 7 x 7 x test_per_task / 32 x T_gen (plus LoRA-SB's init, a few steps' worth).
+The budget (Budget below) is set for about 3 hours on 2 CPU cores, from a timing of its costs on SmolLM2-135M in
+fp32: one optimizer step of 8 examples (mean 87 tokens; at most 256), one generation batch of 32 prompts (up to 32 new
+tokens) and LoRA-SB's estimate. Measured with one thread on a machine shared with other jobs (load ~7 on 2 cores):
+70 s a step, 40-100 s a generation batch, 150 s for an estimate of 8 samples; scaled by the contention (~3.5x) and a
+second thread (~1.8x): T_step ~ 11 s, T_gen ~ 11 s, ~ 95 s for LoRA-SB's 32 init samples. The runs are 3 methods x 3
+lrs at the first seed plus the chosen lr at each of 2 seeds (each retrained, so that every evaluated run is trained
+the same way): 15 trainings of `steps` steps; the evaluations are (3 methods x 2 seeds + the base model) x 7 tasks x
+test_per_task / 32 batches. Total ~ 15 x 50 x T_step + 7 x 7 x 4 x T_gen + 5 x 95 s ~ 8250 + 2150 + 480 s ~ 3.0 h.
+Time it again on an idle machine before a long run: the scaling above is the weakest number here.
 """
 
 import argparse
@@ -54,7 +58,7 @@ CHANCE = {"boolq": 1 / 2, "piqa": 1 / 2, "social_i_qa": 1 / 3, "winogrande": 1 /
 
 @dataclass(frozen=True)
 class Budget:
-    steps: int = 150  # optimizer steps of every run: 1200 training examples, one pass
+    steps: int = 50  # optimizer steps of every run: 400 training examples, one pass
     batch_size: int = 8
     micro_batch_size: int = 8
     warmup_ratio: float = 0.02  # the paper's commonsense schedule: 2% linear warmup, then linear decay
