@@ -28,6 +28,7 @@ What a real run needs beyond that (checkpoints and resume, the out_dir, torchrun
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import resource
@@ -36,7 +37,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -302,7 +303,7 @@ class Loaded:
     questions: list[dict]  # the GSM8K test questions, unless only commonsense tasks are evaluated
     pairs: list[tuple[str, str]] | None  # the (prompt, response) training pairs; None with --eval_only
     math_problems: list[dict] | None = None  # the MATH test problems, with --eval_data math
-    commonsense: dict[str, list[dict]] = field(default_factory=dict)  # each --eval_data commonsense task: its records
+    commonsense: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # --eval_data commonsense tasks
 
     @property
     def eos_ids(self) -> set[int]:
