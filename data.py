@@ -1,14 +1,17 @@
-"""Data for LoRA-SB on math word problems: the authors' GSM8K / MetaMathQA protocol (prompts, training targets, answer
-extraction and scoring), loading the dataset files, tokenization with response-only labels, and resumable batching.
+"""Data for LoRA-SB: the authors' GSM8K / MetaMathQA protocol (prompts, training targets, answer extraction and
+scoring) and their commonsense reasoning protocol, loading the dataset files, tokenization with response-only labels,
+and resumable batching.
 
 The protocol follows the official code (github.com/CERT-Lab/lora-sb): training data and labels as in
 `train_arithmetic.py` / `utils/data_utils.py`, evaluation prompt, stop strings and answer extraction as in
 `instruction_tuning_eval/gsm8k_eval.py`, and the lenient comparison from its `grader.py::math_equal`. Every quirk of
 theirs that changes a number is kept and named where it happens. MATH is evaluated with the same prompt; its grader
-is machinery/math_grader.py, and the tokenizer.json implementation is machinery/tokenizer.py.
+is machinery/math_grader.py, and the tokenizer.json implementation is machinery/tokenizer.py. Commonsense reasoning
+follows `train_cr.py` and `instruction_tuning_eval/commonsense_eval.py`, with one prompt for training and evaluation
+(theirs indents the training prompt by accident; commonsense_prompt reproduces it on request).
 
-Reading order: prompts and training targets -> GSM8K scoring -> datasets -> tokenized examples with response-only
-labels -> batching. Needs torch, numpy and tqdm.
+Reading order: prompts and training targets -> GSM8K scoring -> commonsense reasoning -> datasets -> tokenized
+examples with response-only labels -> batching. Needs torch, numpy and tqdm.
 """
 
 import itertools
@@ -146,6 +149,55 @@ def score_gsm8k(completions: list[str], golds: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Commonsense reasoning (train_cr.py, utils/data_utils.py and instruction_tuning_eval/commonsense_eval.py, after
+# AGI-Edgerunners/LLM-Adapters): records {instruction, input, output, answer}; output is "the correct answer is X".
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Each task's answer pattern, in the paper's table order; social_i_qa has three choices but the authors' pattern five.
+COMMONSENSE_TASKS = {"boolq": "true|false", "piqa": "solution1|solution2",
+                     "social_i_qa": "answer1|answer2|answer3|answer4|answer5",
+                     "hellaswag": "ending1|ending2|ending3|ending4", "winogrande": "option1|option2",
+                     "ARC-Easy": "answer1|answer2|answer3|answer4|answer5",
+                     "ARC-Challenge": "answer1|answer2|answer3|answer4|answer5",
+                     "openbookqa": "answer1|answer2|answer3|answer4|answer5"}
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_INPUT_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                       "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+AUTHORS_INDENT = " " * 12  # their training prompt is an indented f-string: 12 spaces open its lines after the first
+
+
+def commonsense_prompt(record: dict, indent: str = "") -> str:
+    """The Alpaca prompt of a record, with its ### Input section when the record has a non-empty input; the response
+    (the record's output, in training) follows it directly. indent=AUTHORS_INDENT gives the authors' training prompt:
+    every non-blank line of the template after the first starts with 12 spaces (the record's own text is not
+    indented), while their evaluation prompt has none."""
+    template = ALPACA_INPUT_PROMPT if record.get("input") else ALPACA_PROMPT
+    if indent:
+        template = re.sub(r"\n(?!\n)", "\n" + indent, template)
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def commonsense_prediction(task: str, completion: str) -> str | None:
+    """The first match of the task's answer pattern in the lower-cased completion; None when there is none."""
+    match = re.search(COMMONSENSE_TASKS[task], completion.strip().lower())
+    return match.group() if match else None
+
+
+def score_commonsense(task: str, completions: list[str], answers: list[str]) -> dict:
+    """Accuracy of completions (already cut at the stop strings) against the records' answers, as score_gsm8k: a
+    completion without a match (invalid) counts as wrong."""
+    if len(completions) != len(answers) or not answers:
+        raise ValueError(f"need as many completions as answers, at least one; got {len(completions)} and "
+                         f"{len(answers)}")
+    preds = [commonsense_prediction(task, c) for c in completions]
+    hits = [p == a for p, a in zip(preds, answers)]
+    return {"accuracy": sum(hits) / len(answers), "correct": sum(hits), "invalid": preds.count(None),
+            "total": len(answers), "extracted": preds, "is_correct": hits}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Datasets: GSM8K (the official jsonl files), MetaMathQA (the hub's JSON list, or JSON lines) and MetaMath's MATH test
 # file, checked per record.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,6 +315,31 @@ def load_math(path: str | Path) -> list[dict]:
                         if key in record})
         problems.append(problem)
     return problems
+
+
+def load_commonsense(path: str | Path, task: str | None = None) -> list[dict]:
+    """The records of a commonsense JSON list (a task's test.json or train.json, or commonsense_170k.json), as dicts
+    with string fields instruction, input ("" when absent), output and answer. Given a task, every answer must be one
+    its pattern can match: the test would count it wrong whatever the model said."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
+    rows = []
+    for i, record in enumerate(records):
+        where = f"{path}[{i}]"
+        row = _check_row(record, ("instruction", "output", "answer"), where)
+        row["input"] = record.get("input") or ""
+        if not isinstance(row["input"], str):
+            raise ValueError(f"{where}: field 'input' must be a string, got {type(row['input']).__name__}")
+        if task and not re.fullmatch(COMMONSENSE_TASKS[task], row["answer"]):
+            raise ValueError(f"{where}: answer {row['answer']!r} is none of {task}'s ({COMMONSENSE_TASKS[task]})")
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ What a real run needs beyond that (checkpoints and resume, the out_dir, torchrun
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import resource
@@ -57,7 +58,8 @@ from machinery.math_grader import score_math
 from machinery.tokenizer import Tokenizer
 
 METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
-EVAL_SETS = {"gsm8k": "predictions.jsonl", "math": "predictions_math.jsonl"}  # test set -> file of its scored answers
+EVAL_SETS = {"gsm8k": "predictions.jsonl", "math": "predictions_math.jsonl",  # test set -> file of its scored answers
+             **{task: f"predictions_{task}.jsonl" for task in data.COMMONSENSE_TASKS}}
 # Everything a run writes in --out_dir: --overwrite deletes these (and nothing else), the summary lists them.
 OUTPUTS = ("config.json", "metrics.jsonl", run_folder.CHECKPOINTS, "adapter.safetensors", "peft_adapter", "model",
            *EVAL_SETS.values(), "summary.json")
@@ -92,9 +94,12 @@ def comma_separated(text: str) -> tuple[str, ...]:
 
 
 def eval_set_names(text: str) -> tuple[str, ...]:
-    names = comma_separated(text)
+    """Test set names, "commonsense" standing for the eight commonsense tasks."""
+    names = tuple(dict.fromkeys(n for name in comma_separated(text)
+                                for n in (data.COMMONSENSE_TASKS if name == "commonsense" else (name,))))
     if not names or not set(names) <= EVAL_SETS.keys():
-        raise argparse.ArgumentTypeError(f"{text!r}: choose test sets among {', '.join(EVAL_SETS)}, comma-separated")
+        raise argparse.ArgumentTypeError(f"{text!r}: choose test sets among {', '.join(EVAL_SETS)} (commonsense: the "
+                                         f"last eight), comma-separated")
     return names
 
 
@@ -106,14 +111,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--rank", type=int, help="adapter rank (default: 96 for lorasb/loraxs, 32 for lora)")
     a("--lora_alpha", type=FINITE, help="LoRA only: scale = alpha / rank (default: 2 * rank)")
     a("--targets", type=comma_separated, default=",".join(lorasb.DEFAULT_TARGETS), help="module-name suffixes to adapt")
-    a("--train_data", default="gsm8k", choices=("gsm8k", "metamathqa"))
+    a("--train_data", default="gsm8k", choices=("gsm8k", "metamathqa", "commonsense"))
     a("--num_train", type=POSITIVE_INT, help="use the first N training examples (metamathqa default: 50000)")
     a("--data_dir", help="folder with GSM8K train.jsonl and test.jsonl (default: download and cache)")
     a("--metamathqa_path", help="local MetaMathQA .json/.jsonl (default: download from the hub)")
+    a("--commonsense_dir", help="commonsense data in the authors' layout: <task>/test.json, and commonsense_170k.json "
+      "or <task>/train.json to train on (default: download LLM-Adapters' files)")
+    a("--commonsense_prompt", default="alpaca", choices=("alpaca", "authors"), help="commonsense training prompt: "
+      "alpaca (the evaluation's) or authors (theirs: 12 spaces open each line after the first)")
     a("--epochs", type=POSITIVE_INT, default=3, help="passes over the training set")
     a("--max_steps", type=POSITIVE_INT, help="stop the schedule after this many optimizer steps")
     a("--lr", type=POSITIVE, default=1e-4, help="peak learning rate (the paper's arithmetic setting)")
-    a("--warmup_ratio", type=FRACTION, default=0.02, help="linear warmup over this fraction of the steps, then cosine")
+    a("--warmup_ratio", type=FRACTION, default=0.02, help="linear warmup over this fraction of the steps")
+    a("--schedule", default="cosine", choices=("cosine", "linear"), help="decay after the warmup")
     a("--weight_decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay (the authors' 0.01 was an accident)")
     a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0 disables)")
     a("--batch_size", type=POSITIVE_INT, default=32, help="examples per optimizer step, over all GPUs")
@@ -127,12 +137,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--lr_1", type=POSITIVE, help="the step size of the first-update estimate, which sets the size of R at init "
       "(default: the LR of the first optimizer step; the authors' run used 1e-4 / 333.34 = 2.99994e-7)")
     a("--init_accumulate_on", default="device", choices=("device", "cpu"), help="where the fp32 gradient sums live")
-    a("--eval_data", type=eval_set_names, default="gsm8k", help="test sets to answer: gsm8k (1319), math (5000)")
+    a("--eval_data", type=eval_set_names, default="gsm8k", help="test sets to answer: gsm8k (1319), math (5000), "
+      "the commonsense tasks boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa, "
+      "or commonsense for all eight")
     a("--math_path", help="local MetaMath MATH_test.jsonl (default: download from MetaMath's repository)")
     a("--eval_limit", type=POSITIVE_INT, help="evaluate on the first N problems of each test set (default: all)")
     a("--eval_batch_size", type=POSITIVE_INT, default=64, help="prompts per generation batch")
     a("--max_new_tokens", type=POSITIVE_INT, default=256, help="generation budget per GSM8K question (theirs)")
     a("--math_max_new_tokens", type=POSITIVE_INT, default=512, help="generation budget per MATH problem (theirs)")
+    a("--commonsense_max_new_tokens", type=POSITIVE_INT, default=32, help="per commonsense question (theirs)")
     a("--eval_merge", default="exact", choices=("exact", "bf16"), help="exact (the adapter as trained: merged in "
       "fp32, unmerged with bf16 weights) or bf16 (the authors': merged, then every weight in bf16)")
     a("--eval_only", action="store_true", help="skip training; evaluate --model (with --adapter if given)")
@@ -185,6 +198,12 @@ def check_args(args, ddp_world_size: int) -> list[str]:
         problems.append(f"--data_dir {args.data_dir}: needs train.jsonl and test.jsonl (GSM8K)")
     problems += [f"--{name} {getattr(args, name)}: no such file" for name in ("adapter", "metamathqa_path", "math_path")
                  if getattr(args, name) and not Path(getattr(args, name)).is_file()]
+    if args.commonsense_dir and not Path(args.commonsense_dir).is_dir():
+        problems.append(f"--commonsense_dir {args.commonsense_dir}: no such folder")
+    elif args.train_data == "commonsense" and not args.eval_only and args.commonsense_dir and \
+            not datasets.commonsense_train_files(args.commonsense_dir):
+        problems.append(f"--commonsense_dir {args.commonsense_dir}: holds neither commonsense_170k.json nor a "
+                        "<task>/train.json to train on")
     return problems + run_folder.check(args)
 
 
@@ -277,6 +296,8 @@ def device_line(setup: Setup) -> str:
 def training_data_file(args) -> Path:
     if args.train_data == "gsm8k":
         return datasets.gsm8k_dir(args.data_dir) / "train.jsonl"
+    if args.train_data == "commonsense":  # a resume compares the first file of a folder's union only
+        return datasets.commonsense_train_files(args.commonsense_dir)[0]
     return datasets.metamathqa_file(args.metamathqa_path)
 
 
@@ -285,6 +306,11 @@ def training_pairs(args) -> list[tuple[str, str]]:
     if args.train_data == "gsm8k":
         rows = data.load_gsm8k("train", datasets.gsm8k_dir(args.data_dir))[:args.num_train]
         return [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
+    if args.train_data == "commonsense":
+        indent = data.AUTHORS_INDENT if args.commonsense_prompt == "authors" else ""
+        files = datasets.commonsense_train_files(args.commonsense_dir)
+        rows = [r for path in files for r in data.load_commonsense(path)]
+        return [(data.commonsense_prompt(r, indent), r["output"]) for r in rows[:args.num_train]]
     rows = data.load_metamathqa(args.num_train or 50_000, datasets.metamathqa_file(args.metamathqa_path))
     return [(data.TRAIN_PROMPT.format(instruction=r["query"]), r["response"]) for r in rows]
 
@@ -295,9 +321,10 @@ class Loaded:
     folder: Path
     config: model_lib.ModelConfig
     tokenizer: Tokenizer
-    questions: list[dict]  # the GSM8K test questions (their held-out loss is always measured)
+    questions: list[dict]  # the GSM8K test questions, unless only commonsense tasks are evaluated
     pairs: list[tuple[str, str]] | None  # the (prompt, response) training pairs; None with --eval_only
     math_problems: list[dict] | None = None  # the MATH test problems, with --eval_data math
+    commonsense: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # --eval_data commonsense tasks
 
     @property
     def eos_ids(self) -> set[int]:
@@ -312,7 +339,11 @@ def load(args, setup: Setup) -> Loaded:
     if setup.ddp and not setup.master_process:
         dist.barrier()
     folder = hub.resolve_model(args.model)
-    questions = data.load_gsm8k("test", datasets.gsm8k_dir(args.data_dir))[:args.eval_limit]
+    commonsense = {task: data.load_commonsense(datasets.commonsense_test_file(task, args.commonsense_dir),
+                                               task)[:args.eval_limit]
+                   for task in args.eval_data if task in data.COMMONSENSE_TASKS}
+    questions = ([] if len(commonsense) == len(args.eval_data)
+                 else data.load_gsm8k("test", datasets.gsm8k_dir(args.data_dir))[:args.eval_limit])
     pairs = None if args.eval_only else training_pairs(args)
     math_problems = None
     if "math" in args.eval_data:
@@ -321,14 +352,16 @@ def load(args, setup: Setup) -> Loaded:
         dist.barrier()
     config = model_lib.load_config(folder)
     problems = check_model(args, config)
-    if not questions:
+    if not questions and not commonsense:
         test_file = datasets.gsm8k_dir(args.data_dir) / "test.jsonl"
         problems.append(f"{test_file} holds no test question: evaluation needs one")
     if pairs == []:  # else training_examples would blame --max_length for leaving no response token
         problems.append(f"no training example in {training_data_file(args)}: training needs one")
+    problems += [f"{datasets.commonsense_test_file(task, args.commonsense_dir)} holds no test question: evaluation "
+                 "needs one" for task, records in commonsense.items() if not records]
     if problems:
         refuse(problems)
-    return Loaded(folder, config, Tokenizer.from_dir(folder), questions, pairs, math_problems)
+    return Loaded(folder, config, Tokenizer.from_dir(folder), questions, pairs, math_problems, commonsense)
 
 
 def training_examples(loaded: Loaded, args, setup: Setup) -> list[dict]:
@@ -362,15 +395,16 @@ class Plan:
     num_init_samples: int | None  # examples of the LoRA-SB estimate (None for the other methods)
 
 
-def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
-    """LR of optimizer step `step` (1-based): linear warmup peak * step / warmup_steps, then cosine decay towards 0.
+def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
+    """LR of optimizer step `step` (1-based): linear warmup peak * step / warmup_steps, then cosine or linear decay
+    towards 0.
 
     Step 1 gets peak / warmup_steps, not 0 (HF's warmup starts at 0), so lr_1, the LR that LoRA-SB's first-step
     estimate assumes, is the LR the first step really uses."""
     if step <= warmup_steps:
         return peak * step / warmup_steps
     progress = (step - warmup_steps) / (total_steps - warmup_steps + 1)  # the last step's LR is small, not 0
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def default_init_samples(num_examples: int) -> int:
@@ -393,7 +427,7 @@ def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
     if total_steps < 1:
         refuse([f"{num_examples} examples make no full optimizer step of {args.batch_size}: lower --batch_size"])
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    lr_1 = args.lr_1 if args.lr_1 is not None else learning_rate(1, args.lr, warmup_steps, total_steps)
+    lr_1 = args.lr_1 if args.lr_1 is not None else learning_rate(1, args.lr, warmup_steps, total_steps, args.schedule)
     num_init = None
     if args.method == "lorasb":
         num_init = args.num_init_samples or default_init_samples(num_examples)
@@ -520,7 +554,7 @@ def train_step(run_model, optimizer, batches: data.Batches, step: int, args, pla
     """Optimizer step `step` (1-based): set its LR, accumulate the gradients of plan.grad_accum micro-batches (DDP
     all-reduces them on the last one only), clip, AdamW. Returns the step's mean loss, LR, gradient norm and the
     number of tokens it saw on this process, as tensors or numbers that cost no device sync."""
-    lr = learning_rate(step, args.lr, plan.warmup_steps, plan.total_steps)
+    lr = learning_rate(step, args.lr, plan.warmup_steps, plan.total_steps, args.schedule)
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum, tokens = torch.zeros((), device=setup.device), 0
@@ -549,7 +583,7 @@ def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: 
         run_model = distributed.wrap(run_model, setup.device)
     setup.log(f"training: {plan.total_steps} steps of {args.batch_size} examples ({plan.grad_accum} x "
               f"{args.micro_batch_size} x {setup.ddp_world_size}), lr {args.lr:g} (warmup {plan.warmup_steps}, "
-              f"cosine), weight decay {args.weight_decay:g}")
+              f"{args.schedule}), weight decay {args.weight_decay:g}")
     t0 = last_log = time.time()
     tokens = 0
     diverged_at = torch.zeros((), dtype=torch.long, device=setup.device)  # first step with a NaN/inf loss or grad norm
@@ -675,12 +709,15 @@ def prepare_evaluation(model, args, setup: Setup) -> None:
 
 
 def held_out_loss(model, tokenizer: Tokenizer, questions: list[dict], args, setup: Setup) -> float:
-    """Mean next-token loss per response token of the reference solutions, in the training format (teacher forcing):
-    a smoother measure than accuracy for comparing methods on the same budget."""
-    pairs = [(data.TRAIN_PROMPT.format(instruction=questions[i]["question"]),
-              data.gsm8k_response(questions[i]["answer"]))
-             for i in setup.my_share(len(questions))]
-    examples, _ = data.tokenize_dataset(tokenizer, pairs, args.max_length)
+    """Mean next-token loss per response token of the GSM8K reference solutions, in the training format (teacher
+    forcing): a smoother measure than accuracy for comparing methods on the same budget."""
+    pairs = [(data.TRAIN_PROMPT.format(instruction=q["question"]), data.gsm8k_response(q["answer"])) for q in questions]
+    return response_loss(model, tokenizer, pairs, args, setup)
+
+
+def response_loss(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], args, setup: Setup) -> float:
+    """Mean next-token loss per response token of (prompt, response) pairs, over all processes."""
+    examples, _ = data.tokenize_dataset(tokenizer, [pairs[i] for i in setup.my_share(len(pairs))], args.max_length)
     sums = torch.zeros(2, dtype=torch.float64, device=setup.device)  # (loss * tokens, tokens)
     for start in tqdm(range(0, len(examples), args.micro_batch_size), desc="held-out loss", unit="batch",
                       disable=not setup.master_process):
@@ -695,12 +732,16 @@ def held_out_loss(model, tokenizer: Tokenizer, questions: list[dict], args, setu
 def generate_answers(model, tokenizer: Tokenizer, questions: list[dict], eos_ids: set[int], args,
                      setup: Setup, eval_set: str = "gsm8k") -> list[dict]:
     """Greedy completions of this process's share of the questions of `eval_set`, cut at the authors' stop strings,
-    after at most --max_new_tokens (GSM8K) or --math_max_new_tokens (MATH) new tokens. Each row holds the question,
-    its gold answer (GSM8K: the number after "#### "; MATH: the reference's \\boxed{} answer), MATH's subject and level
-    when the file has them, and the completion."""
+    after at most --max_new_tokens (GSM8K), --math_max_new_tokens (MATH) or --commonsense_max_new_tokens new tokens.
+    Each row holds the question, its gold answer (GSM8K: the number after "#### "; MATH: the reference's \\boxed{}
+    answer; a commonsense task: the record's answer), MATH's subject and level when the file has them, and the
+    completion."""
     mine = setup.my_share(len(questions))
-    prompts = [tokenizer.encode(data.eval_prompt(questions[i]["question"])) for i in mine]
-    max_new_tokens = args.max_new_tokens if eval_set == "gsm8k" else args.math_max_new_tokens
+    commonsense = eval_set in data.COMMONSENSE_TASKS
+    prompts = [tokenizer.encode(data.commonsense_prompt(questions[i]) if commonsense
+                                else data.eval_prompt(questions[i]["question"])) for i in mine]
+    max_new_tokens = {"gsm8k": args.max_new_tokens, "math": args.math_max_new_tokens}.get(
+        eval_set, args.commonsense_max_new_tokens)
     # Stop strings are matched on the generated text only (the prompt contains "Instruction:" and "Response:");
     # the last few tokens suffice to see a new one, so each check decodes a short tail.
     stop = lambda new: any(s in tokenizer.decode(new[-8:]) for s in data.STOP_STRINGS)  # noqa: E731
@@ -711,7 +752,7 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[dict], eos_ids
     for i, new in zip(mine, outputs):
         question = questions[i]
         gold = data.gold_answer(question["answer"]) if eval_set == "gsm8k" else question["answer"]
-        rows.append({"index": i, "question": question["question"], "gold": gold,
+        rows.append({"index": i, "question": question["instruction" if commonsense else "question"], "gold": gold,
                      **{key: question[key] for key in ("subject", "level") if key in question},
                      "completion": data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0]})
     return rows
@@ -720,6 +761,15 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[dict], eos_ids
 def score_gsm8k_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
     """GSM8K accuracy, correct, invalid and total, and the rows with their extracted answer and verdict."""
     scored = data.score_gsm8k([r["completion"] for r in rows], [r["gold"] for r in rows])
+    rows = [{**r, "extracted": extracted, "correct": correct}
+            for r, extracted, correct in zip(rows, scored["extracted"], scored["is_correct"])]
+    return {k: scored[k] for k in ("accuracy", "correct", "invalid", "total")}, rows
+
+
+def score_commonsense_rows(task: str, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """A commonsense task's accuracy, correct, invalid and total, and the rows with their extracted answer and
+    verdict."""
+    scored = data.score_commonsense(task, [r["completion"] for r in rows], [r["gold"] for r in rows])
     rows = [{**r, "extracted": extracted, "correct": correct}
             for r, extracted, correct in zip(rows, scored["extracted"], scored["is_correct"])]
     return {k: scored[k] for k in ("accuracy", "correct", "invalid", "total")}, rows
@@ -746,23 +796,39 @@ def score_math_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
     return metrics, rows
 
 
+def commonsense_test_pairs(commonsense: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    """The evaluated commonsense test records as (prompt, answer text) pairs, for the held-out loss."""
+    return [(data.commonsense_prompt(r), r["output"]) for records in commonsense.values() for r in records]
+
+
 def evaluate(model, loaded: Loaded, args, setup: Setup) -> tuple[dict, dict[str, list[dict]]]:
-    """The held-out loss on GSM8K's test solutions, and the scored answers of every problem of each --eval_data set
-    (gathered from all processes, in order). Returns the metrics, GSM8K's at the top level and MATH's under "math",
-    and the scored rows of each set."""
+    """The held-out loss, and the scored answers of every problem of each --eval_data set (gathered from all
+    processes, in order). The held-out loss is on GSM8K's test solutions, or, when only commonsense tasks are
+    evaluated, on their test answers ("the correct answer is ...", the same --eval_limit records). Returns the metrics,
+    GSM8K's at the top level, MATH's and each commonsense task's under its name with the tasks' mean accuracy as
+    commonsense_accuracy, and the scored rows of each set."""
     prepare_evaluation(model, args, setup)
-    problems = {"gsm8k": loaded.questions, "math": loaded.math_problems}
-    score = {"gsm8k": score_gsm8k_rows, "math": score_math_rows}
+    problems = {"gsm8k": loaded.questions, "math": loaded.math_problems, **loaded.commonsense}
+    score = {"gsm8k": score_gsm8k_rows, "math": score_math_rows,
+             **{task: partial(score_commonsense_rows, task) for task in loaded.commonsense}}
     metrics, predictions = {}, {}
     with torch.no_grad(), setup.autocast():
-        test_loss = held_out_loss(model, loaded.tokenizer, loaded.questions, args, setup)
+        if loaded.questions:
+            test_loss_on = f"{len(loaded.questions)} GSM8K test solutions"
+            test_loss = held_out_loss(model, loaded.tokenizer, loaded.questions, args, setup)
+        else:
+            pairs = commonsense_test_pairs(loaded.commonsense)
+            test_loss_on = f"{len(pairs)} commonsense test answers of " + ", ".join(loaded.commonsense)
+            test_loss = response_loss(model, loaded.tokenizer, pairs, args, setup)
         for eval_set in args.eval_data:
             rows = generate_answers(model, loaded.tokenizer, problems[eval_set], loaded.eos_ids, args, setup, eval_set)
             if setup.ddp:
                 rows = distributed.gather_rows(rows, setup.ddp_world_size)
             metrics[eval_set], predictions[eval_set] = score[eval_set](rows)
-    return {**metrics.pop("gsm8k", {}), "test_loss": test_loss, "test_loss_solutions": len(loaded.questions),
-            **metrics}, predictions
+    if loaded.commonsense:
+        metrics["commonsense_accuracy"] = sum(metrics[task]["accuracy"] for task in loaded.commonsense) / len(
+            loaded.commonsense)
+    return {**metrics.pop("gsm8k", {}), "test_loss": test_loss, "test_loss_on": test_loss_on, **metrics}, predictions
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -807,11 +873,15 @@ def print_summary(summary: dict, out: Path, outputs: list[str]) -> None:
         accuracies.append(f"MATH test: {m['accuracy']:.2%} ({m['correct']}/{m['total']}, {m['invalid']} without an "
                           f"answer); with the authors' is_equiv fallback {m['accuracy_authors_fallback']:.2%} "
                           f"({m['changed_by_authors_fallback']} verdicts flipped)")
+    accuracies += [f"{task} test: {m['accuracy']:.2%} ({m['correct']}/{m['total']}, {m['invalid']} without an answer)"
+                   for task, m in summary.items() if task in data.COMMONSENSE_TASKS]
+    if "commonsense_accuracy" in summary:
+        accuracies.append(f"commonsense mean accuracy: {summary['commonsense_accuracy']:.2%}")
     trained = (f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
                f"training {summary['train_seconds']:.1f} s | ") if "train_seconds" in summary else ""  # not eval-only
-    print(f"\n{'=' * 72}\n" + "\n".join(accuracies) + f"\nheld-out GSM8K loss {summary['test_loss']:.4f} on "
-          f"{summary['test_loss_solutions']} test solutions  [{summary['method']}, rank {summary['rank']}, "
-          f"{summary['model']}]\n{trained}peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
+    print(f"\n{'=' * 72}\n" + "\n".join(accuracies) + f"\nheld-out loss {summary['test_loss']:.4f} on "
+          f"{summary['test_loss_on']}  [{summary['method']}, rank {summary['rank']}, {summary['model']}]\n"
+          f"{trained}peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
           f"outputs in {out}/: {', '.join(outputs)}\n{'=' * 72}")
 
 

@@ -1,7 +1,10 @@
-"""Line plots as SVG files, with no plotting library: enough for the study's figures (lines with markers, linear or
-log axes, a legend, an optional horizontal reference line). The runtime stays torch, numpy and tqdm.
+"""Line plots and dot plots as SVG files, with no plotting library: enough for the study's figures (lines with
+markers, linear or log axes, a legend, an optional horizontal reference line; dots with interval bars per category).
+The runtime stays torch, numpy and tqdm.
 
     line_plot("loss.svg", [{"label": "LoRA-SB", "x": [1, 2, 3], "y": [1.2, 1.0, 0.9]}], "Training loss", "step", "loss")
+    dot_plot("acc.svg", ["boolq", "piqa"], [{"label": "LoRA-SB", "y": [0.6, 0.5], "low": [0.5, 0.4],
+             "high": [0.7, 0.6]}], "Accuracy", "accuracy")
 """
 
 import math
@@ -90,6 +93,59 @@ def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, lo
         ly = TOP + 14 + 18 * i
         out.append(f'<line x1="{LEFT + plot_w + 12}" y1="{ly - 4}" x2="{LEFT + plot_w + 36}" y2="{ly - 4}" '
                    f'stroke="{color}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{LEFT + plot_w + 42}" y="{ly}">{escape(s["label"])}</text>')
+    out.append("</svg>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(out) + "\n")
+
+
+def dot_plot(path, categories: list[str], series: list[dict], title: str, ylabel: str,
+             hline: tuple[float, str] | None = None) -> None:
+    """Write an SVG dot plot: for each category (an x position), one dot per series with a vertical bar from its
+    low to its high value, the series side by side. Each series is {"label", "y", "low", "high"} (one value per
+    category) and optionally "color". `hline` = (y, label) draws a grey reference line (e.g. chance)."""
+    ys = [v for s in series for key in ("y", "low", "high") for v in s[key]] + ([hline[0]] if hline else [])
+    yticks = nice_ticks(min(ys), max(ys))
+    y0, y1 = yticks[0], yticks[-1]
+    slot = max(60, 14 * len(series) + 20)  # pixels per category
+    plot_w, plot_h = slot * len(categories), PLOT_HEIGHT
+    width = LEFT + plot_w + 60 + LEGEND_CHAR_WIDTH * max(len(s["label"]) for s in series)
+    height = TOP + plot_h + BOTTOM + 20
+
+    def py(y: float) -> float:
+        return TOP + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{LEFT + plot_w / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    for y in yticks:
+        out.append(f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')
+    for c, name in enumerate(categories):
+        cx = LEFT + slot * (c + 0.5)
+        if c:
+            out.append(f'<line x1="{LEFT + slot * c}" y1="{TOP}" x2="{LEFT + slot * c}" y2="{TOP + plot_h}" '
+                       f'stroke="#ddd"/>')
+        out.append(f'<text x="{cx:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{escape(name)}</text>')
+    out.append(f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 16 {TOP + plot_h / 2})">{escape(ylabel)}</text>')
+    if hline:
+        out.append(f'<line x1="{LEFT}" y1="{py(hline[0]):.1f}" x2="{LEFT + plot_w}" y2="{py(hline[0]):.1f}" '
+                   f'stroke="#888" stroke-dasharray="2,3"/>')
+        out.append(f'<text x="{LEFT + plot_w - 4}" y="{py(hline[0]) - 4:.1f}" text-anchor="end" fill="#666">'
+                   f'{escape(hline[1])}</text>')
+    for i, s in enumerate(series):
+        color = s.get("color", COLORS[i % len(COLORS)])
+        offset = (i - (len(series) - 1) / 2) * 14
+        for c, (y, low, high) in enumerate(zip(s["y"], s["low"], s["high"])):
+            x = LEFT + slot * (c + 0.5) + offset
+            out.append(f'<line x1="{x:.1f}" y1="{py(low):.1f}" x2="{x:.1f}" y2="{py(high):.1f}" stroke="{color}" '
+                       f'stroke-width="2"/>')
+            out.append(f'<circle cx="{x:.1f}" cy="{py(y):.1f}" r="4" fill="{color}"/>')
+        ly = TOP + 14 + 18 * i
+        out.append(f'<circle cx="{LEFT + plot_w + 24}" cy="{ly - 4}" r="4" fill="{color}"/>')
         out.append(f'<text x="{LEFT + plot_w + 42}" y="{ly}">{escape(s["label"])}</text>')
     out.append("</svg>")
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -217,6 +217,36 @@ def test_math_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
         datasets.math_file(None)
 
 
+def test_commonsense_files_are_downloaded_into_the_cache_once_unless_local(serve, tmp_path, monkeypatch):
+    record = {"instruction": "Is it? Answer format: true/false", "input": "", "output": "the correct answer is true",
+              "answer": "true"}
+    test, train = json.dumps([record]).encode(), json.dumps([record, record]).encode()
+    url, log, _ = serve({"/cs/dataset/boolq/test.json": test, "/cs/dataset/hellaswag/test.json": test,
+                         "/cs/" + datasets.COMMONSENSE_TRAIN: train})
+    monkeypatch.setenv("LORASB_COMMONSENSE_URL", url + "/cs")
+    monkeypatch.setattr(datasets, "COMMONSENSE_TEST_SHA256", {"boolq": sha(test)})
+    monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
+    for _ in range(2):
+        assert data.load_commonsense(datasets.commonsense_test_file("boolq", None), "boolq") == [record]
+        assert data.load_commonsense(datasets.commonsense_test_file("hellaswag", None)) == [record]  # no pinned sha
+        [path] = datasets.commonsense_train_files(None)
+        assert data.load_commonsense(path) == [record, record]
+    assert sorted(path for path, _ in log) == ["/cs/dataset/boolq/test.json", "/cs/dataset/hellaswag/test.json",
+                                               "/cs/" + datasets.COMMONSENSE_TRAIN]
+    local = tmp_path / "local"
+    for task in ("boolq", "ARC-Easy"):
+        (local / task).mkdir(parents=True)
+        (local / task / "test.json").write_text("[]")
+        (local / task / "train.json").write_text("[]")
+    assert datasets.commonsense_test_file("boolq", str(local)) == local / "boolq" / "test.json"
+    assert datasets.commonsense_train_files(str(local)) == [local / "ARC-Easy" / "train.json",
+                                                            local / "boolq" / "train.json"]
+    (local / "commonsense_170k.json").write_text("[]")
+    assert datasets.commonsense_train_files(str(local)) == [local / "commonsense_170k.json"]  # the union, when there
+    with pytest.raises(hub_lib.DownloadError, match=r"(?s)HTTP 404.*--commonsense_dir"):  # not local: downloaded
+        datasets.commonsense_test_file("piqa", str(local))
+
+
 # -----------------------------------------------------------------------------
 # the Hugging Face hub: where the token goes, one commit per download, the hashes it publishes
 

@@ -414,11 +414,11 @@ def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, t
     printed = capsys.readouterr().out
     assert listed_outputs(printed) == written(evaluated) == {"summary.json", "predictions.jsonl"}
     assert "trainable parameters" not in printed and "training" not in printed  # nothing trained, nothing said of it
-    assert "held-out GSM8K loss" in printed and "on 4 test solutions" in printed  # --eval_limit 4
+    assert "held-out loss" in printed and "on 4 GSM8K test solutions" in printed  # --eval_limit 4
     assert (evaluated / "predictions.jsonl").read_text() == (trained / "predictions.jsonl").read_text()
     summary = json.loads((evaluated / "summary.json").read_text())
     assert (summary["method"], summary["rank"]) == ("lorasb", 4)  # described by the adapter, not by the defaults
-    assert summary["test_loss_solutions"] == 4 and "train_seconds" not in summary
+    assert summary["test_loss_on"] == "4 GSM8K test solutions" and "train_seconds" not in summary
     assert (evaluated / "summary.json").stat().st_mode & 0o044  # readable by others, as a plain open() would make it
     assert not (evaluated / "checkpoints").exists()
 
@@ -595,6 +595,9 @@ def test_learning_rate_schedule_starts_at_lr_1_and_decays_to_zero():
     lrs = [train_gsm8k.learning_rate(step, 1e-4, 4, 100) for step in range(1, 101)]
     assert lrs[0] == pytest.approx(1e-4 / 4) and lrs[3] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and 0 < lrs[-1] < 1e-7  # every step moves, the last barely
+    linear = [train_gsm8k.learning_rate(step, 1e-4, 4, 100, "linear") for step in range(1, 101)]
+    assert linear[:4] == lrs[:4] and linear[-1] == pytest.approx(1e-4 / 97)  # 97 decay steps, the last above 0
+    assert all(b - a == pytest.approx(-1e-4 / 97) for a, b in zip(linear[3:], linear[4:]))  # a straight line
 
 
 def free_port() -> int:

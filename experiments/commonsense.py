@@ -1,0 +1,320 @@
+"""Commonsense reasoning accuracy of LoRA-SB, LoRA-XS, LoRA and the base model, measured on CPU.
+
+    python -m experiments.commonsense --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~3 h
+    python -m experiments.commonsense --quick --model DIR --commonsense_dir DIR --out DIR   # every part, in seconds
+
+The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
+HuggingFaceTB/SmolLM2-135M-Instruct. Training data: the union of the training sets in --commonsense_dir (BoolQ, ARC-e,
+ARC-c and OBQA in the shared copy), from which a validation split is held out first; each run trains on the same
+pool, in the order its seed draws (the seed also draws LoRA-SB's init samples and LoRA's / LoRA-XS's random factors),
+with the same linear schedule. Each method's lr is the one of its grid with the lowest validation loss (the loss on
+the held-out records' answers, "the correct answer is ..."), at the first seed; test data never chooses anything.
+The chosen runs are then repeated for every seed and evaluated as the trainer evaluates (greedy, the authors' prompt,
+first-match answer patterns) on a fixed subset of each of the 7 test sets at hand (the same questions for every
+method), with 95% Wilson intervals per task and for the mean (the tasks' subsets have one size, so the mean accuracy
+is the pooled accuracy of all the questions, and its interval is that proportion's).
+
+Every part (one training run with its validation loss, or one evaluation) is written to commonsense.json as soon as it
+exists, with the settings it was computed under: a rerun reuses a part only when its settings are the same (and says
+so), and recomputes it otherwise. The runs are the trainer's own phases (train_gsm8k.load, plan_training,
+initialize_adapters, make_optimizer, train_step, response_loss, prepare_evaluation, generate_answers), not a second
+training loop.
+
+The budget (Budget below) is set for about 3 hours on 2 CPU cores, from a timing of its costs on SmolLM2-135M in
+fp32: one optimizer step of 8 examples (mean 87 tokens; at most 256), one generation batch of 32 prompts (up to 32 new
+tokens) and LoRA-SB's estimate. Measured with one thread on a machine shared with other jobs (load ~7 on 2 cores):
+70 s a step, 40-100 s a generation batch, 150 s for an estimate of 8 samples; scaled by the contention (~3.5x) and a
+second thread (~1.8x): T_step ~ 11 s, T_gen ~ 11 s, ~ 95 s for LoRA-SB's 32 init samples. The runs are 3 methods x 3
+lrs at the first seed plus the chosen lr at each of 2 seeds (each retrained, so that every evaluated run is trained
+the same way): 15 trainings of `steps` steps; the evaluations are (3 methods x 2 seeds + the base model) x 7 tasks x
+test_per_task / 32 batches. Total ~ 15 x 50 x T_step + 7 x 7 x 4 x T_gen + 5 x 95 s ~ 8250 + 2150 + 480 s ~ 3.0 h.
+Time it again on an idle machine before a long run: the scaling above is the weakest number here.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import lorasb
+import model as model_lib
+import train_gsm8k as trainer
+from experiments import svg
+from experiments.study import METHOD_COLORS, METHOD_NAMES, wilson_interval
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TASKS = tuple(task for task in data.COMMONSENSE_TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand
+CHANCE = {"boolq": 1 / 2, "piqa": 1 / 2, "social_i_qa": 1 / 3, "winogrande": 1 / 2, "ARC-Easy": 1 / 4,
+          "ARC-Challenge": 1 / 4, "openbookqa": 1 / 4}  # a uniform guess among each task's choices
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = 50  # optimizer steps of every run: 400 training examples, one pass
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    warmup_ratio: float = 0.02  # the paper's commonsense schedule: 2% linear warmup, then linear decay
+    max_length: int = 256  # the paper's
+    rank: int = 96  # LoRA-SB and LoRA-XS (the paper's)
+    lora_rank: int = 32
+    lr_grid: tuple = (("lorasb", (5e-4, 2e-3, 5e-3)), ("loraxs", (5e-4, 2e-3, 5e-3)), ("lora", (1e-4, 3e-4, 1e-3)))
+    full_lr_grid: tuple = (1e-5, 3e-5, 1e-4)  # with --full
+    num_init_samples: int = 32  # the trainer's default for this pool: 0.1% of it, at least 32
+    init_batch_size: int = 8
+    validation_examples: int = 200  # held out of the training sets, for choosing the lr
+    test_per_task: int = 100  # the fixed subset of each test set
+    max_new_tokens: int = 32  # the authors'
+    eval_batch_size: int = 32
+    seeds: tuple = (42, 43)
+
+
+QUICK = Budget(steps=2, batch_size=2, micro_batch_size=2, rank=4, lora_rank=2,
+               lr_grid=(("lorasb", (1e-3, 1e-2, 1e-1)), ("loraxs", (1e-3, 1e-2, 1e-1)), ("lora", (1e-3, 1e-2, 1e-1))),
+               full_lr_grid=(1e-4, 1e-3, 1e-2), num_init_samples=2, init_batch_size=2, validation_examples=2,
+               test_per_task=2, max_new_tokens=3, eval_batch_size=4)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_model = os.environ.get("LORASB_SMOLLM2_DIR") or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    p.add_argument("--model", default=default_model, help=f"model folder or hub name (default: {default_model})")
+    p.add_argument("--commonsense_dir", required=True, help="the authors' layout: <task>/train.json, <task>/test.json")
+    p.add_argument("--full", action="store_true", help="add full fine-tuning (its own lr grid)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="folder of commonsense.json and the plot (default: experiments/results, or "
+                   "runs/commonsense-quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="a tiny budget: every part runs, the figures mean nothing")
+    args = p.parse_args(argv)
+    args.budget = QUICK if args.quick else Budget()
+    args.out = Path(args.out or ("runs/commonsense-quick" if args.quick else RESULTS_DIR))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results: one JSON file, rewritten atomically after every part; a part is reused only under the same settings.
+# ---------------------------------------------------------------------------------------------------------------------
+
+class Results:
+    def __init__(self, path: Path):
+        self.path = path
+        self.parts = json.loads(path.read_text())["parts"] if path.is_file() else {}
+
+    def part(self, name: str, settings: dict, compute) -> dict:
+        """Part `name`: from the file when it was computed under `settings`, else computed now and saved at once."""
+        settings = json.loads(json.dumps(settings))  # as the file holds it
+        known = self.parts.get(name)
+        if known and known["settings"] == settings:
+            print(f"commonsense: {name}: reused (same settings)", flush=True)
+            return known
+        print(f"commonsense: {name}" + (": settings changed, recomputed" if known else ""), flush=True)
+        t0 = time.time()
+        value = {**compute(), "settings": settings}
+        value["seconds"] = round(time.time() - t0, 1)
+        self.parts[name] = json.loads(json.dumps(value))
+        self.save()
+        return self.parts[name]
+
+    def save(self, **extra) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({**extra, "parts": self.parts}, indent=1) + "\n"
+        lorasb.atomic_write(self.path, lambda f: f.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The data and the runs: the trainer's phases on one training pool, validation split and test subsets.
+# ---------------------------------------------------------------------------------------------------------------------
+
+class Experiment:
+    """The model folder, tokenizer, training pool, validation pairs and test subsets every part shares."""
+
+    def __init__(self, args):
+        self.args, self.budget = args, args.budget
+        base = self.trainer_args("lorasb", self.budget.rank, 1e-3, self.budget.seeds[0])
+        self.setup = trainer.Setup.from_args(base)
+        loaded = trainer.load(base, self.setup)
+        self.folder, self.tokenizer, self.eos_ids = loaded.folder, loaded.tokenizer, loaded.eos_ids
+        b = self.budget
+        order = torch.randperm(len(loaded.pairs), generator=torch.Generator().manual_seed(0)).tolist()
+        if len(order) < b.validation_examples + b.steps * b.batch_size:
+            raise SystemExit(f"{args.commonsense_dir} holds {len(order)} training records, fewer than the "
+                             f"{b.validation_examples} + {b.steps * b.batch_size} this budget needs")
+        self.validation = [loaded.pairs[i] for i in order[:b.validation_examples]]
+        pool = [loaded.pairs[i] for i in order[b.validation_examples:b.validation_examples + b.steps * b.batch_size]]
+        self.examples = trainer.training_examples(dataclasses.replace(loaded, pairs=pool), base, self.setup)
+        self.test = {}
+        for task in TASKS:  # a fixed random subset of each test set, the same for every method and seed
+            records = loaded.commonsense[task]
+            pick = torch.randperm(len(records), generator=torch.Generator().manual_seed(1)).tolist()
+            self.test[task] = [records[i] for i in sorted(pick[:b.test_per_task])]
+
+    def trainer_args(self, method: str, rank: int | None, lr: float, seed: int) -> argparse.Namespace:
+        """train_gsm8k.py's own arguments for one run (the trainer parses and checks them)."""
+        b = self.budget
+        settings = {"model": self.args.model, "method": method, "rank": rank, "lr": lr, "max_steps": b.steps,
+                    "batch_size": b.batch_size, "micro_batch_size": b.micro_batch_size, "warmup_ratio": b.warmup_ratio,
+                    "schedule": "linear", "max_length": b.max_length, "seed": seed, "epochs": 1,
+                    "num_init_samples": b.num_init_samples, "init_batch_size": b.init_batch_size,
+                    "train_data": "commonsense", "commonsense_dir": self.args.commonsense_dir,
+                    "eval_data": ",".join(TASKS), "eval_batch_size": b.eval_batch_size,
+                    "commonsense_max_new_tokens": b.max_new_tokens, "device": self.args.device, "dtype": "float32",
+                    "out_dir": self.args.out / "trainer"}
+        return trainer.parse_args([f"--{k}={v}" for k, v in settings.items() if v is not None] + ["--overwrite"])
+
+
+def ranks(b: Budget) -> dict:
+    return {"full": None, "lora": b.lora_rank, "loraxs": b.rank, "lorasb": b.rank}
+
+
+def train_and_measure(exp: Experiment, method: str, lr: float, seed: int, evaluate: bool) -> dict:
+    """One run: initialize_adapters, the trainer's train_steps, then the validation loss and, with `evaluate`, the
+    test accuracy of every task (test_accuracy)."""
+    args = exp.trainer_args(method, ranks(exp.budget)[method], lr, seed)
+    setup = trainer.Setup.from_args(args)
+    model = model_lib.load_model(exp.folder, device=setup.device, dtype=setup.weights_dtype)
+    plan = trainer.plan_training(args, len(exp.examples), 1)
+    trainer.initialize_adapters(model, exp.examples, exp.tokenizer.pad_id, args, plan, setup)
+    optimizer = trainer.make_optimizer(model, args, setup.device)
+    batches = data.Batches(exp.examples, args.micro_batch_size, args.seed, pad_id=exp.tokenizer.pad_id)
+    model.train()
+    losses = [trainer.train_step(model, optimizer, batches, step, args, plan, setup)["loss"].item()
+              for step in tqdm(range(1, plan.total_steps + 1), desc=f"{method} lr {lr:g} seed {seed}", leave=False)]
+    result = {"method": method, "lr": lr, "seed": seed, "steps": plan.total_steps, "final_loss": losses[-1],
+              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    result["validation_loss"] = validation_loss(exp, model, args, setup)
+    if evaluate:
+        result["test"] = test_accuracy(exp, model, args, setup)
+    return result
+
+
+def validation_loss(exp: Experiment, model, args, setup: trainer.Setup) -> float | None:
+    """The loss on the validation records' answers, in the form the trainer evaluates the model; None if not finite."""
+    trainer.prepare_evaluation(model, args, setup)
+    with torch.no_grad(), setup.autocast():
+        loss = trainer.response_loss(model, exp.tokenizer, exp.validation, args, setup)
+    return loss if loss == loss and abs(loss) != float("inf") else None
+
+
+def test_accuracy(exp: Experiment, model, args, setup: trainer.Setup) -> dict:
+    """Per task: accuracy, correct, invalid, total and the 95% Wilson interval; and the mean over the tasks."""
+    trainer.prepare_evaluation(model, args, setup)
+    tasks = {}
+    with torch.no_grad(), setup.autocast():
+        for task, records in exp.test.items():
+            rows = trainer.generate_answers(model, exp.tokenizer, records, exp.eos_ids, args, setup, eval_set=task)
+            metrics, _ = trainer.score_commonsense_rows(task, rows)
+            tasks[task] = {**metrics, "interval": wilson_interval(metrics["correct"], metrics["total"])}
+    correct, total = sum(t["correct"] for t in tasks.values()), sum(t["total"] for t in tasks.values())
+    return {"tasks": tasks, "mean": {"accuracy": correct / total, "correct": correct, "total": total,
+                                     "interval": wilson_interval(correct, total)}}
+
+
+def base_model_part(exp: Experiment) -> dict:
+    args = exp.trainer_args("lorasb", exp.budget.rank, 1e-3, exp.budget.seeds[0])
+    setup = trainer.Setup.from_args(args)
+    model = model_lib.load_model(exp.folder, device=setup.device, dtype=setup.weights_dtype)
+    return {"method": "base", "validation_loss": validation_loss(exp, model, args, setup),
+            "test": test_accuracy(exp, model, args, setup)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The experiment: the lr grids at the first seed, the chosen lr of each method at every seed, the base model.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def part_settings(exp: Experiment, **run) -> dict:
+    """What shapes a part: the model, the data, the budget (but the grids and seeds, which name the parts), the run."""
+    budget = {k: v for k, v in dataclasses.asdict(exp.budget).items() if k not in ("lr_grid", "full_lr_grid", "seeds")}
+    return {"model": str(exp.args.model), "commonsense_dir": str(exp.args.commonsense_dir), **budget, **run}
+
+
+def run_experiment(exp: Experiment, results: Results) -> dict:
+    """Every part, then the summary: per method its chosen lr, per seed its accuracies, and their mean and spread."""
+    b = exp.budget
+    grids = dict(b.lr_grid) | ({"full": b.full_lr_grid} if exp.args.full else {})
+    chosen = {}
+    for method, grid in grids.items():
+        losses = {}
+        for lr in grid:
+            part = results.part(f"grid/{method}-lr{lr:g}", part_settings(exp, method=method, lr=lr, seed=b.seeds[0]),
+                                lambda: train_and_measure(exp, method, lr, b.seeds[0], evaluate=False))
+            losses[lr] = part["validation_loss"]
+        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+        if not finite:
+            raise SystemExit(f"every lr of {method}'s grid {grid} diverged: lower its grid")
+        lr = min(finite, key=finite.get)
+        chosen[method] = {"lr": lr, "validation_losses": {f"{k:g}": v for k, v in losses.items()},
+                          "at_grid_edge": lr in (min(grid), max(grid))}
+    base = results.part("eval/base", part_settings(exp, method="base"), lambda: base_model_part(exp))
+    summary = {"base": {"test": base["test"]}}
+    for method, choice in chosen.items():
+        runs = {seed: results.part(f"eval/{method}-seed{seed}",
+                                   part_settings(exp, method=method, lr=choice["lr"], seed=seed),
+                                   lambda: train_and_measure(exp, method, choice["lr"], seed, evaluate=True))
+                for seed in b.seeds}
+        summary[method] = {**choice, "seeds": {str(seed): run["test"] for seed, run in runs.items()},
+                           "across_seeds": across_seeds([run["test"] for run in runs.values()])}
+    return summary
+
+
+def across_seeds(tests: list[dict]) -> dict:
+    """Mean and spread (sample standard deviation; max - min) over the seeds of each task's and the mean accuracy."""
+    def stats(values: list[float]) -> dict:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "range": max(values) - min(values)}
+    out = {task: stats([t["tasks"][task]["accuracy"] for t in tests]) for task in tests[0]["tasks"]}
+    return {**out, "mean": stats([t["mean"]["accuracy"] for t in tests])}
+
+
+def report(summary: dict) -> str:
+    """One table: accuracy per task and mean, per method (the first seed's interval; the seeds' mean and spread)."""
+    lines = ["| method | lr | " + " | ".join(TASKS) + " | mean |", "|---|---|" + "---|" * (len(TASKS) + 1)]
+    for method, entry in summary.items():
+        name = METHOD_NAMES.get(method, "base model")
+        if method == "base":
+            cells = [f"{entry['test']['tasks'][t]['accuracy']:.3f}" for t in TASKS]
+            cells.append(f"{entry['test']['mean']['accuracy']:.3f}")
+            lines.append(f"| {name} | - | " + " | ".join(cells) + " |")
+            continue
+        seeds = entry["across_seeds"]
+        cells = [f"{seeds[t]['mean']:.3f} +- {seeds[t]['std']:.3f}" for t in (*TASKS, "mean")]
+        lines.append(f"| {name} | {entry['lr']:g}{' (edge)' if entry['at_grid_edge'] else ''} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: Path) -> None:
+    """Accuracy per task and method at the first seed, with its 95% Wilson interval; chance as a reference line."""
+    categories = [*TASKS, "mean"]
+    series = []
+    for method, entry in summary.items():
+        test = entry["test"] if method == "base" else next(iter(entry["seeds"].values()))
+        cells = [test["tasks"][t] for t in TASKS] + [test["mean"]]
+        series.append({"label": METHOD_NAMES.get(method, "base model"), "color": METHOD_COLORS.get(method, "#7f7f7f"),
+                       "y": [c["accuracy"] for c in cells], "low": [c["interval"][0] for c in cells],
+                       "high": [c["interval"][1] for c in cells]})
+    chance = statistics.fmean(CHANCE.values())
+    svg.dot_plot(out / "commonsense_accuracy.svg", categories, series,
+                 "Commonsense accuracy per task (95% Wilson intervals, first seed)", "accuracy",
+                 hline=(chance, f"mean chance {chance:.2f}"))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results = Results(args.out / "commonsense.json")
+    exp = Experiment(args)
+    summary = run_experiment(exp, results)
+    results.save(summary=summary)
+    plot(summary, args.out)
+    print(report(summary))
+    return {"summary": summary, "parts": results.parts}
+
+
+if __name__ == "__main__":
+    main()
