@@ -293,12 +293,12 @@ def device_line(setup: Setup) -> str:
 # Load: the model folder, the tokenizer and the data (downloaded into the cache when not given as local files).
 # ---------------------------------------------------------------------------------------------------------------------
 
-def training_data_file(args) -> Path:
+def training_data_files(args) -> list[Path]:
     if args.train_data == "gsm8k":
-        return datasets.gsm8k_dir(args.data_dir) / "train.jsonl"
-    if args.train_data == "commonsense":  # a resume compares the first file of a folder's union only
-        return datasets.commonsense_train_files(args.commonsense_dir)[0]
-    return datasets.metamathqa_file(args.metamathqa_path)
+        return [datasets.gsm8k_dir(args.data_dir) / "train.jsonl"]
+    if args.train_data == "commonsense":
+        return datasets.commonsense_train_files(args.commonsense_dir)
+    return [datasets.metamathqa_file(args.metamathqa_path)]
 
 
 def training_pairs(args) -> list[tuple[str, str]]:
@@ -356,7 +356,7 @@ def load(args, setup: Setup) -> Loaded:
         test_file = datasets.gsm8k_dir(args.data_dir) / "test.jsonl"
         problems.append(f"{test_file} holds no test question: evaluation needs one")
     if pairs == []:  # else training_examples would blame --max_length for leaving no response token
-        problems.append(f"no training example in {training_data_file(args)}: training needs one")
+        problems.append(f"no training example in {', '.join(map(str, training_data_files(args)))}: training needs one")
     problems += [f"{datasets.commonsense_test_file(task, args.commonsense_dir)} holds no test question: evaluation "
                  "needs one" for task, records in commonsense.items() if not records]
     if problems:
@@ -911,7 +911,7 @@ def run(args, setup: Setup, argv) -> dict:
         # the data, the schedule and the checkpoints to resume from are checked before anything is deleted or loaded
         examples = training_examples(loaded, args, setup)
         plan = plan_training(args, len(examples), setup.ddp_world_size)
-        identity = checkpoints.run_identity(args, setup.ddp_world_size, setup.compute_dtype, training_data_file(args),
+        identity = checkpoints.run_identity(args, setup.ddp_world_size, setup.compute_dtype, training_data_files(args),
                                             loaded.folder)
         checkpoint, state = (checkpoints.resume_state(Path(args.out_dir), identity, setup.log) if args.resume
                              else (None, None))

@@ -33,7 +33,8 @@ from machinery.hub import sha256_file
 # Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
 RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
                "lr", "warmup_ratio", "weight_decay", "grad_clip", "batch_size", "micro_batch_size", "max_length",
-               "seed", "num_init_samples", "init_rule", "init_svd", "init_batch_size", "lr_1")
+               "seed", "num_init_samples", "init_rule", "init_svd", "init_batch_size", "lr_1", "schedule",
+               "commonsense_prompt")
 CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
 # The files of a model folder besides its weights whose content changes what is trained: the architecture, and the
 # tokenizer with its special tokens (the EOS that ends every training response, the padding).
@@ -50,9 +51,9 @@ def canonical_model(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-def run_identity(args, processes: int, dtype: torch.dtype, data_file: Path, model_folder: Path) -> dict:
+def run_identity(args, processes: int, dtype: torch.dtype, data_files: list[Path], model_folder: Path) -> dict:
     """What a resumed run must share with the run it continues: the settings that shape it (a local --model as its
-    resolved path), the number of processes, the dtype of the forward pass, the sha256 of the training data file and
+    resolved path), the number of processes, the dtype of the forward pass, the sha256 of each training data file and
     of each of the model folder's MODEL_FILES (one key per file, so that a refusal names it), the EOS ids of
     generation_config.json (where the run's evaluation stops generating) and a fingerprint of the weights. Recorded in
     checkpoints/run.json."""
@@ -61,9 +62,10 @@ def run_identity(args, processes: int, dtype: torch.dtype, data_file: Path, mode
              for name in MODEL_FILES}
     generation = model_folder / "generation_config.json"
     generation_eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    data = {f"{path.parent.name}/{path.name}": sha256_file(path) for path in data_files}  # named like piqa/train.json
     return json.loads(run_folder.strict_json({  # as it reads back from run.json
         "settings": settings, "processes": processes, "dtype": str(dtype).removeprefix("torch."),
-        "training data sha256": sha256_file(data_file), **files,
+        "training data sha256": data, **files,
         "generation_config.json eos_token_id": generation_eos, "model fingerprint": model_fingerprint(model_folder)}))
 
 

@@ -75,12 +75,13 @@ def test_the_loss_is_on_the_response_only(tiny_model_dir):
 def test_a_commonsense_run_writes_every_tasks_accuracy(tmp_path, tiny_model_dir):
     folder = write_commonsense(tmp_path / "cs")
     out = tmp_path / "run"
-    summary = train_gsm8k.main([
+    argv = [
         "--model", str(tiny_model_dir), "--train_data", "commonsense", "--commonsense_dir", str(folder),
         "--eval_data", ",".join(LABELS), "--out_dir", str(out), "--device", "cpu", "--batch_size", "4",
         "--micro_batch_size", "4", "--max_steps", "2", "--rank", "4", "--lr", "1e-2", "--num_init_samples", "4",
         "--eval_limit", "2", "--commonsense_max_new_tokens", "4", "--schedule", "linear", "--commonsense_prompt",
-        "authors"])
+        "authors"]
+    summary = train_gsm8k.main(argv)
     written = json.loads((out / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     for task in LABELS:
@@ -92,6 +93,11 @@ def test_a_commonsense_run_writes_every_tasks_accuracy(tmp_path, tiny_model_dir)
     assert written["test_loss_on"] == "6 commonsense test answers of boolq, piqa, ARC-Easy"
     config = json.loads((out / "config.json").read_text())
     assert config["eval_data"] == list(LABELS) and config["schedule"] == "linear"
+    with pytest.raises(SystemExit, match=r"--schedule: 'linear' -> 'cosine'"):
+        train_gsm8k.main([*argv, "--resume", "--schedule", "cosine"])
+    (folder / "piqa" / "train.json").write_text((folder / "piqa" / "train.json").read_text().replace("0?", "zero?"))
+    with pytest.raises(SystemExit, match=r"training data sha256: .*'piqa/train.json': '\w+'.* -> "):
+        train_gsm8k.main([*argv, "--resume"])
 
 
 def test_commonsense_names_all_eight_tasks_and_an_unknown_task_is_refused(capsys):

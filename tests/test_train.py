@@ -216,7 +216,7 @@ def test_resume_refuses_other_data_dtype_model_or_processes_but_not_another_spel
                                    str(out), "--device", "cpu", "--batch_size", "4", "--micro_batch_size", "2",
                                    "--max_steps", "4", "--rank", "4", "--lr", "1e-2", "--num_init_samples", "6"])
     setup = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
-    identity = checkpoints.run_identity(args, 1, torch.float32, train_gsm8k.training_data_file(args),
+    identity = checkpoints.run_identity(args, 1, torch.float32, train_gsm8k.training_data_files(args),
                                         train_gsm8k.load(args, setup).folder)
     checkpoints.check_same_run(out / "checkpoints", identity)  # a trailing / names the same folder: accepted
 
