@@ -36,7 +36,6 @@ import resource
 import shutil
 import sys
 import time
-import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from tqdm import tqdm
 import data
 import lorasb
 import model as model_lib
-from machinery import checkpoints, datasets, distributed, hub, run_folder
+from machinery import checkpoints, command, datasets, distributed, hub, run_folder
 from machinery.distributed import refuse
 from machinery.math_grader import score_math
 from machinery.tokenizer import Tokenizer
@@ -758,34 +757,23 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[dict], eos_ids
     return rows
 
 
-def score_gsm8k_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
-    """GSM8K accuracy, correct, invalid and total, and the rows with their extracted answer and verdict."""
-    scored = data.score_gsm8k([r["completion"] for r in rows], [r["gold"] for r in rows])
-    rows = [{**r, "extracted": extracted, "correct": correct}
-            for r, extracted, correct in zip(rows, scored["extracted"], scored["is_correct"])]
-    return {k: scored[k] for k in ("accuracy", "correct", "invalid", "total")}, rows
+# The per-answer lists of a scorer's result (data.score_gsm8k, data.score_commonsense, math_grader.score_math) -> the
+# fields of each prediction row.
+PER_ANSWER = {"extracted": "extracted", "is_correct": "correct", "is_correct_authors_fallback": "correct_authors_fallback"}
 
 
-def score_commonsense_rows(task: str, rows: list[dict]) -> tuple[dict, list[dict]]:
-    """A commonsense task's accuracy, correct, invalid and total, and the rows with their extracted answer and
-    verdict."""
-    scored = data.score_commonsense(task, [r["completion"] for r in rows], [r["gold"] for r in rows])
-    rows = [{**r, "extracted": extracted, "correct": correct}
-            for r, extracted, correct in zip(rows, scored["extracted"], scored["is_correct"])]
-    return {k: scored[k] for k in ("accuracy", "correct", "invalid", "total")}, rows
+def score_rows(score: Callable[[list, list], dict], rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Score the rows' completions against their gold answers with `score`: its metrics (accuracy, correct, invalid,
+    total, ...), and the rows with each answer's extracted value and verdict(s)."""
+    scored = score([r["completion"] for r in rows], [r["gold"] for r in rows])
+    per_answer = {PER_ANSWER[key]: scored.pop(key) for key in PER_ANSWER if key in scored}
+    return scored, [{**r, **{name: values[i] for name, values in per_answer.items()}} for i, r in enumerate(rows)]
 
 
 def score_math_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
-    """MATH accuracy, correct, invalid and total, scored correctly; beside them what the authors' is_equiv fallback
-    gives (accuracy_authors_fallback, the figure comparable with their published MATH numbers) and how many verdicts
-    it flips; the accuracy by subject and by level when the file has them; and the rows with their extracted answer
-    and both verdicts."""
-    scored = score_math([r["completion"] for r in rows], [r["gold"] for r in rows])
-    rows = [{**r, "extracted": extracted, "correct": correct, "correct_authors_fallback": authors}
-            for r, extracted, correct, authors in zip(rows, scored["extracted"], scored["is_correct"],
-                                                      scored["is_correct_authors_fallback"])]
-    metrics = {k: scored[k] for k in ("accuracy", "correct", "invalid", "total", "accuracy_authors_fallback",
-                                      "changed_by_authors_fallback")}
+    """MATH's score_rows, scored correctly with what the authors' is_equiv fallback gives beside it (the figure
+    comparable with their published MATH numbers), and the accuracy by subject and by level when the file has them."""
+    metrics, rows = score_rows(score_math, rows)
     for field in ("subject", "level"):
         if all(field in r for r in rows):
             verdicts = {}
@@ -809,8 +797,8 @@ def evaluate(model, loaded: Loaded, args, setup: Setup) -> tuple[dict, dict[str,
     commonsense_accuracy, and the scored rows of each set."""
     prepare_evaluation(model, args, setup)
     problems = {"gsm8k": loaded.questions, "math": loaded.math_problems, **loaded.commonsense}
-    score = {"gsm8k": score_gsm8k_rows, "math": score_math_rows,
-             **{task: partial(score_commonsense_rows, task) for task in loaded.commonsense}}
+    score = {"gsm8k": partial(score_rows, data.score_gsm8k), "math": score_math_rows,
+             **{task: partial(score_rows, partial(data.score_commonsense, task)) for task in loaded.commonsense}}
     metrics, predictions = {}, {}
     with torch.no_grad(), setup.autocast():
         if loaded.questions:
@@ -951,33 +939,5 @@ def run(args, setup: Setup, argv) -> dict:
         return report(model, loaded, args, setup, out, described)
 
 
-# What each expected failure asks of the user (expected_failure); the error's own message names the file or input.
-WHAT_TO_DO = ((hub.DownloadError, "Check the connection, or use local files as it says"),
-              (FileNotFoundError, "Check the path it names"), (ValueError, "Fix the input it names"))
-PROJECT_FOLDERS = {Path(__file__).resolve().parent / name for name in ("", "machinery", "experiments")}
-
-
-def expected_failure(e: BaseException) -> bool:
-    """Whether an error is one a user meets and fixes rather than a bug: a failed download (offline), a missing file,
-    or a ValueError raised by this project's own checks of an input (not one from inside torch)."""
-    if isinstance(e, (hub.DownloadError, FileNotFoundError)):
-        return True
-    raised_in = Path(traceback.extract_tb(e.__traceback__)[-1].filename).resolve().parent
-    return isinstance(e, ValueError) and raised_in in PROJECT_FOLDERS
-
-
-def run_command(main_function: Callable[[], object]) -> None:
-    """Run main_function as a command: an expected failure (expected_failure) ends it with one paragraph, the error's
-    message and what to do, and exit status 1, its traceback only when $LORASB_TRACEBACK is 1; any other error keeps
-    its traceback."""
-    try:
-        main_function()
-    except (hub.DownloadError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("LORASB_TRACEBACK") == "1" or not expected_failure(e):
-            raise
-        what_to_do = next(hint for kind, hint in WHAT_TO_DO if isinstance(e, kind))
-        sys.exit(f"Stopped: {e}\n{what_to_do}, then run again. (LORASB_TRACEBACK=1 shows the traceback.)")
-
-
 if __name__ == "__main__":
-    run_command(main)
+    command.run(main)

@@ -45,7 +45,7 @@ import lorasb  # noqa: E402
 import model as model_lib  # noqa: E402
 import train_gsm8k as trainer  # noqa: E402
 from experiments import svg  # noqa: E402
-from machinery import checkpoints, datasets  # noqa: E402
+from machinery import checkpoints, command, datasets  # noqa: E402
 from machinery.hub import sha256_file  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -369,7 +369,7 @@ def evaluate_saved(study: Study, name: str, method: str, accuracy: bool = True) 
             return {"test_loss": test_loss}
         rows = trainer.generate_answers(model, study.tokenizer, study.test[:b.accuracy_questions], study.eos_ids,
                                         args, setup)
-    metrics, _ = trainer.score_gsm8k_rows(rows)
+    metrics, _ = trainer.score_rows(data.score_gsm8k, rows)
     return {"test_loss": test_loss, **metrics, "accuracy_95ci": wilson_interval(metrics["correct"], metrics["total"])}
 
 
@@ -762,4 +762,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    trainer.run_command(main)
+    command.run(main)
