@@ -33,9 +33,11 @@ Time it again on an idle machine before a long run: the scaling above is the wea
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +45,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import data
-import lorasb
-import model as model_lib
-import train_gsm8k as trainer
-from experiments import svg
-from experiments.study import METHOD_COLORS, METHOD_NAMES, wilson_interval
+if __package__ in (None, ""):  # run as a file (python experiments/commonsense.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import lorasb  # noqa: E402
+import model as model_lib  # noqa: E402
+import train_gsm8k as trainer  # noqa: E402
+from experiments import svg  # noqa: E402
+from experiments.study import METHOD_COLORS, METHOD_NAMES, wilson_interval  # noqa: E402
+from machinery import checkpoints, command, datasets  # noqa: E402
+from machinery.hub import sha256_file  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TASKS = tuple(task for task in data.COMMONSENSE_TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand
@@ -141,6 +147,11 @@ class Experiment:
         self.setup = trainer.Setup.from_args(base)
         loaded = trainer.load(base, self.setup)
         self.folder, self.tokenizer, self.eos_ids = loaded.folder, loaded.tokenizer, loaded.eos_ids
+        files = [*trainer.training_data_files(base),
+                 *(datasets.commonsense_test_file(task, args.commonsense_dir) for task in TASKS)]
+        # a part is reused only with the same weights and data, not merely the same folder names
+        self.fingerprints = {"model fingerprint": checkpoints.model_fingerprint(self.folder),
+                             "data sha256": {f"{p.parent.name}/{p.name}": sha256_file(p) for p in files}}
         b = self.budget
         order = torch.randperm(len(loaded.pairs), generator=torch.Generator().manual_seed(0)).tolist()
         if len(order) < b.validation_examples + b.steps * b.batch_size:
@@ -209,7 +220,7 @@ def test_accuracy(exp: Experiment, model, args, setup: trainer.Setup) -> dict:
     with torch.no_grad(), setup.autocast():
         for task, records in exp.test.items():
             rows = trainer.generate_answers(model, exp.tokenizer, records, exp.eos_ids, args, setup, eval_set=task)
-            metrics, _ = trainer.score_commonsense_rows(task, rows)
+            metrics, _ = trainer.score_rows(functools.partial(data.score_commonsense, task), rows)
             tasks[task] = {**metrics, "interval": wilson_interval(metrics["correct"], metrics["total"])}
     correct, total = sum(t["correct"] for t in tasks.values()), sum(t["total"] for t in tasks.values())
     return {"tasks": tasks, "mean": {"accuracy": correct / total, "correct": correct, "total": total,
@@ -229,9 +240,11 @@ def base_model_part(exp: Experiment) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def part_settings(exp: Experiment, **run) -> dict:
-    """What shapes a part: the model, the data, the budget (but the grids and seeds, which name the parts), the run."""
+    """What shapes a part: the model and the data (their fingerprints), the budget (but the grids and seeds, which name
+    the parts), the run."""
     budget = {k: v for k, v in dataclasses.asdict(exp.budget).items() if k not in ("lr_grid", "full_lr_grid", "seeds")}
-    return {"model": str(exp.args.model), "commonsense_dir": str(exp.args.commonsense_dir), **budget, **run}
+    return {"model": str(exp.args.model), "commonsense_dir": str(exp.args.commonsense_dir), **exp.fingerprints,
+            **budget, **run}
 
 
 def run_experiment(exp: Experiment, results: Results) -> dict:
@@ -317,4 +330,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command.run(main)

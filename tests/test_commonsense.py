@@ -2,6 +2,8 @@
 end-to-end run of the trainer, bad input refused before the model loads, and experiments/commonsense.py --quick."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +187,11 @@ def test_a_rerun_reuses_parts_with_the_same_settings_only(quick, monkeypatch, ca
     with pytest.raises(pytest.fail.Exception, match="a finished part was rerun"):
         commonsense.main(argv)  # the budget changed: the grid runs are recomputed
     assert "settings changed, recomputed" in capsys.readouterr().out
+    monkeypatch.undo()
+    folder = Path(argv[argv.index("--commonsense_dir") + 1])
+    other_data = shutil.copytree(folder, folder.parent / "other_cs")
+    (other_data / "piqa" / "test.json").write_text((other_data / "piqa" / "test.json").read_text().replace("0?", "?"))
+    for part in ("train_and_measure", "base_model_part"):
+        monkeypatch.setattr(commonsense, part, lambda *a, **k: pytest.fail("a part of other data was computed"))
+    with pytest.raises(pytest.fail.Exception, match="a part of other data was computed"):  # not reused
+        commonsense.main([*argv, "--commonsense_dir", str(other_data)])
