@@ -63,25 +63,15 @@ def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, lo
     def py(y: float) -> float:
         return TOP + plot_h - (fy(y) - y0) / ((y1 - y0) or 1) * plot_h
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{LEFT + plot_w / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    out = svg_open(width, height, plot_w, title)
     for x in xticks:
         out.append(f'<line x1="{px(x):.1f}" y1="{TOP}" x2="{px(x):.1f}" y2="{TOP + plot_h}" stroke="#eee"/>')
         out.append(f'<text x="{px(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{tick_label(x)}</text>')
-    for y in yticks:
-        out.append(f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')
+    out += y_grid(yticks, py, plot_w)
     out.append(f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
     out.append(f'<text x="{LEFT + plot_w / 2}" y="{height - 12}" text-anchor="middle">{escape(xlabel)}</text>')
-    out.append(f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {TOP + plot_h / 2})">{escape(ylabel)}</text>')
-    if hline:
-        out.append(f'<line x1="{LEFT}" y1="{py(hline[0]):.1f}" x2="{LEFT + plot_w}" y2="{py(hline[0]):.1f}" '
-                   f'stroke="#888" stroke-dasharray="2,3"/>')
-        out.append(f'<text x="{LEFT + plot_w - 4}" y="{py(hline[0]) + 14:.1f}" text-anchor="end" fill="#666">'
-                   f'{escape(hline[1])}</text>')
+    out.append(y_label(ylabel, plot_h))
+    out += reference_line(hline, py, plot_w, label_below=True)
     for i, s in enumerate(series):
         color = s.get("color", COLORS[i % len(COLORS)])
         pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y is not None]
@@ -94,9 +84,7 @@ def line_plot(path, series: list[dict], title: str, xlabel: str, ylabel: str, lo
         out.append(f'<line x1="{LEFT + plot_w + 12}" y1="{ly - 4}" x2="{LEFT + plot_w + 36}" y2="{ly - 4}" '
                    f'stroke="{color}" stroke-width="2"{dash}/>')
         out.append(f'<text x="{LEFT + plot_w + 42}" y="{ly}">{escape(s["label"])}</text>')
-    out.append("</svg>")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(out) + "\n")
+    write(path, out)
 
 
 def dot_plot(path, categories: list[str], series: list[dict], title: str, ylabel: str,
@@ -115,13 +103,8 @@ def dot_plot(path, categories: list[str], series: list[dict], title: str, ylabel
     def py(y: float) -> float:
         return TOP + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{LEFT + plot_w / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
-    for y in yticks:
-        out.append(f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')
+    out = svg_open(width, height, plot_w, title)
+    out += y_grid(yticks, py, plot_w)
     for c, name in enumerate(categories):
         cx = LEFT + slot * (c + 0.5)
         if c:
@@ -129,13 +112,8 @@ def dot_plot(path, categories: list[str], series: list[dict], title: str, ylabel
                        f'stroke="#ddd"/>')
         out.append(f'<text x="{cx:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{escape(name)}</text>')
     out.append(f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
-    out.append(f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {TOP + plot_h / 2})">{escape(ylabel)}</text>')
-    if hline:
-        out.append(f'<line x1="{LEFT}" y1="{py(hline[0]):.1f}" x2="{LEFT + plot_w}" y2="{py(hline[0]):.1f}" '
-                   f'stroke="#888" stroke-dasharray="2,3"/>')
-        out.append(f'<text x="{LEFT + plot_w - 4}" y="{py(hline[0]) - 4:.1f}" text-anchor="end" fill="#666">'
-                   f'{escape(hline[1])}</text>')
+    out.append(y_label(ylabel, plot_h))
+    out += reference_line(hline, py, plot_w, label_below=False)
     for i, s in enumerate(series):
         color = s.get("color", COLORS[i % len(COLORS)])
         offset = (i - (len(series) - 1) / 2) * 14
@@ -147,6 +125,40 @@ def dot_plot(path, categories: list[str], series: list[dict], title: str, ylabel
         ly = TOP + 14 + 18 * i
         out.append(f'<circle cx="{LEFT + plot_w + 24}" cy="{ly - 4}" r="4" fill="{color}"/>')
         out.append(f'<text x="{LEFT + plot_w + 42}" y="{ly}">{escape(s["label"])}</text>')
-    out.append("</svg>")
+    write(path, out)
+
+
+# The parts both plots share, in the order they are drawn.
+
+def svg_open(width: float, height: float, plot_w: float, title: str) -> list[str]:
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<text x="{LEFT + plot_w / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+
+
+def y_grid(yticks: list[float], py, plot_w: float) -> list[str]:
+    """A light horizontal line and a label at each y tick."""
+    return [element for y in yticks for element in (
+        f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>',
+        f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')]
+
+
+def y_label(ylabel: str, plot_h: float) -> str:
+    return (f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
+            f'transform="rotate(-90 16 {TOP + plot_h / 2})">{escape(ylabel)}</text>')
+
+
+def reference_line(hline: tuple[float, str] | None, py, plot_w: float, label_below: bool) -> list[str]:
+    """A dashed grey line at y = hline[0], labelled hline[1] at its right end (below or above it); nothing if None."""
+    if not hline:
+        return []
+    label_y = py(hline[0]) + (14 if label_below else -4)
+    return [f'<line x1="{LEFT}" y1="{py(hline[0]):.1f}" x2="{LEFT + plot_w}" y2="{py(hline[0]):.1f}" '
+            f'stroke="#888" stroke-dasharray="2,3"/>',
+            f'<text x="{LEFT + plot_w - 4}" y="{label_y:.1f}" text-anchor="end" fill="#666">{escape(hline[1])}</text>']
+
+
+def write(path, elements: list[str]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(out) + "\n")
+    Path(path).write_text("\n".join([*elements, "</svg>"]) + "\n")
