@@ -2,11 +2,11 @@
 PEFT, printed as markdown.
 
 The SmolLM2-135M checkpoint (env LORASB_SMOLLM2_DIR, default ~/.cache/lorasb-dev/SmolLM2-135M-Instruct), on CPU or GPU:
-    python -m experiments.bench
+    python experiments/bench.py
 Any local Hugging Face model folder:
-    python -m experiments.bench --model path/to/model --device cuda
+    python experiments/bench.py --model path/to/model --device cuda
 Random weights with the shapes of a real model (no download; speed and memory do not depend on weight values):
-    python -m experiments.bench --config mistral-7b --device cuda --batch 4 --seq 512 --json out/mistral-7b.json
+    python experiments/bench.py --config mistral-7b --device cuda --batch 4 --seq 512 --json out/mistral-7b.json
 
 How it measures:
   - Training step: train_gsm8k.train_step (forward + backward + clip_grad_norm_ + AdamW) on one fixed batch of random

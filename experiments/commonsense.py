@@ -1,7 +1,7 @@
 """Commonsense reasoning accuracy of LoRA-SB, LoRA-XS, LoRA and the base model, measured on CPU.
 
-    python -m experiments.commonsense --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~3 h
-    python -m experiments.commonsense --quick --model DIR --commonsense_dir DIR --out DIR   # every part, in seconds
+    python experiments/commonsense.py --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~3 h
+    python experiments/commonsense.py --quick --model DIR --commonsense_dir DIR --out DIR   # every part, in seconds
 
 The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
 HuggingFaceTB/SmolLM2-135M-Instruct. Training data: the union of the training sets in --commonsense_dir (BoolQ, ARC-e,

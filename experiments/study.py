@@ -1,8 +1,8 @@
 """The LoRA-SB study: four claims of the paper, measured by this code on a real pretrained checkpoint.
 
-    python -m experiments.study                     # SmolLM2-135M-Instruct, GSM8K, fp32 on CPU: about 90 minutes
-    python -m experiments.study --device cuda --model Qwen/Qwen2.5-0.5B --steps 400 --batch_size 32
-    python -m experiments.study --quick --model DIR --data_dir DIR --out DIR   # every part on a tiny budget
+    python experiments/study.py --out runs/study   # SmolLM2-135M-Instruct, GSM8K, fp32 on CPU: about 90 minutes
+    python experiments/study.py --device cuda --model Qwen/Qwen2.5-0.5B --steps 400 --batch_size 32
+    python experiments/study.py --quick --model DIR --data_dir DIR --out DIR   # every part on a tiny budget
 
 The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
 HuggingFaceTB/SmolLM2-135M-Instruct; GSM8K to $LORASB_GSM8K_DIR or else the download. Every figure goes to
