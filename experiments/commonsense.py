@@ -1,6 +1,6 @@
 """Commonsense reasoning accuracy of LoRA-SB, LoRA-XS, LoRA and the base model, measured on CPU.
 
-    python experiments/commonsense.py --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~3 h
+    python experiments/commonsense.py --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~75 min
     python experiments/commonsense.py --quick --model DIR --commonsense_dir DIR --out DIR   # every part, in seconds
 
 The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
@@ -21,15 +21,13 @@ so), and recomputes it otherwise. The runs are the trainer's own phases (train_g
 initialize_adapters, make_optimizer, train_step, response_loss, prepare_evaluation, generate_answers), not a second
 training loop.
 
-The budget (Budget below) is set for about 3 hours on 2 CPU cores, from a timing of its costs on SmolLM2-135M in
-fp32: one optimizer step of 8 examples (mean 87 tokens; at most 256), one generation batch of 32 prompts (up to 32 new
-tokens) and LoRA-SB's estimate. Measured with one thread on a machine shared with other jobs (load ~7 on 2 cores):
-70 s a step, 40-100 s a generation batch, 150 s for an estimate of 8 samples; scaled by the contention (~3.5x) and a
-second thread (~1.8x): T_step ~ 11 s, T_gen ~ 11 s, ~ 95 s for LoRA-SB's 32 init samples. The runs are 3 methods x 3
-lrs at the first seed plus the chosen lr at each of 2 seeds (each retrained, so that every evaluated run is trained
-the same way): 15 trainings of `steps` steps; the evaluations are (3 methods x 2 seeds + the base model) x 7 tasks x
-test_per_task / 32 batches. Total ~ 15 x 50 x T_step + 7 x 7 x 4 x T_gen + 5 x 95 s ~ 8250 + 2150 + 480 s ~ 3.0 h.
-Time it again on an idle machine before a long run: the scaling above is the weakest number here.
+The budget (Budget below) is set for about 75 minutes on 2 quiet CPU cores, from a timing of its costs on
+SmolLM2-135M in fp32 (2 threads, nothing else running): an optimizer step of 8 examples (mean 87 tokens; at most 256)
+took 12 s, so T_step ~ 6 s for this budget's 4; LoRA-SB's estimate 1.45 s an example; a generation batch of 32 prompts
+(up to 32 new tokens) T_gen ~ 11 s. The runs are 3 methods x 3 lrs at the first seed, each keeping its trained
+weights, so the chosen lr's evaluation at that seed trains nothing again (a further seed retrains). Total ~ 9 x 50 x
+T_step + 4 x 7 x 4 x T_gen + 3 x 32 x 1.45 s + 13 validation passes of ~25 s ~ 2700 + 1230 + 140 + 330 s ~ 73 min.
+More seeds (Budget.seeds) add a training and an evaluation per method and seed, about 10 minutes each.
 """
 
 import argparse
@@ -65,9 +63,9 @@ CHANCE = {"boolq": 1 / 2, "piqa": 1 / 2, "social_i_qa": 1 / 3, "winogrande": 1 /
 
 @dataclass(frozen=True)
 class Budget:
-    steps: int = 50  # optimizer steps of every run: 400 training examples, one pass
-    batch_size: int = 8
-    micro_batch_size: int = 8
+    steps: int = 50  # optimizer steps of every run: 200 training examples, one pass
+    batch_size: int = 4
+    micro_batch_size: int = 4
     warmup_ratio: float = 0.02  # the paper's commonsense schedule: 2% linear warmup, then linear decay
     # LoRA-SB's lr_1 = lr / 36, the first step of the paper's schedule (2% of 2 epochs of 170,420 examples in batches
     # of 192: 1776 steps, 36 warmup). This budget's own schedule has 1 warmup step, which would make lr_1 the peak lr:
@@ -85,13 +83,13 @@ class Budget:
     test_per_task: int = 100  # the fixed subset of each test set
     max_new_tokens: int = 32  # the authors'
     eval_batch_size: int = 32
-    seeds: tuple = (42, 43)
+    seeds: tuple = (42,)  # one seed fits the budget; the intervals are the test questions' sampling error only
 
 
 QUICK = Budget(steps=2, batch_size=2, micro_batch_size=2, rank=4, lora_rank=2,
                lr_grid=(("lorasb", (1e-3, 1e-2, 1e-1)), ("loraxs", (1e-3, 1e-2, 1e-1)), ("lora", (1e-3, 1e-2, 1e-1))),
                full_lr_grid=(1e-4, 1e-3, 1e-2), num_init_samples=2, init_batch_size=2, validation_examples=2,
-               test_per_task=2, max_new_tokens=3, eval_batch_size=4)
+               test_per_task=2, max_new_tokens=3, eval_batch_size=4, seeds=(42, 43))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,9 +189,10 @@ def ranks(b: Budget) -> dict:
     return {"full": None, "lora": b.lora_rank, "loraxs": b.rank, "lorasb": b.rank}
 
 
-def train_and_measure(exp: Experiment, method: str, lr: float, seed: int, evaluate: bool) -> dict:
+def train_and_measure(exp: Experiment, method: str, lr: float, seed: int, evaluate: bool,
+                      save_as: Path | None = None) -> dict:
     """One run: initialize_adapters, the trainer's train_steps, then the validation loss and, with `evaluate`, the
-    test accuracy of every task (test_accuracy)."""
+    test accuracy of every task (test_accuracy); `save_as` keeps the trained weights for evaluate_trained."""
     args = exp.trainer_args(method, ranks(exp.budget)[method], lr, seed)
     setup = trainer.Setup.from_args(args)
     model = model_lib.load_model(exp.folder, device=setup.device, dtype=setup.weights_dtype)
@@ -207,9 +206,26 @@ def train_and_measure(exp: Experiment, method: str, lr: float, seed: int, evalua
     result = {"method": method, "lr": lr, "seed": seed, "steps": plan.total_steps, "final_loss": losses[-1],
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     result["validation_loss"] = validation_loss(exp, model, args, setup)
+    if save_as and result["validation_loss"] is not None:
+        save_as.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_trainable(model, save_as, method, str(exp.args.model))
     if evaluate:
         result["test"] = test_accuracy(exp, model, args, setup)
     return result
+
+
+def evaluate_trained(exp: Experiment, method: str, lr: float, seed: int, path: Path) -> dict:
+    """A grid run's trained weights (saved by train_and_measure), evaluated as train_and_measure evaluates: the chosen
+    lr at the first seed needs no second training."""
+    args = exp.trainer_args(method, ranks(exp.budget)[method], lr, seed)
+    setup = trainer.Setup.from_args(args)
+    model = model_lib.load_model(exp.folder, device=setup.device, dtype=setup.weights_dtype)
+    if method == "full":
+        model.load_state_dict(lorasb.load_safetensors(path)[0])
+    else:
+        lorasb.load_adapter(model, path)
+    return {"method": method, "lr": lr, "seed": seed, "trained_weights": path.name,
+            "validation_loss": validation_loss(exp, model, args, setup), "test": test_accuracy(exp, model, args, setup)}
 
 
 def validation_loss(exp: Experiment, model, args, setup: trainer.Setup) -> float | None:
@@ -263,7 +279,8 @@ def run_experiment(exp: Experiment, results: Results) -> dict:
         losses = {}
         for lr in grid:
             part = results.part(f"grid/{method}-lr{lr:g}", part_settings(exp, method=method, lr=lr, seed=b.seeds[0]),
-                                lambda: train_and_measure(exp, method, lr, b.seeds[0], evaluate=False))
+                                lambda: train_and_measure(exp, method, lr, b.seeds[0], evaluate=False,
+                                                          save_as=trained_weights(exp, method, lr)))
             losses[lr] = part["validation_loss"]
         finite = {lr: loss for lr, loss in losses.items() if loss is not None}
         if not finite:
@@ -276,11 +293,25 @@ def run_experiment(exp: Experiment, results: Results) -> dict:
     for method, choice in chosen.items():
         runs = {seed: results.part(f"eval/{method}-seed{seed}",
                                    part_settings(exp, method=method, lr=choice["lr"], seed=seed),
-                                   lambda: train_and_measure(exp, method, choice["lr"], seed, evaluate=True))
+                                   lambda: evaluate_run(exp, method, choice["lr"], seed))
                 for seed in b.seeds}
         summary[method] = {**choice, "seeds": {str(seed): run["test"] for seed, run in runs.items()},
                            "across_seeds": across_seeds([run["test"] for run in runs.values()])}
     return summary
+
+
+def trained_weights(exp: Experiment, method: str, lr: float) -> Path:
+    """Where a grid run (at the first seed) keeps its trained weights."""
+    return exp.args.out / "trained" / f"{method}-lr{lr:g}-seed{exp.budget.seeds[0]}.safetensors"
+
+
+def evaluate_run(exp: Experiment, method: str, lr: float, seed: int) -> dict:
+    """The chosen lr's test accuracy at one seed: the grid run's own weights at the first seed (when they are still
+    there: its part may come from an earlier commonsense.json), a new training run otherwise."""
+    path = trained_weights(exp, method, lr)
+    if seed == exp.budget.seeds[0] and path.is_file():
+        return evaluate_trained(exp, method, lr, seed, path)
+    return train_and_measure(exp, method, lr, seed, evaluate=True)
 
 
 def across_seeds(tests: list[dict]) -> dict:
@@ -293,19 +324,21 @@ def across_seeds(tests: list[dict]) -> dict:
 
 
 def report(summary: dict) -> str:
-    """One table: accuracy per task and mean, per method (the first seed's interval; the seeds' mean and spread)."""
+    """One table: accuracy per task and mean, per method, at the first seed with its 95% interval; with more seeds,
+    the seeds' mean and standard deviation beside it."""
     lines = ["| method | lr | " + " | ".join(TASKS) + " | mean |", "|---|---|" + "---|" * (len(TASKS) + 1)]
     for method, entry in summary.items():
-        name = METHOD_NAMES.get(method, "base model")
-        if method == "base":
-            cells = [f"{entry['test']['tasks'][t]['accuracy']:.3f}" for t in TASKS]
-            cells.append(f"{entry['test']['mean']['accuracy']:.3f}")
-            lines.append(f"| {name} | - | " + " | ".join(cells) + " |")
-            continue
-        seeds = entry["across_seeds"]
-        cells = [f"{seeds[t]['mean']:.3f} +- {seeds[t]['std']:.3f}" for t in (*TASKS, "mean")]
-        lines.append(f"| {name} | {entry['lr']:g}{' (edge)' if entry['at_grid_edge'] else ''} | "
-                     + " | ".join(cells) + " |")
+        test = entry["test"] if method == "base" else next(iter(entry["seeds"].values()))
+        cells = []
+        for key in (*TASKS, "mean"):
+            cell = test["mean"] if key == "mean" else test["tasks"][key]
+            low, high = cell["interval"]
+            cells.append(f"{cell['accuracy']:.3f} [{low:.2f}, {high:.2f}]")
+            if method != "base" and len(entry["seeds"]) > 1:
+                spread = entry["across_seeds"][key]
+                cells[-1] += f" ({len(entry['seeds'])} seeds: {spread['mean']:.3f} +- {spread['std']:.3f})"
+        lr = "-" if method == "base" else f"{entry['lr']:g}{' (edge)' if entry['at_grid_edge'] else ''}"
+        lines.append(f"| {METHOD_NAMES.get(method, 'base model')} | {lr} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -177,6 +177,17 @@ def test_the_experiment_writes_every_task_and_method_with_intervals(quick):
     assert (out / "commonsense_accuracy.svg").read_text().startswith("<svg")
 
 
+def test_the_chosen_run_is_evaluated_from_its_grid_weights_at_the_first_seed_only(quick):
+    commonsense, _, out, results = quick
+    parts, (first, second) = results["parts"], commonsense.QUICK.seeds
+    for method, _ in commonsense.QUICK.lr_grid:
+        lr = results["summary"][method]["lr"]
+        grid, evaluated = parts[f"grid/{method}-lr{lr:g}"], parts[f"eval/{method}-seed{first}"]
+        assert evaluated["trained_weights"] == f"{method}-lr{lr:g}-seed{first}.safetensors"
+        assert evaluated["validation_loss"] == grid["validation_loss"]  # the very weights the grid run trained
+        assert "trained_weights" not in parts[f"eval/{method}-seed{second}"]  # a further seed trains anew
+
+
 def test_a_rerun_reuses_parts_with_the_same_settings_only(quick, monkeypatch, capsys):
     commonsense, argv, out, results = quick
     monkeypatch.setattr(commonsense, "train_and_measure", lambda *a, **k: pytest.fail("a finished part was rerun"))
