@@ -301,8 +301,8 @@ def load_math(path: str | Path) -> list[dict]:
     its file and line (theirs silently scored that problem as wrong)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MATH test file {path} not found (MetaMath's MATH_test.jsonl; leave --math_path out to "
-                                "download it)")
+        raise FileNotFoundError(f"MATH test file {path} not found (MetaMath's MATH_test.jsonl; leave --math_path "
+                                "out to download it)")
     problems = []
     for where, record in jsonl_records(path):
         row = _check_row(record, ("instruction", "output"), where)

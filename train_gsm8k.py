@@ -759,7 +759,8 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[dict], eos_ids
 
 # The per-answer lists of a scorer's result (data.score_gsm8k, data.score_commonsense, math_grader.score_math) -> the
 # fields of each prediction row.
-PER_ANSWER = {"extracted": "extracted", "is_correct": "correct", "is_correct_authors_fallback": "correct_authors_fallback"}
+PER_ANSWER = {"extracted": "extracted", "is_correct": "correct",
+              "is_correct_authors_fallback": "correct_authors_fallback"}
 
 
 def score_rows(score: Callable[[list, list], dict], rows: list[dict]) -> tuple[dict, list[dict]]:
