@@ -14,7 +14,8 @@ import re
 
 ANSWER_PREFIX = "The answer is: "  # MATH_eval.py splits on the same prefix as GSM8K's evaluation
 MATH_MAX_PLAIN_EXPRESSION = 100  # characters; longer answers are not handed to sympy (see symbolic_equal)
-PLAIN_EXPRESSION_RE = re.compile(r"(?:\d*\.?\d+|[A-Za-z]+|[-+*/()])+")
+PLAIN_CHARACTERS_RE = re.compile(r"[\dA-Za-z.+\-*/()]+")  # see is_plain_expression
+BARE_POINT_RE = re.compile(r"\.(?!\d)")  # a "." with no digit after it
 
 
 def last_boxed(text: str) -> str | None:
@@ -149,6 +150,18 @@ def is_number(text: str) -> bool:
         return False
 
 
+def is_plain_expression(text: str) -> bool:
+    r"""Whether text is a plain expression for symbolic_equal: numbers ("5", "5.25", ".25"), names ("x", "sqrt"),
+    + - * / and parentheses, one after another in any order and at least one. That is: text is made of those characters
+    only, and every "." is followed by a digit ("1.2.3" reads as "1.2" then ".3"; "5." and "1..2" are not plain).
+
+    Two scans, each linear in the length of text. The one pattern this replaces, r"(?:\d*\.?\d+|[A-Za-z]+|[-+*/()])+",
+    accepts exactly the same strings, but its nested repetitions try every way of splitting a run of letters or digits
+    before rejecting a text that ends in any other character: "a" * 26 + "," took 13 s, and each further letter doubled
+    that. \d is any Unicode digit, as in that pattern."""
+    return PLAIN_CHARACTERS_RE.fullmatch(text) is not None and BARE_POINT_RE.search(text) is None
+
+
 def symbolic_equal(a: str, b: str) -> bool:
     """grader.py's symbolic_equal: both read by sympy's parse_expr, then equal when simplify(a - b) == 0 or when their
     numerical values agree within rel_tol 1e-3.
@@ -161,9 +174,9 @@ def symbolic_equal(a: str, b: str) -> bool:
     most MATH_MAX_PLAIN_EXPRESSION characters: numbers, names, + - * / and parentheses, no "**". Nothing but sqrt and
     pi is in scope (any other name is a symbol or an undefined function) and no builtin is. Anything else compares
     unequal; theirs differs there only on answers with "**", "^" (which parse_expr reads as XOR) or other sympy names.
+    The length is checked before anything else: sympy never sees a longer text.
     sympy is installed with torch; it is imported here, the one place it is used."""
-    if not all(len(s) <= MATH_MAX_PLAIN_EXPRESSION and "**" not in s and PLAIN_EXPRESSION_RE.fullmatch(s)
-               for s in (a, b)):
+    if not all(len(s) <= MATH_MAX_PLAIN_EXPRESSION and "**" not in s and is_plain_expression(s) for s in (a, b)):
         return False
     import sympy
     from sympy.parsing.sympy_parser import parse_expr

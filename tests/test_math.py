@@ -1,13 +1,16 @@
 """Tests of machinery/math_grader.py (the authors' MATH_eval.py, utils.py and grader.py): the reference and predicted
-answers, strip_string rule by rule, is_equiv and the authors' fallback, and scoring."""
+answers, strip_string rule by rule, is_equiv and the authors' fallback, scoring, and hostile answers (each graded
+quickly, without an exception)."""
 
+import itertools
+import re
 import sys
 import time
 
 import pytest
 
-from machinery.math_grader import (extract_math_answer, is_equiv, last_boxed, reference_answer, score_math,
-                                    strip_string, symbolic_equal)
+from machinery.math_grader import (extract_math_answer, is_equiv, is_plain_expression, last_boxed, math_equal,
+                                    reference_answer, score_math, strip_string, symbolic_equal)
 
 
 # -----------------------------------------------------------------------------
@@ -155,3 +158,49 @@ def test_score_math_counts_invalid_answers_and_the_verdicts_the_fallback_flips()
     assert result["is_correct_authors_fallback"] == [True, True, True, False]
     with pytest.raises(ValueError, match="as many"):
         score_math(completions, ["1"])
+
+
+# -----------------------------------------------------------------------------
+# hostile answers: the grader answers quickly and never raises
+
+
+OLD_PLAIN_EXPRESSION_RE = re.compile(r"(?:\d*\.?\d+|[A-Za-z]+|[-+*/()])+")  # what is_plain_expression replaced
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("5", True), ("3.25", True), (".25", True), ("1.2.3", True),  # "1.2" then ".3"
+    ("x+1", True), ("2*(x+1)", True), ("sqrt(8)/pi", True), ("2x", True), (")(", True), ("**", True),
+    ("\u0663.\u0661", True),  # \d is any Unicode digit, in both
+    ("", False), ("5.", False), ("1..2", False), ("a.b", False), ("1 + 2", False), ("2^3", False), ("1,2", False),
+    ("\\frac{1}{2}", False), ("x_1", False), ("\uff21", False),  # a fullwidth A is no [A-Za-z]
+])
+def test_is_plain_expression_agrees_with_the_pattern_it_replaced(text, expected):
+    assert is_plain_expression(text) is expected
+    assert (OLD_PLAIN_EXPRESSION_RE.fullmatch(text) is not None) is expected
+
+
+def test_is_plain_expression_agrees_with_the_pattern_it_replaced_on_every_short_string():
+    # every string of up to 5 characters over these 8: the old pattern is quick on strings this short
+    for n in range(6):
+        for chars in itertools.product("1a.+(,\u0663 ", repeat=n):
+            text = "".join(chars)
+            assert is_plain_expression(text) is (OLD_PLAIN_EXPRESSION_RE.fullmatch(text) is not None), text
+
+
+HOSTILE_ANSWERS = {  # 26 letters and a comma took 13 s before, and each 2 more letters 4 times as long
+    "26 letters,": "a" * 26 + ",", "28 letters,": "a" * 28 + ",", "200 letters,": "a" * 200 + ",",
+    "400 letters,": "a" * 400 + ",", "20 digits!": "1" * 20 + "!",
+    "a sentence": "There are infinitely many solutions, so the answer cannot be determined.",
+    "0.1666...": "0.16666666666666666666666666...", "0.111...": "0." + "1" * 300 + "...", "300 x": "x" * 300,
+    "400 ()": "(" * 400 + "1" + ")" * 400, "400 []": "[" * 400 + "1" + "]" * 400, "400 {}": "{" * 400 + "1" + "}" * 400,
+}
+
+
+@pytest.mark.parametrize("reference", ["5", "\\frac{1}{6}"], ids=["5", "frac"])
+@pytest.mark.parametrize("answer", list(HOSTILE_ANSWERS.values()), ids=list(HOSTILE_ANSWERS))
+def test_hostile_answers_compare_unequal_in_well_under_a_second(answer, reference):
+    symbolic_equal("1", "1")  # sympy's first import is not the answer's time
+    for compare in (is_equiv, math_equal):
+        start = time.perf_counter()
+        assert compare(answer, reference) is False
+        assert time.perf_counter() - start < 1.0, (compare.__name__, answer[:40])  # a guard, not a benchmark
