@@ -14,6 +14,7 @@ import re
 
 ANSWER_PREFIX = "The answer is: "  # MATH_eval.py splits on the same prefix as GSM8K's evaluation
 MATH_MAX_PLAIN_EXPRESSION = 100  # characters; longer answers are not handed to sympy (see symbolic_equal)
+MATH_MAX_NESTING = 50  # levels of brackets that math_equal compares part by part (see math_equal)
 PLAIN_CHARACTERS_RE = re.compile(r"[\dA-Za-z.+\-*/()]+")  # see is_plain_expression
 BARE_POINT_RE = re.compile(r"\.(?!\d)")  # a "." with no digit after it
 
@@ -186,7 +187,9 @@ def symbolic_equal(a: str, b: str) -> bool:
                  "Function": sympy.Function, "sqrt": sympy.sqrt, "pi": sympy.pi, "__builtins__": {}}
         return parse_expr(s, global_dict=scope)
 
-    try:  # every step may raise on odd input, which means "not equal", as theirs catches everything
+    # every step may raise on odd input, which means "not equal", as theirs catches everything; RecursionError too (an
+    # Exception), should sympy's recursive parsing or simplification run out of stack (see math_equal's depth bound)
+    try:
         x, y = parse(a), parse(b)
     except Exception:
         return False
@@ -206,7 +209,7 @@ def wrapped(text: str, pair: str) -> bool:
     return text.startswith(pair[0]) and text.endswith(pair[1])
 
 
-def math_equal(prediction: str, reference: str) -> bool:
+def math_equal(prediction: str, reference: str, depth: int = 0) -> bool:
     """grader.py's math_equal (include_percentage, is_close, no timeout), on two strings:
 
     1. Both numbers (is_number): equal when the prediction is within rel_tol 1e-4 of reference / 100, reference or
@@ -216,7 +219,11 @@ def math_equal(prediction: str, reference: str) -> bool:
        not start with "(") or in () (and the reference does not start with "["), both lose their outer [ ] ( )
        characters; then every {, }, ( and ) is removed from both. So "(1,2)" equals "1,2" and "{1,2}", but not
        "[1,2]"; and "\\frac{12}{3}" equals "\\frac{1}{23}" (a leniency of theirs, kept).
-    4. Both wrapped in [] or both in (): equal when they have as many comma-separated parts, each equal by math_equal.
+    4. Both wrapped in [] or both in (): equal when they have as many comma-separated parts, each equal by math_equal
+       one level deeper (depth counts the levels). Below MATH_MAX_NESTING levels the parts are not compared: theirs
+       recurses without a bound, so an answer nested in a few hundred brackets, against a reference nested as deep
+       ("(" * 400 + "1" + ")" * 400 against the same with 2), raised RecursionError out of the grader. A MATH answer
+       is nested a few levels at most, and the bound keeps the stack shallow where sympy is called (symbolic_equal).
     5. symbolic_equal."""
     if is_number(prediction) and is_number(reference):
         p, r = float(prediction.replace(",", "")), float(reference.replace(",", ""))
@@ -233,7 +240,8 @@ def math_equal(prediction: str, reference: str) -> bool:
         return True
     if any(wrapped(prediction, pair) and wrapped(reference, pair) for pair in ("[]", "()")):
         pred_parts, ref_parts = prediction[1:-1].split(","), reference[1:-1].split(",")
-        if len(pred_parts) == len(ref_parts) and all(math_equal(p, r) for p, r in zip(pred_parts, ref_parts)):
+        if depth < MATH_MAX_NESTING and len(pred_parts) == len(ref_parts) and \
+                all(math_equal(p, r, depth + 1) for p, r in zip(pred_parts, ref_parts)):
             return True
     return symbolic_equal(prediction, reference)
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from machinery.math_grader import (extract_math_answer, is_equiv, is_plain_expression, last_boxed, math_equal,
-                                    reference_answer, score_math, strip_string, symbolic_equal)
+from machinery.math_grader import (MATH_MAX_NESTING, extract_math_answer, is_equiv, is_plain_expression, last_boxed,
+                                    math_equal, reference_answer, score_math, strip_string, symbolic_equal)
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +160,13 @@ def test_score_math_counts_invalid_answers_and_the_verdicts_the_fallback_flips()
         score_math(completions, ["1"])
 
 
+def test_score_math_grades_answers_nested_hundreds_of_brackets_deep():
+    deep_1, deep_2 = "(" * 400 + "1" + ")" * 400, "(" * 400 + "2" + ")" * 400
+    result = score_math(["The answer is: " + deep_1, "The answer is: " + deep_1, "The answer is: " + deep_1],
+                        [deep_2, "5", deep_1])
+    assert result["is_correct"] == [False, False, True] and result["correct"] == 1
+
+
 # -----------------------------------------------------------------------------
 # hostile answers: the grader answers quickly and never raises
 
@@ -204,3 +211,24 @@ def test_hostile_answers_compare_unequal_in_well_under_a_second(answer, referenc
         start = time.perf_counter()
         assert compare(answer, reference) is False
         assert time.perf_counter() - start < 1.0, (compare.__name__, answer[:40])  # a guard, not a benchmark
+
+
+@pytest.mark.parametrize("pair", ["()", "[]", "{}", "([])"])
+def test_answers_nested_hundreds_of_brackets_deep_compare_without_raising(pair):
+    opening, closing = pair[:len(pair) // 2], pair[len(pair) // 2:]
+
+    def nested(inner):  # 400 brackets deep
+        return opening * (400 // len(opening)) + inner + closing * (400 // len(closing))
+
+    for compare in (is_equiv, math_equal):
+        assert compare(nested("1"), nested("2")) is False  # RecursionError before
+        assert compare(nested("1"), nested("1")) is True  # equal once brackets are ignored
+        assert compare(nested("1"), "5") is False
+
+
+def test_math_equal_compares_nested_parts_down_to_its_nesting_bound():
+    def nested(inner, levels):
+        return "[" * levels + inner + "]" * levels
+
+    assert math_equal(nested("2.00001", MATH_MAX_NESTING), nested("2", MATH_MAX_NESTING))  # level by level to 2
+    assert not math_equal(nested("2.00001", MATH_MAX_NESTING + 1), nested("2", MATH_MAX_NESTING + 1))  # too deep
