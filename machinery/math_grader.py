@@ -116,17 +116,20 @@ def fix_a_slash_b(text: str) -> str:
 def strip_string(text: str) -> str:
     r"""utils.strip_string, the normalization both answers get before they are compared, rule by rule in its order:
     drop line breaks, "\!" and "\left" / "\right"; "\\" becomes "\"; tfrac and dfrac become frac; drop degrees
-    ("^{\circ}", "^\circ"), "\$", a "\text{ unit}" on the right and "\%"; " ." and "{." get a 0 and so does a leading
-    "."; a short left side "k = " is dropped (at most 2 characters before the only "="); sqrt arguments are braced;
-    spaces are dropped; fraction arguments are braced; "0.5" becomes "\frac{1}{2}"; an integer ratio a/b becomes
-    "\frac{a}{b}". Raises ValueError where theirs raises (remove_right_units, fix_sqrt, fix_fracs, fix_a_slash_b)."""
+    ("^{\circ}", "^\circ"), "\$", a "\text{ unit}" on the right and "\%" (twice); " ." and "{." get a 0 and so does a
+    leading "."; a short left side "k = " is dropped (at most 2 characters before the only "="); sqrt arguments are
+    braced; spaces are dropped; fraction arguments are braced; "0.5" becomes "\frac{1}{2}"; an integer ratio a/b
+    becomes "\frac{a}{b}". Raises ValueError where theirs raises (remove_right_units, fix_sqrt, fix_fracs,
+    fix_a_slash_b)."""
     text = text.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     text = text.replace("tfrac", "frac").replace("dfrac", "frac")
     text = text.replace("\\left", "").replace("\\right", "")
     text = text.replace("^{\\circ}", "").replace("^\\circ", "")
     text = text.replace("\\$", "")
     text = remove_right_units(text)
-    text = text.replace("\\%", "")
+    # theirs removes "\%" twice (replace("\\%", "") then replace("\%", ""), the same string), so a "\%" that the first
+    # removal brings together goes as well: 5\\%% (what 5\\\%% becomes above) gives 5\%, then 5
+    text = text.replace("\\%", "").replace("\\%", "")
     text = text.replace(" .", " 0.").replace("{.", "{0.")
     if not text:
         return text

@@ -80,6 +80,12 @@ def test_strip_string_applies_each_rule(answer, expected):
     assert strip_string(answer) == expected
 
 
+def test_strip_string_removes_percent_signs_twice_as_theirs():
+    # utils.strip_string removes "\%" twice (its rules replace("\\%", "") and replace("\%", "") are the same string), so
+    # a "\%" that the first removal brings together goes too: 5\\\%% -> 5\\%% ("\\" becomes "\") -> 5\% -> 5
+    assert strip_string("5\\\\\\%%") == "5"
+
+
 @pytest.mark.parametrize("answer", [
     "5\\text{ m}\\text{ s}",  # two units: their assertion
     "2\\sqrt",  # \sqrt with nothing after it: their IndexError
