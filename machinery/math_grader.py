@@ -11,10 +11,14 @@ Standard library only, and sympy (installed with torch) for the symbolic compari
 
 import math
 import re
+import signal
+import threading
+from contextlib import contextmanager
 
 ANSWER_PREFIX = "The answer is: "  # MATH_eval.py splits on the same prefix as GSM8K's evaluation
 MATH_MAX_PLAIN_EXPRESSION = 100  # characters; longer answers are not handed to sympy (see symbolic_equal)
 MATH_MAX_NESTING = 50  # levels of brackets that math_equal compares part by part (see math_equal)
+SYMPY_SECONDS = 0.5  # per symbolic comparison; a slower one compares unequal (see symbolic_equal)
 PLAIN_CHARACTERS_RE = re.compile(r"[\dA-Za-z.+\-*/()]+")  # see is_plain_expression
 BARE_POINT_RE = re.compile(r"\.(?!\d)")  # a "." with no digit after it
 
@@ -166,6 +170,32 @@ def is_plain_expression(text: str) -> bool:
     return PLAIN_CHARACTERS_RE.fullmatch(text) is not None and BARE_POINT_RE.search(text) is None
 
 
+class SympyTimeout(BaseException):
+    """Raised into sympy when a comparison runs out of time: a BaseException, so no `except Exception` inside sympy
+    swallows it."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise SympyTimeout inside the block after `seconds`, and again every 50 ms until it ends (should a bare
+    `except:` swallow one), by SIGALRM. POSIX and the main thread only: elsewhere (Windows, a worker thread) the block
+    runs unbounded, and the length and character checks of symbolic_equal are its only bound."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise SympyTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def symbolic_equal(a: str, b: str) -> bool:
     """grader.py's symbolic_equal: both read by sympy's parse_expr, then equal when simplify(a - b) == 0 or when their
     numerical values agree within rel_tol 1e-3.
@@ -178,7 +208,9 @@ def symbolic_equal(a: str, b: str) -> bool:
     most MATH_MAX_PLAIN_EXPRESSION characters: numbers, names, + - * / and parentheses, no "**". Nothing but sqrt and
     pi is in scope (any other name is a symbol or an undefined function) and no builtin is. Anything else compares
     unequal; theirs differs there only on answers with "**", "^" (which parse_expr reads as XOR) or other sympy names.
-    The length is checked before anything else: sympy never sees a longer text.
+    The length is checked before anything else: sympy never sees a longer text. Even so, short plain expressions can
+    keep simplify busy for minutes ("(a+b+c)*(d+e+f)*...*(v+w+x)", 63 characters: 54 s): the comparison has
+    SYMPY_SECONDS (0.5 s), then compares unequal, as theirs does with its timeout option (1 s, in a subprocess).
     sympy is installed with torch; it is imported here, the one place it is used."""
     if not all(len(s) <= MATH_MAX_PLAIN_EXPRESSION and "**" not in s and is_plain_expression(s) for s in (a, b)):
         return False
@@ -193,17 +225,21 @@ def symbolic_equal(a: str, b: str) -> bool:
     # every step may raise on odd input, which means "not equal", as theirs catches everything; RecursionError too (an
     # Exception), should sympy's recursive parsing or simplification run out of stack (see math_equal's depth bound)
     try:
-        x, y = parse(a), parse(b)
-    except Exception:
-        return False
-    try:
-        if sympy.simplify(x - y) == 0:
-            return True
-    except Exception:
-        pass
-    try:
-        return math.isclose(sympy.N(x), sympy.N(y), rel_tol=1e-3)
-    except Exception:
+        with time_limit(SYMPY_SECONDS):
+            try:
+                x, y = parse(a), parse(b)
+            except Exception:
+                return False
+            try:
+                if sympy.simplify(x - y) == 0:
+                    return True
+            except Exception:
+                pass
+            try:
+                return math.isclose(sympy.N(x), sympy.N(y), rel_tol=1e-3)
+            except Exception:
+                return False
+    except SympyTimeout:
         return False
 
 

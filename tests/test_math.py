@@ -206,6 +206,9 @@ HOSTILE_ANSWERS = {  # 26 letters and a comma took 13 s before, and each 2 more 
     "a sentence": "There are infinitely many solutions, so the answer cannot be determined.",
     "0.1666...": "0.16666666666666666666666666...", "0.111...": "0." + "1" * 300 + "...", "300 x": "x" * 300,
     "400 ()": "(" * 400 + "1" + ")" * 400, "400 []": "[" * 400 + "1" + "]" * 400, "400 {}": "{" * 400 + "1" + "}" * 400,
+    # plain expressions short enough for sympy that keep it busy: 54 s, and more than 30 s, before its time limit
+    "8 trinomials": "*".join(f"({x}+{y}+{z})" for x, y, z in zip(*[iter("abcdefghijklmnopqrstuvwx")] * 3)),
+    "1e999999999": "1e999999999",
 }
 
 
@@ -238,3 +241,18 @@ def test_math_equal_compares_nested_parts_down_to_its_nesting_bound():
 
     assert math_equal(nested("2.00001", MATH_MAX_NESTING), nested("2", MATH_MAX_NESTING))  # level by level to 2
     assert not math_equal(nested("2.00001", MATH_MAX_NESTING + 1), nested("2", MATH_MAX_NESTING + 1))  # too deep
+
+
+def test_the_time_limit_of_a_symbolic_comparison_leaves_the_alarm_as_it_was():
+    import signal
+
+    def mine(signum, frame):
+        raise AssertionError("the caller's alarm handler ran")
+
+    previous = signal.signal(signal.SIGALRM, mine)
+    try:
+        assert symbolic_equal(HOSTILE_ANSWERS["8 trinomials"], "5") is False  # stopped by the time limit
+        assert symbolic_equal("2*sqrt(3)/3", "2/sqrt(3)") is True  # an ordinary comparison still decides
+        assert signal.getsignal(signal.SIGALRM) is mine and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
