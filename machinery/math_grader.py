@@ -11,10 +11,16 @@ Standard library only, and sympy (installed with torch) for the symbolic compari
 
 import math
 import re
+import signal
+import threading
+from contextlib import contextmanager
 
 ANSWER_PREFIX = "The answer is: "  # MATH_eval.py splits on the same prefix as GSM8K's evaluation
 MATH_MAX_PLAIN_EXPRESSION = 100  # characters; longer answers are not handed to sympy (see symbolic_equal)
-PLAIN_EXPRESSION_RE = re.compile(r"(?:\d*\.?\d+|[A-Za-z]+|[-+*/()])+")
+MATH_MAX_NESTING = 50  # levels of brackets that math_equal compares part by part (see math_equal)
+SYMPY_SECONDS = 0.5  # per symbolic comparison; a slower one compares unequal (see symbolic_equal)
+PLAIN_CHARACTERS_RE = re.compile(r"[\dA-Za-z.+\-*/()]+")  # see is_plain_expression
+BARE_POINT_RE = re.compile(r"\.(?!\d)")  # a "." with no digit after it
 
 
 def last_boxed(text: str) -> str | None:
@@ -114,17 +120,20 @@ def fix_a_slash_b(text: str) -> str:
 def strip_string(text: str) -> str:
     r"""utils.strip_string, the normalization both answers get before they are compared, rule by rule in its order:
     drop line breaks, "\!" and "\left" / "\right"; "\\" becomes "\"; tfrac and dfrac become frac; drop degrees
-    ("^{\circ}", "^\circ"), "\$", a "\text{ unit}" on the right and "\%"; " ." and "{." get a 0 and so does a leading
-    "."; a short left side "k = " is dropped (at most 2 characters before the only "="); sqrt arguments are braced;
-    spaces are dropped; fraction arguments are braced; "0.5" becomes "\frac{1}{2}"; an integer ratio a/b becomes
-    "\frac{a}{b}". Raises ValueError where theirs raises (remove_right_units, fix_sqrt, fix_fracs, fix_a_slash_b)."""
+    ("^{\circ}", "^\circ"), "\$", a "\text{ unit}" on the right and "\%" (twice); " ." and "{." get a 0 and so does a
+    leading "."; a short left side "k = " is dropped (at most 2 characters before the only "="); sqrt arguments are
+    braced; spaces are dropped; fraction arguments are braced; "0.5" becomes "\frac{1}{2}"; an integer ratio a/b
+    becomes "\frac{a}{b}". Raises ValueError where theirs raises (remove_right_units, fix_sqrt, fix_fracs,
+    fix_a_slash_b)."""
     text = text.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     text = text.replace("tfrac", "frac").replace("dfrac", "frac")
     text = text.replace("\\left", "").replace("\\right", "")
     text = text.replace("^{\\circ}", "").replace("^\\circ", "")
     text = text.replace("\\$", "")
     text = remove_right_units(text)
-    text = text.replace("\\%", "")
+    # theirs removes "\%" twice (replace("\\%", "") then replace("\%", ""), the same string), so a "\%" that the first
+    # removal brings together goes as well: 5\\%% (what 5\\\%% becomes above) gives 5\%, then 5
+    text = text.replace("\\%", "").replace("\\%", "")
     text = text.replace(" .", " 0.").replace("{.", "{0.")
     if not text:
         return text
@@ -149,6 +158,44 @@ def is_number(text: str) -> bool:
         return False
 
 
+def is_plain_expression(text: str) -> bool:
+    r"""Whether text is a plain expression for symbolic_equal: numbers ("5", "5.25", ".25"), names ("x", "sqrt"),
+    + - * / and parentheses, one after another in any order and at least one. That is: text is made of those characters
+    only, and every "." is followed by a digit ("1.2.3" reads as "1.2" then ".3"; "5." and "1..2" are not plain).
+
+    Two scans, each linear in the length of text. The one pattern this replaces, r"(?:\d*\.?\d+|[A-Za-z]+|[-+*/()])+",
+    accepts exactly the same strings, but its nested repetitions try every way of splitting a run of letters or digits
+    before rejecting a text that ends in any other character: "a" * 26 + "," took 13 s, and each further letter doubled
+    that. \d is any Unicode digit, as in that pattern."""
+    return PLAIN_CHARACTERS_RE.fullmatch(text) is not None and BARE_POINT_RE.search(text) is None
+
+
+class SympyTimeout(BaseException):
+    """Raised into sympy when a comparison runs out of time: a BaseException, so no `except Exception` inside sympy
+    swallows it."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise SympyTimeout inside the block after `seconds`, and again every 50 ms until it ends (should a bare
+    `except:` swallow one), by SIGALRM. POSIX and the main thread only: elsewhere (Windows, a worker thread) the block
+    runs unbounded, and the length and character checks of symbolic_equal are its only bound."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise SympyTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def symbolic_equal(a: str, b: str) -> bool:
     """grader.py's symbolic_equal: both read by sympy's parse_expr, then equal when simplify(a - b) == 0 or when their
     numerical values agree within rel_tol 1e-3.
@@ -161,9 +208,11 @@ def symbolic_equal(a: str, b: str) -> bool:
     most MATH_MAX_PLAIN_EXPRESSION characters: numbers, names, + - * / and parentheses, no "**". Nothing but sqrt and
     pi is in scope (any other name is a symbol or an undefined function) and no builtin is. Anything else compares
     unequal; theirs differs there only on answers with "**", "^" (which parse_expr reads as XOR) or other sympy names.
+    The length is checked before anything else: sympy never sees a longer text. Even so, short plain expressions can
+    keep simplify busy for minutes ("(a+b+c)*(d+e+f)*...*(v+w+x)", 63 characters: 54 s): the comparison has
+    SYMPY_SECONDS (0.5 s), then compares unequal, as theirs does with its timeout option (1 s, in a subprocess).
     sympy is installed with torch; it is imported here, the one place it is used."""
-    if not all(len(s) <= MATH_MAX_PLAIN_EXPRESSION and "**" not in s and PLAIN_EXPRESSION_RE.fullmatch(s)
-               for s in (a, b)):
+    if not all(len(s) <= MATH_MAX_PLAIN_EXPRESSION and "**" not in s and is_plain_expression(s) for s in (a, b)):
         return False
     import sympy
     from sympy.parsing.sympy_parser import parse_expr
@@ -173,18 +222,24 @@ def symbolic_equal(a: str, b: str) -> bool:
                  "Function": sympy.Function, "sqrt": sympy.sqrt, "pi": sympy.pi, "__builtins__": {}}
         return parse_expr(s, global_dict=scope)
 
-    try:  # every step may raise on odd input, which means "not equal", as theirs catches everything
-        x, y = parse(a), parse(b)
-    except Exception:
-        return False
+    # every step may raise on odd input, which means "not equal", as theirs catches everything; RecursionError too (an
+    # Exception), should sympy's recursive parsing or simplification run out of stack (see math_equal's depth bound)
     try:
-        if sympy.simplify(x - y) == 0:
-            return True
-    except Exception:
-        pass
-    try:
-        return math.isclose(sympy.N(x), sympy.N(y), rel_tol=1e-3)
-    except Exception:
+        with time_limit(SYMPY_SECONDS):
+            try:
+                x, y = parse(a), parse(b)
+            except Exception:
+                return False
+            try:
+                if sympy.simplify(x - y) == 0:
+                    return True
+            except Exception:
+                pass
+            try:
+                return math.isclose(sympy.N(x), sympy.N(y), rel_tol=1e-3)
+            except Exception:
+                return False
+    except SympyTimeout:
         return False
 
 
@@ -193,7 +248,7 @@ def wrapped(text: str, pair: str) -> bool:
     return text.startswith(pair[0]) and text.endswith(pair[1])
 
 
-def math_equal(prediction: str, reference: str) -> bool:
+def math_equal(prediction: str, reference: str, depth: int = 0) -> bool:
     """grader.py's math_equal (include_percentage, is_close, no timeout), on two strings:
 
     1. Both numbers (is_number): equal when the prediction is within rel_tol 1e-4 of reference / 100, reference or
@@ -203,7 +258,11 @@ def math_equal(prediction: str, reference: str) -> bool:
        not start with "(") or in () (and the reference does not start with "["), both lose their outer [ ] ( )
        characters; then every {, }, ( and ) is removed from both. So "(1,2)" equals "1,2" and "{1,2}", but not
        "[1,2]"; and "\\frac{12}{3}" equals "\\frac{1}{23}" (a leniency of theirs, kept).
-    4. Both wrapped in [] or both in (): equal when they have as many comma-separated parts, each equal by math_equal.
+    4. Both wrapped in [] or both in (): equal when they have as many comma-separated parts, each equal by math_equal
+       one level deeper (depth counts the levels). Below MATH_MAX_NESTING levels the parts are not compared: theirs
+       recurses without a bound, so an answer nested in a few hundred brackets, against a reference nested as deep
+       ("(" * 400 + "1" + ")" * 400 against the same with 2), raised RecursionError out of the grader. A MATH answer
+       is nested a few levels at most, and the bound keeps the stack shallow where sympy is called (symbolic_equal).
     5. symbolic_equal."""
     if is_number(prediction) and is_number(reference):
         p, r = float(prediction.replace(",", "")), float(reference.replace(",", ""))
@@ -220,7 +279,8 @@ def math_equal(prediction: str, reference: str) -> bool:
         return True
     if any(wrapped(prediction, pair) and wrapped(reference, pair) for pair in ("[]", "()")):
         pred_parts, ref_parts = prediction[1:-1].split(","), reference[1:-1].split(",")
-        if len(pred_parts) == len(ref_parts) and all(math_equal(p, r) for p, r in zip(pred_parts, ref_parts)):
+        if depth < MATH_MAX_NESTING and len(pred_parts) == len(ref_parts) and \
+                all(math_equal(p, r, depth + 1) for p, r in zip(pred_parts, ref_parts)):
             return True
     return symbolic_equal(prediction, reference)
 

@@ -1,13 +1,16 @@
 """Tests of machinery/math_grader.py (the authors' MATH_eval.py, utils.py and grader.py): the reference and predicted
-answers, strip_string rule by rule, is_equiv and the authors' fallback, and scoring."""
+answers, strip_string rule by rule, is_equiv and the authors' fallback, scoring, and hostile answers (each graded
+quickly, without an exception)."""
 
+import itertools
+import re
 import sys
 import time
 
 import pytest
 
-from machinery.math_grader import (extract_math_answer, is_equiv, last_boxed, reference_answer, score_math,
-                                    strip_string, symbolic_equal)
+from machinery.math_grader import (MATH_MAX_NESTING, extract_math_answer, is_equiv, is_plain_expression, last_boxed,
+                                    math_equal, reference_answer, score_math, strip_string, symbolic_equal)
 
 
 # -----------------------------------------------------------------------------
@@ -75,6 +78,12 @@ def test_extract_math_answer_follows_the_authors_rules(completion, expected):
 ])
 def test_strip_string_applies_each_rule(answer, expected):
     assert strip_string(answer) == expected
+
+
+def test_strip_string_removes_percent_signs_twice_as_theirs():
+    # utils.strip_string removes "\%" twice (its rules replace("\\%", "") and replace("\%", "") are the same string), so
+    # a "\%" that the first removal brings together goes too: 5\\\%% -> 5\\%% ("\\" becomes "\") -> 5\% -> 5
+    assert strip_string("5\\\\\\%%") == "5"
 
 
 @pytest.mark.parametrize("answer", [
@@ -155,3 +164,95 @@ def test_score_math_counts_invalid_answers_and_the_verdicts_the_fallback_flips()
     assert result["is_correct_authors_fallback"] == [True, True, True, False]
     with pytest.raises(ValueError, match="as many"):
         score_math(completions, ["1"])
+
+
+def test_score_math_grades_answers_nested_hundreds_of_brackets_deep():
+    deep_1, deep_2 = "(" * 400 + "1" + ")" * 400, "(" * 400 + "2" + ")" * 400
+    result = score_math(["The answer is: " + deep_1, "The answer is: " + deep_1, "The answer is: " + deep_1],
+                        [deep_2, "5", deep_1])
+    assert result["is_correct"] == [False, False, True] and result["correct"] == 1
+
+
+# -----------------------------------------------------------------------------
+# hostile answers: the grader answers quickly and never raises
+
+
+OLD_PLAIN_EXPRESSION_RE = re.compile(r"(?:\d*\.?\d+|[A-Za-z]+|[-+*/()])+")  # what is_plain_expression replaced
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("5", True), ("3.25", True), (".25", True), ("1.2.3", True),  # "1.2" then ".3"
+    ("x+1", True), ("2*(x+1)", True), ("sqrt(8)/pi", True), ("2x", True), (")(", True), ("**", True),
+    ("\u0663.\u0661", True),  # \d is any Unicode digit, in both
+    ("", False), ("5.", False), ("1..2", False), ("a.b", False), ("1 + 2", False), ("2^3", False), ("1,2", False),
+    ("\\frac{1}{2}", False), ("x_1", False), ("\uff21", False),  # a fullwidth A is no [A-Za-z]
+])
+def test_is_plain_expression_agrees_with_the_pattern_it_replaced(text, expected):
+    assert is_plain_expression(text) is expected
+    assert (OLD_PLAIN_EXPRESSION_RE.fullmatch(text) is not None) is expected
+
+
+def test_is_plain_expression_agrees_with_the_pattern_it_replaced_on_every_short_string():
+    # every string of up to 5 characters over these 8: the old pattern is quick on strings this short
+    for n in range(6):
+        for chars in itertools.product("1a.+(,\u0663 ", repeat=n):
+            text = "".join(chars)
+            assert is_plain_expression(text) is (OLD_PLAIN_EXPRESSION_RE.fullmatch(text) is not None), text
+
+
+HOSTILE_ANSWERS = {  # 26 letters and a comma took 13 s before, and each 2 more letters 4 times as long
+    "26 letters,": "a" * 26 + ",", "28 letters,": "a" * 28 + ",", "200 letters,": "a" * 200 + ",",
+    "400 letters,": "a" * 400 + ",", "20 digits!": "1" * 20 + "!",
+    "a sentence": "There are infinitely many solutions, so the answer cannot be determined.",
+    "0.1666...": "0.16666666666666666666666666...", "0.111...": "0." + "1" * 300 + "...", "300 x": "x" * 300,
+    "400 ()": "(" * 400 + "1" + ")" * 400, "400 []": "[" * 400 + "1" + "]" * 400, "400 {}": "{" * 400 + "1" + "}" * 400,
+    # plain expressions short enough for sympy that keep it busy: 54 s, and more than 30 s, before its time limit
+    "8 trinomials": "*".join(f"({x}+{y}+{z})" for x, y, z in zip(*[iter("abcdefghijklmnopqrstuvwx")] * 3)),
+    "1e999999999": "1e999999999",
+}
+
+
+@pytest.mark.parametrize("reference", ["5", "\\frac{1}{6}"], ids=["5", "frac"])
+@pytest.mark.parametrize("answer", list(HOSTILE_ANSWERS.values()), ids=list(HOSTILE_ANSWERS))
+def test_hostile_answers_compare_unequal_in_well_under_a_second(answer, reference):
+    symbolic_equal("1", "1")  # sympy's first import is not the answer's time
+    for compare in (is_equiv, math_equal):
+        start = time.perf_counter()
+        assert compare(answer, reference) is False
+        assert time.perf_counter() - start < 1.0, (compare.__name__, answer[:40])  # a guard, not a benchmark
+
+
+@pytest.mark.parametrize("pair", ["()", "[]", "{}", "([])"])
+def test_answers_nested_hundreds_of_brackets_deep_compare_without_raising(pair):
+    opening, closing = pair[:len(pair) // 2], pair[len(pair) // 2:]
+
+    def nested(inner):  # 400 brackets deep
+        return opening * (400 // len(opening)) + inner + closing * (400 // len(closing))
+
+    for compare in (is_equiv, math_equal):
+        assert compare(nested("1"), nested("2")) is False  # RecursionError before
+        assert compare(nested("1"), nested("1")) is True  # equal once brackets are ignored
+        assert compare(nested("1"), "5") is False
+
+
+def test_math_equal_compares_nested_parts_down_to_its_nesting_bound():
+    def nested(inner, levels):
+        return "[" * levels + inner + "]" * levels
+
+    assert math_equal(nested("2.00001", MATH_MAX_NESTING), nested("2", MATH_MAX_NESTING))  # level by level to 2
+    assert not math_equal(nested("2.00001", MATH_MAX_NESTING + 1), nested("2", MATH_MAX_NESTING + 1))  # too deep
+
+
+def test_the_time_limit_of_a_symbolic_comparison_leaves_the_alarm_as_it_was():
+    import signal
+
+    def mine(signum, frame):
+        raise AssertionError("the caller's alarm handler ran")
+
+    previous = signal.signal(signal.SIGALRM, mine)
+    try:
+        assert symbolic_equal(HOSTILE_ANSWERS["8 trinomials"], "5") is False  # stopped by the time limit
+        assert symbolic_equal("2*sqrt(3)/3", "2/sqrt(3)") is True  # an ordinary comparison still decides
+        assert signal.getsignal(signal.SIGALRM) is mine and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
