@@ -17,6 +17,7 @@ import torch
 
 import lorasb
 from lorasb import MAX_HEADER_BYTES, SAFETENSORS_DTYPES
+from machinery.input_files import read_json_object, regular_file
 
 # Valid in the safetensors format, deliberately not read here: sub-byte types (a tensor is not a whole number of bytes)
 # and F8_E8M0, which only recent torch versions have.
@@ -35,7 +36,7 @@ def check_safetensors(path: str | os.PathLike) -> None:
     header is strictly valid: a bounded length, a JSON object with no duplicate names, no '-0' and no lone surrogate,
     string metadata, and tensor entries of supported dtypes whose byte ranges tile the data section exactly."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    size = regular_file(path).st_size
 
     def fail(msg: str):
         raise ValueError(f"{path}: {msg}; the file is not a valid safetensors file (re-download or re-save it)")
@@ -123,10 +124,7 @@ INDEX_FILE = "model.safetensors.index.json"
 def read_weight_map(index_path: Path) -> dict[str, str]:
     """The {tensor: shard file} map of a model.safetensors.index.json, with every shard a plain file name (the index
     is untrusted: a path in it could point anywhere)."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from None
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
         raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard file names")

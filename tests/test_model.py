@@ -365,8 +365,11 @@ def test_bad_index_is_refused(tiny, tmp_path):
     other = next(s for s in set(weight_map.values()) if s != weight_map[name])
     with pytest.raises(ValueError, match=f"does not match.*{name}"):
         load_with(dict(weight_map, **{name: other}))  # the tensor sits in the other shard
-    with pytest.raises(ValueError, match="weight_map"):
+    with pytest.raises(ValueError, match="index.json: a JSON list, where a JSON object"):
         index.write_text("[1, 2]")
+        M.load_model(shard_dir)
+    with pytest.raises(ValueError, match="'weight_map' must map tensor names"):
+        index.write_text('{"weight_map": [1, 2]}')
         M.load_model(shard_dir)
     index.unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
