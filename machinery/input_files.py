@@ -50,3 +50,9 @@ def read_json_object(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: a JSON {type(value).__name__}, where a JSON object {{...}} is expected; {fix}")
     return value
 
+
+def shown(value) -> str:
+    """A value read from a JSON file, for an error message: as the file spells it (null, true, "false", so that a
+    string is not taken for what it spells), cut to 80 characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:80] + "..."

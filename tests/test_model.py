@@ -460,6 +460,66 @@ def test_unsupported_config_is_refused(change, error):
         M.ModelConfig.from_hf(dict(MISTRAL_7B, **change))
 
 
+def write_config(folder: Path, **changes) -> Path:
+    """folder/config.json: the tiny checkpoint's config (write_checkpoint's), with `changes`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**TINY, "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "config.json"
+
+
+@pytest.mark.parametrize("change, error", [
+    (dict(head_dim=0), "'head_dim' is 0, but it must be an integer >= 1 \\(or null\\)"),
+    (dict(tie_word_embeddings="false"), "'tie_word_embeddings' is \"false\", but it must be true or false"),
+    (dict(rope_theta=0), "'rope_theta' is 0, but it must be a finite number > 0"),
+    (dict(rope_theta=-1), "'rope_theta' is -1, but"),
+    (dict(rope_theta="abc"), "'rope_theta' is \"abc\", but"),
+    (dict(rms_norm_eps=-1), "'rms_norm_eps' is -1, but it must be a finite number > 0"),
+    (dict(rope_parameters=dict(LLAMA3_ROPE, factor=0)), "'rope_parameters.factor' is 0, but"),
+    (dict(rope_scaling=dict(LLAMA3_ROPE, original_max_position_embeddings=0.5)),
+     "'rope_scaling.original_max_position_embeddings' is 0.5, but it must be an integer >= 1"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(vocab_size=True), "'vocab_size' is true, but it must be an integer >= 1"),
+    (dict(hidden_size="64"), "'hidden_size' is \"64\", but it must be an integer >= 1"),
+    (dict(num_hidden_layers=2.0), "'num_hidden_layers' is 2.0, but it must be an integer >= 1"),
+    (dict(head_dim=7), "the head size 7 .* is odd"),
+    (dict(model_type="mistral", sliding_window=0), "'sliding_window' is 0, but"),
+    (dict(eos_token_id=[2, 128]), "'eos_token_id' is \\[2, 128\\], but token ids must be below vocab_size 128"),
+    (dict(rms_norm_eps=None), "lacks \\['rms_norm_eps'\\]"),
+])
+def test_config_fields_of_the_wrong_type_or_range_are_refused_naming_file_field_and_value(tmp_path, change, error):
+    """Before this check, head_dim 0 and tie_word_embeddings "false" trained to the end, and rope_theta 0 or a negative
+    rms_norm_eps failed only as NaN gradients. The folder holds no weights: the refusal comes before any is read."""
+    path = write_config(tmp_path, **change)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{error}"):
+        M.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{not json", "not valid JSON \\(Expecting property name"),
+    ("[1, 2]", "a JSON list, where a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ('{"model_type": "llama", "vocab_size": "1" ', "not valid JSON"),
+], ids=["not JSON", "a list", "nested 100k deep", "cut short"])
+def test_a_malformed_config_json_is_one_value_error_naming_the_file(tmp_path, text, error):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'config.json'))}: {error}"):
+        M.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("generation, error", [
+    ('{"eos_token_id": "2"}', "'eos_token_id' is \"2\", but it must be a token id"),
+    ('{"eos_token_id": [2, 128]}', "'eos_token_id' is \\[2, 128\\], but token ids must be below vocab_size 128"),
+    ("[2]", "a JSON list, where a JSON object"),
+])
+def test_a_bad_generation_config_is_refused_naming_it(tmp_path, generation, error):
+    write_config(tmp_path)
+    (tmp_path / "generation_config.json").write_text(generation)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'generation_config.json'))}: {error}"):
+        M.load_config(tmp_path)
+
+
 def test_missing_config_or_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         M.load_model(tmp_path)
