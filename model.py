@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from machinery.config_file import check_config, read_generation_eos
+from machinery.config_file import check_config, check_layer_count, read_generation_eos
 from machinery.input_files import read_json_object
 from machinery.safetensors_file import INDEX_FILE, load_safetensors, read_weight_map
 
@@ -503,10 +503,20 @@ def load_weights(model: Transformer, folder) -> None:
             param.copy_(t)
 
 
+def check_checkpoint(folder, config: ModelConfig) -> None:
+    """Refuse a checkpoint that does not fit `config` before any memory is spent on it: the layer count, from the
+    safetensors headers (a skeleton of a million layers would take an hour to build, even on "meta"), then every
+    check of load_weights on a skeleton on "meta", where copying is a no-op and no tensor data is read (but a stored
+    tied lm_head, compared with the embedding)."""
+    check_layer_count(checkpoint_files(folder), config.num_hidden_layers, Path(folder) / "config.json")
+    load_weights(build_model(config), folder)
+
+
 def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """The model of a Hugging Face folder (config.json + safetensors), in eval mode. dtype defaults to bf16 on CUDA and
-    fp32 elsewhere."""
+    """The model of a Hugging Face folder (config.json + safetensors), in eval mode, once check_checkpoint found that
+    the weights fit config.json. dtype defaults to bf16 on CUDA and fp32 elsewhere."""
     config = load_config(folder)
+    check_checkpoint(folder, config)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_model(config, device, dtype)

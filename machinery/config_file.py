@@ -2,14 +2,17 @@
 rule (its type and range) and against the others (head counts, token ids), so that a config that makes no sense is
 one ValueError naming the file, the field and the value, instead of a model that loads and fails much later (a
 rope_theta of 0 or a negative rms_norm_eps: NaN losses) or never ("false" is a true string, and a head_dim of 0 fell
-back to another value). generation_config.json's eos_token_id gets the same rule.
+back to another value). generation_config.json's eos_token_id gets the same rule; check_layer_count compares the
+config with the checkpoint's headers before a model of the wrong size is built.
 """
 
 import math
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from machinery.input_files import read_json_object, shown
+from machinery.safetensors_file import check_safetensors
 
 Rule = tuple[str, Callable[[Any], bool]]  # (what the value must be, in words; the test)
 POSITIVE_INT: Rule = ("an integer >= 1", lambda v: type(v) is int and v >= 1)  # bool is an int subclass: excluded
@@ -124,3 +127,18 @@ def read_generation_eos(path: Path, vocab_size: int) -> int | list[int] | None:
         raise ValueError(f"{path}: {'; '.join(problems)}; fix it, or remove the file (config.json's EOS ids remain)")
     return eos
 
+
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layer_count(weight_files: Iterable[Path], num_hidden_layers: int, config_path: Path) -> None:
+    """Refuse a config whose num_hidden_layers differs from the layers the checkpoint holds (one more than the highest
+    model.layers.N in its safetensors headers, which are all that is read), before a model is built: building the
+    skeleton of a million layers takes an hour even on "meta"."""
+    layers = [int(m.group(1)) for path in weight_files for name in check_safetensors(path)
+              if (m := LAYER_NAME.match(name))]
+    stored = max(layers, default=-1) + 1
+    if stored != num_hidden_layers:
+        held = f"{stored} layers (model.layers.0 to model.layers.{stored - 1})" if stored else "no model.layers.N"
+        raise ValueError(f"{config_path}: 'num_hidden_layers' is {num_hidden_layers}, but the checkpoint holds {held}; "
+                         f"{FIX}")

@@ -31,10 +31,11 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return lorasb.load_safetensors(path)
 
 
-def check_safetensors(path: str | os.PathLike) -> None:
-    """Raise ValueError naming the file and the problem (and the tensor, where one is at fault) unless the file's
-    header is strictly valid: a bounded length, a JSON object with no duplicate names, no '-0' and no lone surrogate,
-    string metadata, and tensor entries of supported dtypes whose byte ranges tile the data section exactly."""
+def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
+    """The tensor entries of the file's header, {name: {"dtype", "shape", "data_offsets"}} (no tensor data is read).
+    Raise ValueError naming the file and the problem (and the tensor, where one is at fault) unless the header is
+    strictly valid: a bounded length, a JSON object with no duplicate names, no '-0' and no lone surrogate, string
+    metadata, and tensor entries of supported dtypes whose byte ranges tile the data section exactly."""
     path = os.fspath(path)
     size = regular_file(path).st_size
 
@@ -76,6 +77,7 @@ def check_safetensors(path: str | os.PathLike) -> None:
         end_of_previous = end
     if end_of_previous != size - 8 - header_len:
         fail(f"the tensors cover {end_of_previous} bytes but the data section has {size - 8 - header_len}")
+    return header
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

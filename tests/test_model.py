@@ -4,6 +4,7 @@ on SmolLM2-135M when it is present), padding, strict and hostile-file-safe loadi
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import model as M
 from machinery import safetensors_file
-from conftest import SMOLLM2_DIR as SMOLLM2, has_file
+from conftest import SMOLLM2_DIR as SMOLLM2, deadline, has_file
 from lorasb import load_safetensors, save_safetensors
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -518,6 +519,30 @@ def test_a_bad_generation_config_is_refused_naming_it(tmp_path, generation, erro
     (tmp_path / "generation_config.json").write_text(generation)
     with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'generation_config.json'))}: {error}"):
         M.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("stored, configured", [(2, 1_000_000), (3, 2)])
+def test_a_layer_count_the_checkpoint_lacks_is_refused_before_any_model_is_built(tmp_path, stored, configured):
+    """A skeleton of a million layers takes an hour to build, even on "meta": the headers are compared first."""
+    folder = write_checkpoint(tmp_path / "m", num_hidden_layers=stored)
+    write_config(folder, num_hidden_layers=configured)
+    start = time.perf_counter()
+    with deadline(20), pytest.raises(ValueError, match=f"{re.escape(str(folder / 'config.json'))}: 'num_hidden_layers' "
+                                                       f"is {configured}, but the checkpoint holds {stored} layers"):
+        M.load_model(folder)
+    assert time.perf_counter() - start < 2
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_before_the_model_is_allocated(tmp_path, monkeypatch):
+    folder = write_checkpoint(tmp_path / "m")
+    write_config(folder, intermediate_size=256)
+    devices, build = [], M.build_model
+    monkeypatch.setattr(M, "build_model", lambda config, device="meta", dtype=torch.float32: devices.append(
+        torch.device(device).type) or build(config, device, dtype))
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.gate_proj.weight' has shape \\(128, 64\\), config.json "
+                                         "implies \\(256, 64\\)"):
+        M.load_model(folder)
+    assert devices == ["meta"]
 
 
 def test_missing_config_or_weights(tmp_path):
