@@ -51,6 +51,18 @@ def read_json_object(path: str | os.PathLike) -> dict:
     return value
 
 
+def json_depth(value) -> int:
+    """How deeply a value read from JSON nests objects and lists (0 for a number or a string), counted without
+    recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def shown(value) -> str:
     """A value read from a JSON file, for an error message: as the file spells it (null, true, "false", so that a
     string is not taken for what it spells), cut to 80 characters."""
