@@ -25,6 +25,12 @@ def regular_file(path: str | os.PathLike) -> os.stat_result:
     return info
 
 
+def open_regular(path: str | os.PathLike, *args, **kwargs):
+    """open(path, ...) once regular_file(path) has checked it."""
+    regular_file(path)
+    return open(path, *args, **kwargs)
+
+
 def read_json_object(path: str | os.PathLike) -> dict:
     """The JSON object in the file `path`: a regular file of at most MAX_JSON_BYTES (checked before a byte is read),
     UTF-8, JSON, not nested past Python's recursion limit, an object. Anything else is one ValueError naming the file
