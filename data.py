@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from machinery.input_files import open_regular
 from machinery.math_grader import reference_answer
 
 if TYPE_CHECKING:
@@ -219,8 +220,8 @@ def _check_row(row: object, keys: tuple[str, ...], where: str) -> dict:
 
 def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, line) for each line of a text file, decoded as UTF-8 line by line, so that a byte that is not
-    UTF-8 is a ValueError naming the file and the line."""
-    with open(path, "rb") as f:
+    UTF-8 is a ValueError naming the file and the line. Only a regular file is opened: a FIFO would block forever."""
+    with open_regular(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -255,7 +256,7 @@ def load_gsm8k(split: str, data_dir: str | Path) -> list[dict]:
     if split not in ("train", "test"):
         raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
     path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: --data_dir must hold GSM8K's train.jsonl and test.jsonl "
                                 "(or leave --data_dir out to download them)")
     rows = []
@@ -276,9 +277,9 @@ def load_metamathqa(num_examples: int, path: str | Path) -> list[dict]:
     if num_examples < 1:
         raise ValueError(f"num_examples must be at least 1, got {num_examples}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"MetaMathQA file {path} not found")
-    with open(path, "rb") as f:
+    with open_regular(path, "rb") as f:
         is_json_list = f.read(4096).lstrip().startswith(b"[")
     if is_json_list:
         try:
@@ -300,7 +301,7 @@ def load_math(path: str | Path) -> list[dict]:
     reference_answer), and subject and level when present. A solution without a \\boxed{...} answer is an error naming
     its file and line (theirs silently scored that problem as wrong)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"MATH test file {path} not found (MetaMath's MATH_test.jsonl; leave --math_path "
                                 "out to download it)")
     problems = []
@@ -322,7 +323,7 @@ def load_commonsense(path: str | Path, task: str | None = None) -> list[dict]:
     with string fields instruction, input ("" when absent), output and answer. Given a task, every answer must be one
     its pattern can match: the test would count it wrong whatever the model said."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    with open_regular(path, encoding="utf-8") as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:

@@ -12,11 +12,11 @@ Module names are Hugging Face's (model.layers.0.self_attn.q_proj, ...), so check
 map one to one. For speed on GPU call `model.compile()`: it compiles in place and keeps the module names, whereas
 `torch.compile(model)` returns a wrapper whose state_dict keys start with `_orig_mod.`.
 
-Reading order: config -> layers -> model -> generation -> weight loading. Needs torch, tqdm, the standard library and
-machinery/safetensors_file.py, which reads checkpoint files (untrusted input) strictly.
+Reading order: config -> layers -> model -> generation -> weight loading. Needs torch, tqdm, the standard library
+and three modules of machinery/ for the checkpoint's files (untrusted input): input_files.py reads JSON files safely,
+config_file.py checks every field of config.json, safetensors_file.py reads the weight files strictly.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from machinery.config_file import check_config, check_layer_count, read_generation_eos
+from machinery.input_files import read_json_object
 from machinery.safetensors_file import INDEX_FILE, load_safetensors, read_weight_map
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -59,35 +61,28 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Translate a config.json dict. Reads the rope settings from transformers v5's `rope_parameters` as well as
-        from the older `rope_theta` / `rope_scaling` keys; anything unsupported raises a ValueError saying what is."""
-        model_type = hf.get("model_type")
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        """Translate a config.json dict (`where` names its file in errors). check_config first refuses any field of
+        the wrong type or range, or that disagrees with another (machinery/config_file.py). Reads the rope settings
+        from transformers v5's `rope_parameters` as well as from the older `rope_theta` / `rope_scaling` keys;
+        anything unsupported raises a ValueError saying what is."""
+        check_config(hf, where)
+        model_type = hf["model_type"]
         if model_type not in SUPPORTED_MODEL_TYPES:
             supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
-            raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "rms_norm_eps")
-        missing = [k for k in required if hf.get(k) is None]
-        if missing:
-            raise ValueError(f"config.json lacks {missing}")
+            raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: {supported}")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (the SwiGLU MLP)")
+            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (the SwiGLU MLP)")
         heads = hf["num_attention_heads"]
         kv_heads = hf.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        if not hf.get("head_dim") and hf["hidden_size"] % heads:
-            raise ValueError(f"hidden_size {hf['hidden_size']} is not a multiple of num_attention_heads {heads} "
-                             f"and config.json gives no head_dim")
         rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: 'default' (no scaling) "
-                             f"and 'llama3' (linear, dynamic, yarn and longrope are not implemented)")
+            raise ValueError(f"{where}: rope scaling type {rope_type!r} is not supported; supported: 'default' (no "
+                             f"scaling) and 'llama3' (linear, dynamic, yarn and longrope are not implemented)")
         missing = [k for k in LLAMA3_ROPE_KEYS if k not in rope] if rope_type == "llama3" else []
         if missing:
-            raise ValueError(f"llama3 rope scaling lacks {missing}")
+            raise ValueError(f"{where}: llama3 rope scaling lacks {missing}")
         attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
         uses_window = model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window", False))
         return cls(
@@ -112,12 +107,12 @@ def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
 def load_config(folder) -> ModelConfig:
     """ModelConfig of a checkpoint folder; eos_token_ids also takes the ids of generation_config.json (often more)."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass a Hugging Face model folder (config.json, model.safetensors)")
-    config = ModelConfig.from_hf(json.loads(path.read_text()))
+    config = ModelConfig.from_hf(read_json_object(path), str(path))
     generation = Path(folder) / "generation_config.json"
-    if generation.is_file():
-        extra = token_ids(json.loads(generation.read_text()).get("eos_token_id"))
+    if generation.exists():
+        extra = token_ids(read_generation_eos(generation, config.vocab_size))
         config.eos_token_ids += tuple(i for i in extra if i not in config.eos_token_ids)
     return config
 
@@ -508,10 +503,20 @@ def load_weights(model: Transformer, folder) -> None:
             param.copy_(t)
 
 
+def check_checkpoint(folder, config: ModelConfig) -> None:
+    """Refuse a checkpoint that does not fit `config` before any memory is spent on it: the layer count, from the
+    safetensors headers (a skeleton of a million layers would take an hour to build, even on "meta"), then every
+    check of load_weights on a skeleton on "meta", where copying is a no-op and no tensor data is read (but a stored
+    tied lm_head, compared with the embedding)."""
+    check_layer_count(checkpoint_files(folder), config.num_hidden_layers, Path(folder) / "config.json")
+    load_weights(build_model(config), folder)
+
+
 def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """The model of a Hugging Face folder (config.json + safetensors), in eval mode. dtype defaults to bf16 on CUDA and
-    fp32 elsewhere."""
+    """The model of a Hugging Face folder (config.json + safetensors), in eval mode, once check_checkpoint found that
+    the weights fit config.json. dtype defaults to bf16 on CUDA and fp32 elsewhere."""
     config = load_config(folder)
+    check_checkpoint(folder, config)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_model(config, device, dtype)

@@ -332,9 +332,9 @@ class Loaded:
 
 
 def load(args, setup: Setup) -> Loaded:
-    """Resolve the model folder (local, HF cache or download) and the data, read config.json and check what depends on
-    the model's shapes, then load the tokenizer. Under torchrun process 0 downloads first; the others then find the
-    files in the cache."""
+    """Resolve the model folder (local, HF cache or download) and the data, read config.json, check that the weights
+    fit it and what depends on the model's shapes, then load the tokenizer. Under torchrun process 0 downloads first;
+    the others then find the files in the cache."""
     if setup.ddp and not setup.master_process:
         dist.barrier()
     folder = hub.resolve_model(args.model)
@@ -350,6 +350,7 @@ def load(args, setup: Setup) -> Loaded:
     if setup.ddp and setup.master_process:
         dist.barrier()
     config = model_lib.load_config(folder)
+    model_lib.check_checkpoint(folder, config)  # the weights fit config.json, before check_model builds its skeleton
     problems = check_model(args, config)
     if not questions and not commonsense:
         test_file = datasets.gsm8k_dir(args.data_dir) / "test.jsonl"

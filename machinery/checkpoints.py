@@ -29,6 +29,7 @@ import lorasb
 from machinery import distributed, run_folder
 from machinery.distributed import refuse
 from machinery.hub import sha256_file
+from machinery.input_files import regular_file
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
 RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
@@ -72,10 +73,11 @@ def run_identity(args, processes: int, dtype: torch.dtype, data_files: list[Path
 def model_fingerprint(folder: Path) -> str:
     """sha256 over the name, the size and 16 spread blocks of 64 KiB (the first holds the header) of each weight file
     of a model folder: about 1 MiB read even of a 14 GB model, yet any other checkpoint of the same architecture (a
-    fine-tune changes every block) gets another fingerprint."""
+    fine-tune changes every block) gets another fingerprint. A *.safetensors that is no regular file (a FIFO, which
+    would block the run forever) is a ValueError naming it, found without opening it."""
     h = hashlib.sha256()
     for path in sorted(folder.glob("*.safetensors")):
-        size = path.stat().st_size
+        size = regular_file(path).st_size
         h.update(f"{path.name}\0{size}\0".encode())
         with open(path, "rb") as f:
             for offset in sorted({size * i // 16 for i in range(16)}):

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lorasb import atomic_write
+from machinery.input_files import open_regular
 from machinery.safetensors_file import INDEX_FILE, read_weight_map
 
 HUB_ENDPOINT = "https://huggingface.co"  # hub_endpoint() reads $HF_ENDPOINT first
@@ -37,12 +38,13 @@ class DownloadError(OSError):
 
 
 def sha256_file(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+    """Hex sha256 of a regular file, read in 1 MiB blocks (a FIFO or a device, which would never end, is a ValueError
+    naming it)."""
     return _hash_file(path, hashlib.sha256())
 
 
 def _hash_file(path, h) -> str:
-    with open(path, "rb") as f:
+    with open_regular(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()

@@ -17,6 +17,7 @@ import torch
 
 import lorasb
 from lorasb import MAX_HEADER_BYTES, SAFETENSORS_DTYPES
+from machinery.input_files import read_json_object, regular_file
 
 # Valid in the safetensors format, deliberately not read here: sub-byte types (a tensor is not a whole number of bytes)
 # and F8_E8M0, which only recent torch versions have.
@@ -30,12 +31,13 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return lorasb.load_safetensors(path)
 
 
-def check_safetensors(path: str | os.PathLike) -> None:
-    """Raise ValueError naming the file and the problem (and the tensor, where one is at fault) unless the file's
-    header is strictly valid: a bounded length, a JSON object with no duplicate names, no '-0' and no lone surrogate,
-    string metadata, and tensor entries of supported dtypes whose byte ranges tile the data section exactly."""
+def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
+    """The tensor entries of the file's header, {name: {"dtype", "shape", "data_offsets"}} (no tensor data is read).
+    Raise ValueError naming the file and the problem (and the tensor, where one is at fault) unless the header is
+    strictly valid: a bounded length, a JSON object with no duplicate names, no '-0' and no lone surrogate, string
+    metadata, and tensor entries of supported dtypes whose byte ranges tile the data section exactly."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    size = regular_file(path).st_size
 
     def fail(msg: str):
         raise ValueError(f"{path}: {msg}; the file is not a valid safetensors file (re-download or re-save it)")
@@ -75,6 +77,7 @@ def check_safetensors(path: str | os.PathLike) -> None:
         end_of_previous = end
     if end_of_previous != size - 8 - header_len:
         fail(f"the tensors cover {end_of_previous} bytes but the data section has {size - 8 - header_len}")
+    return header
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -123,10 +126,7 @@ INDEX_FILE = "model.safetensors.index.json"
 def read_weight_map(index_path: Path) -> dict[str, str]:
     """The {tensor: shard file} map of a model.safetensors.index.json, with every shard a plain file name (the index
     is untrusted: a path in it could point anywhere)."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from None
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
         raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard file names")

@@ -4,7 +4,10 @@ Covers the BPE tokenizers of the supported families: byte-level BPE (SmolLM2, Qw
 SentencePiece-style BPE with byte fallback (Llama-2, Mistral-7B-v0.1). The pipeline is the one `tokenizers` runs
 (tokenizers/src/tokenizer/mod.rs, `encode_single_sequence`): added tokens split out -> normalizer -> pre-tokenizer ->
 BPE model -> post-processor; decoding maps ids to tokens and runs the decoder chain. A component this file does not
-implement raises a ValueError naming it and the file, so a tokenizer loads with exact parity or not at all.
+implement raises a ValueError naming it and the file, so a tokenizer loads with exact parity or not at all. The files
+are untrusted input: machinery/input_files.py reads them (regular files of bounded size, JSON objects), and every
+field is checked for its JSON type where it is read (`field`), so a malformed file is one ValueError naming the file,
+the field and the value.
 
 Reading order: unicode classes -> normalizers -> pre-tokenizers -> BPE -> decoders -> post-processor -> the Tokenizer
 class. Standard library only.
@@ -12,11 +15,13 @@ class. Standard library only.
 
 import functools
 import heapq
-import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+from machinery.input_files import json_depth, read_json_object, shown
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -122,11 +127,13 @@ def compile_regex(pattern: str) -> re.Pattern[str]:
 
 def pattern_regex(pattern: dict, where: str) -> re.Pattern[str]:
     """The compiled regex of a tokenizer.json pattern, {"String": literal} or {"Regex": oniguruma pattern}."""
-    if pattern.get("String"):
-        return re.compile(re.escape(pattern["String"]))
+    literal = field(pattern, "String", str, where, "")
+    if literal:
+        return re.compile(re.escape(literal))
     if "Regex" in pattern:
+        regex = field(pattern, "Regex", str, where)
         try:
-            return compile_regex(pattern["Regex"])
+            return compile_regex(regex)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     raise ValueError(f"{where}: pattern {pattern!r} has neither a non-empty 'String' nor a 'Regex'")
@@ -135,6 +142,44 @@ def pattern_regex(pattern: dict, where: str) -> re.Pattern[str]:
 def unsupported(where: str, what: str, kind: str | None, supported: list[str]) -> ValueError:
     """The error for a component type this file does not implement, naming it and the file."""
     return ValueError(f"{where}: unsupported {what} type {kind!r} (this loader implements: {', '.join(supported)})")
+
+
+# Reading tokenizer.json's fields. `where` is the file, then the component ("tokenizer.json: Split pre_tokenizer").
+
+REQUIRED = object()
+JSON_TYPES = {dict: "a JSON object", list: "a list", str: "a string", int: "an integer", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
+def field(cfg: dict, key: str, kinds: type | tuple[type, ...], where: str, default: Any = REQUIRED) -> Any:
+    """cfg[key] when its JSON type is one of `kinds` (true is no integer here), `default` when the key is absent;
+    otherwise a ValueError naming `where`, the field and the value, instead of a KeyError or TypeError from deep inside
+    loading, or a wrong value that only fails when a text is encoded."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    expected = " or ".join(JSON_TYPES[k] for k in kinds)
+    if key not in cfg:
+        if default is REQUIRED:
+            raise ValueError(f"{where} lacks '{key}' ({expected})")
+        return default
+    if type(cfg[key]) not in kinds:
+        raise ValueError(f"{where}: '{key}' is {shown(cfg[key])}, expected {expected}")
+    return cfg[key]
+
+
+def objects(cfg: dict, key: str, where: str, default: Any = REQUIRED) -> list[dict]:
+    """field(cfg, key) that is a list of JSON objects (a Sequence's components, the added tokens)."""
+    values = field(cfg, key, list, where, default)
+    for i, value in enumerate(values):
+        if type(value) is not dict:
+            raise ValueError(f"{where}: '{key}'[{i}] is {shown(value)}, expected a JSON object")
+    return values
+
+
+def component(cfg: Any, where: str, what: str) -> tuple[Any, str]:
+    """The "type" of a component object (a normalizer, a pre_tokenizer, ...) and `where` narrowed to it."""
+    if type(cfg) is not dict:
+        raise ValueError(f"{where}: {what} is {shown(cfg)}, expected a JSON object with a 'type'")
+    return cfg.get("type"), f"{where}: {cfg.get('type')} {what}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,17 +194,17 @@ def build_normalizer(cfg: dict | None, where: str) -> Normalizer | None:
     regex), Sequence (utils.rs)."""
     if cfg is None:
         return None
-    kind = cfg.get("type")
+    kind, here = component(cfg, where, "normalizer")
     if kind == "NFC":
         return functools.partial(unicodedata.normalize, "NFC")
     if kind == "Prepend":
-        prefix = cfg["prepend"]
+        prefix = field(cfg, "prepend", str, here)
         return lambda s: prefix + s if s else s
     if kind == "Replace":
-        regex, content = pattern_regex(cfg["pattern"], where), cfg["content"]
+        regex, content = pattern_regex(field(cfg, "pattern", dict, here), here), field(cfg, "content", str, here)
         return lambda s: regex.sub(lambda m: content, s)
     if kind == "Sequence":
-        steps = [build_normalizer(c, where) for c in cfg["normalizers"]]
+        steps = [build_normalizer(c, where) for c in objects(cfg, "normalizers", here)]
         return lambda s: functools.reduce(lambda acc, step: step(acc), steps, s)
     raise unsupported(where, "normalizer", kind, ["NFC", "Prepend", "Replace", "Sequence"])
 
@@ -277,14 +322,24 @@ def metaspace(text: str, at_start: bool, replacement: str, prepend_scheme: str, 
     return split_pieces(text, at_start, re.compile(re.escape(replacement)), "MergedWithNext")
 
 
+def metaspace_scheme(cfg: dict, where: str) -> str:
+    """A Metaspace's prepend_scheme; older files say add_prefix_space instead, where false means "never"."""
+    scheme = field(cfg, "prepend_scheme", str, where, None)
+    if scheme is None:
+        scheme = "always" if field(cfg, "add_prefix_space", bool, where, True) else "never"
+    if scheme not in ("always", "first", "never"):
+        raise ValueError(f"{where}: unknown Metaspace prepend_scheme {scheme!r} (expected always, first, never)")
+    return scheme
+
+
 def build_pre_tokenizer(cfg: dict | None, where: str) -> PreTokenizer | None:
     """ByteLevel, Digits (digits.rs: Rust's char::is_numeric = categories Nd/Nl/No, one by one or in runs),
     Split (split.rs: regex or literal, any behavior, invert), Metaspace, Sequence (sequence.rs)."""
     if cfg is None:
         return None
-    kind = cfg.get("type")
+    kind, here = component(cfg, where, "pre_tokenizer")
     if kind == "Sequence":
-        steps = [build_pre_tokenizer(c, where) for c in cfg["pretokenizers"]]
+        steps = [build_pre_tokenizer(c, where) for c in objects(cfg, "pretokenizers", here)]
 
         def sequence(text: str, at_start: bool) -> Pieces:
             pieces = [(text, at_start)]
@@ -293,23 +348,21 @@ def build_pre_tokenizer(cfg: dict | None, where: str) -> PreTokenizer | None:
             return pieces
         return sequence
     if kind == "ByteLevel":
-        return functools.partial(byte_level, add_prefix_space=cfg.get("add_prefix_space", True),
-                                 use_regex=cfg.get("use_regex", True))
+        return functools.partial(byte_level, add_prefix_space=field(cfg, "add_prefix_space", bool, here, True),
+                                 use_regex=field(cfg, "use_regex", bool, here, True))
     if kind == "Digits":
-        regex = compile_regex(r"\p{N}" if cfg.get("individual_digits", False) else r"\p{N}+")
+        regex = compile_regex(r"\p{N}" if field(cfg, "individual_digits", bool, here, False) else r"\p{N}+")
         return functools.partial(split_pieces, regex=regex, behavior="Isolated")
     if kind == "Split":
-        if cfg["behavior"] not in SPLIT_BEHAVIORS:
-            raise ValueError(f"{where}: unknown Split behavior {cfg['behavior']!r} (expected {SPLIT_BEHAVIORS})")
-        return functools.partial(split_pieces, regex=pattern_regex(cfg["pattern"], where), behavior=cfg["behavior"],
-                                 invert=cfg.get("invert", False))
+        behavior = field(cfg, "behavior", str, here)
+        if behavior not in SPLIT_BEHAVIORS:
+            raise ValueError(f"{where}: unknown Split behavior {behavior!r} (expected {SPLIT_BEHAVIORS})")
+        return functools.partial(split_pieces, regex=pattern_regex(field(cfg, "pattern", dict, here), here),
+                                 behavior=behavior, invert=field(cfg, "invert", bool, here, False))
     if kind == "Metaspace":
-        # Older files say add_prefix_space instead of prepend_scheme; false means "never".
-        scheme = cfg.get("prepend_scheme", "always" if cfg.get("add_prefix_space", True) else "never")
-        if scheme not in ("always", "first", "never"):
-            raise ValueError(f"{where}: unknown Metaspace prepend_scheme {scheme!r} (expected always, first, never)")
-        return functools.partial(metaspace, replacement=cfg["replacement"], prepend_scheme=scheme,
-                                 split=cfg.get("split", True))
+        return functools.partial(metaspace, replacement=field(cfg, "replacement", str, here),
+                                 prepend_scheme=metaspace_scheme(cfg, here),
+                                 split=field(cfg, "split", bool, here, True))
     raise unsupported(where, "pre_tokenizer", kind, ["ByteLevel", "Digits", "Split", "Metaspace", "Sequence"])
 
 
@@ -324,22 +377,28 @@ class BPE:
     def __init__(self, cfg: dict, where: str) -> None:
         if cfg.get("type", "BPE") != "BPE":
             raise unsupported(where, "model", cfg.get("type"), ["BPE"])
-        if cfg.get("dropout") not in (None, 0.0):
+        here = f"{where}: BPE model"
+        if field(cfg, "dropout", (float, int, type(None)), here, None) not in (None, 0.0):
             raise ValueError(f"{where}: BPE dropout {cfg['dropout']} is not supported (encoding must be deterministic)")
         for key in ("continuing_subword_prefix", "end_of_word_suffix"):
-            if cfg.get(key):
+            if field(cfg, key, (str, type(None)), here, None):
                 raise ValueError(f"{where}: BPE {key}={cfg[key]!r} is not supported (no family used here sets it)")
-        self.vocab = cfg["vocab"]
-        self.unk_token = cfg.get("unk_token")
+        self.vocab = field(cfg, "vocab", dict, here)
+        for token, token_id in self.vocab.items():
+            if type(token_id) is not int or token_id < 0:
+                raise ValueError(f"{here}: 'vocab' maps {token!r} to {shown(token_id)}, expected an integer >= 0")
+        self.unk_token = field(cfg, "unk_token", (str, type(None)), here, None)
         if self.unk_token is not None and self.unk_token not in self.vocab:
             raise ValueError(f"{where}: BPE unk_token {self.unk_token!r} is not in the vocabulary")
-        self.fuse_unk = cfg.get("fuse_unk", False)
-        self.byte_fallback = cfg.get("byte_fallback", False)
-        self.ignore_merges = cfg.get("ignore_merges", False)
+        self.fuse_unk = field(cfg, "fuse_unk", bool, here, False)
+        self.byte_fallback = field(cfg, "byte_fallback", bool, here, False)
+        self.ignore_merges = field(cfg, "ignore_merges", bool, here, False)
         # Merges are "a b" strings (tokenizers < 0.20) or ["a", "b"] pairs; (a, b) -> (rank, a + b). A repeated pair
         # keeps its last rank, as the Rust HashMap does.
         self.merges = {}
-        for rank, merge in enumerate(cfg["merges"]):
+        for rank, merge in enumerate(field(cfg, "merges", list, here)):
+            if not (type(merge) is str or (type(merge) is list and all(type(part) is str for part in merge))):
+                raise ValueError(f"{here}: merge #{rank} is {shown(merge)}, expected \"a b\" or [\"a\", \"b\"]")
             pair = tuple(merge.split(" ") if isinstance(merge, str) else merge)
             if len(pair) != 2 or any(p not in self.vocab for p in (*pair, pair[0] + pair[1])):
                 raise ValueError(f"{where}: bad merge #{rank} {merge!r} (needs two parts in the vocab, and their join)")
@@ -467,7 +526,7 @@ def build_decoder(cfg: dict | None, where: str) -> Decoder:
     Metaspace, Sequence (sequence.rs). None means tokenizers' default: tokens joined by spaces."""
     if cfg is None:
         return lambda tokens: [" ".join(tokens)]
-    kind = cfg.get("type")
+    kind, here = component(cfg, where, "decoder")
     if kind == "ByteLevel":
         return byte_level_decode
     if kind == "ByteFallback":
@@ -475,15 +534,16 @@ def build_decoder(cfg: dict | None, where: str) -> Decoder:
     if kind == "Fuse":
         return lambda tokens: ["".join(tokens)]
     if kind == "Strip":
-        return functools.partial(strip_decode, content=cfg["content"], start=cfg["start"], stop=cfg["stop"])
+        return functools.partial(strip_decode, content=field(cfg, "content", str, here),
+                                 start=field(cfg, "start", int, here), stop=field(cfg, "stop", int, here))
     if kind == "Replace":
         replace = build_normalizer(cfg, where)
         return lambda tokens: [replace(t) for t in tokens]
     if kind == "Metaspace":
-        scheme = cfg.get("prepend_scheme", "always" if cfg.get("add_prefix_space", True) else "never")
-        return functools.partial(metaspace_decode, replacement=cfg["replacement"], prepend_scheme=scheme)
+        return functools.partial(metaspace_decode, replacement=field(cfg, "replacement", str, here),
+                                 prepend_scheme=metaspace_scheme(cfg, here))
     if kind == "Sequence":
-        steps = [build_decoder(c, where) for c in cfg["decoders"]]
+        steps = [build_decoder(c, where) for c in objects(cfg, "decoders", here)]
         return lambda tokens: functools.reduce(lambda acc, step: step(acc), steps, tokens)
     raise unsupported(where, "decoder", kind, ["ByteLevel", "ByteFallback", "Fuse", "Strip", "Replace", "Metaspace",
                                                "Sequence"])
@@ -496,22 +556,29 @@ def build_decoder(cfg: dict | None, where: str) -> Decoder:
 def build_post_processor(cfg: dict | None, where: str) -> tuple[list[int], list[int]]:
     """(prefix_ids, suffix_ids) of TemplateProcessing's `single` template (template.rs), e.g. [<s>] + $A. ByteLevel
     (byte_level.rs) only trims offsets, so it adds nothing; Sequence nests its processors."""
-    if cfg is None or cfg.get("type") == "ByteLevel":
+    if cfg is None:
         return [], []
-    kind = cfg.get("type")
+    kind, here = component(cfg, where, "post_processor")
+    if kind == "ByteLevel":
+        return [], []
     if kind == "TemplateProcessing":
+        special_tokens = field(cfg, "special_tokens", dict, here)
         prefix, suffix, seen_sequence = [], [], False
-        for item in cfg["single"]:
+        for item in objects(cfg, "single", here):
             if "Sequence" in item:
-                if item["Sequence"]["id"] != "A" or seen_sequence:
+                if field(item, "Sequence", dict, here).get("id") != "A" or seen_sequence:
                     raise ValueError(f"{where}: TemplateProcessing single template {cfg['single']} must have one $A")
                 seen_sequence = True
             else:
-                (suffix if seen_sequence else prefix).extend(cfg["special_tokens"][item["SpecialToken"]["id"]]["ids"])
+                name = field(field(item, "SpecialToken", dict, here), "id", str, here)
+                ids = field(field(special_tokens, name, dict, f"{here}: special_tokens"), "ids", list, here)
+                if not all(type(i) is int and i >= 0 for i in ids):
+                    raise ValueError(f"{here}: special token {name!r} has ids {shown(ids)}, expected integers >= 0")
+                (suffix if seen_sequence else prefix).extend(ids)
         return prefix, suffix
     if kind == "Sequence":
         prefix, suffix = [], []
-        for processor in cfg["processors"]:
+        for processor in objects(cfg, "processors", here):
             p, s = build_post_processor(processor, where)
             prefix, suffix = p + prefix, suffix + s
         return prefix, suffix
@@ -523,6 +590,12 @@ def build_post_processor(cfg: dict | None, where: str) -> tuple[list[int], list[
 # ---------------------------------------------------------------------------------------------------------------------
 
 ADDED_TOKEN_OPTIONS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+ADDED_TOKEN_FIELDS = {"id": int, "content": str, **dict.fromkeys(ADDED_TOKEN_OPTIONS, bool)}
+COMPONENTS = ("normalizer", "pre_tokenizer", "decoder", "post_processor")
+# Real components nest a few levels (a Sequence of Splits with their patterns); Sequences nested hundreds deep would
+# load and then exceed Python's recursion limit on the first text encoded.
+MAX_COMPONENT_DEPTH = 32
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token")  # what the tokenizer config gives
 AddedMatcher = tuple[re.Pattern[str], dict[str, dict]]  # (regex, {matched text: added token entry})
 
 
@@ -543,7 +616,11 @@ class Tokenizer:
 
     def __init__(self, spec: dict, path: str | Path = "tokenizer.json", config: dict | None = None) -> None:
         where = str(path)
-        self.model = BPE(spec["model"], where)
+        for key in COMPONENTS:
+            if json_depth(spec.get(key)) > MAX_COMPONENT_DEPTH:
+                raise ValueError(f"{where}: '{key}' is nested more than {MAX_COMPONENT_DEPTH} levels deep; no real "
+                                 f"tokenizer's is")
+        self.model = BPE(field(spec, "model", dict, where), where)
         self.normalizer = build_normalizer(spec.get("normalizer"), where)
         self.pre_tokenizer = build_pre_tokenizer(spec.get("pre_tokenizer"), where)
         self.decoder = build_decoder(spec.get("decoder"), where)
@@ -551,10 +628,12 @@ class Tokenizer:
         # Added tokens are matched leftmost-longest, the raw ones on the text and the normalized ones (by their
         # normalized content) on each normalized piece (added_vocabulary.rs, `refresh_added_tokens`). A normalized
         # one also decodes as its normalized content, as tokenizers does (Llama-2's "<mask>" is "▁<mask>").
-        added = spec.get("added_tokens", [])
-        for t in added:
-            if any(key not in t for key in ("id", "content", *ADDED_TOKEN_OPTIONS)):
-                raise ValueError(f"{where}: added token {t} lacks one of id, content, {', '.join(ADDED_TOKEN_OPTIONS)}")
+        added = objects(spec, "added_tokens", where, [])
+        for i, t in enumerate(added):
+            for key, kind in ADDED_TOKEN_FIELDS.items():
+                field(t, key, kind, f"{where}: added_tokens[{i}]")
+            if t["id"] < 0:
+                raise ValueError(f"{where}: added_tokens[{i}]: 'id' is {t['id']}, expected an integer >= 0")
         normalize = self.normalizer or (lambda s: s)
         self.added_to_id = {t["content"]: t["id"] for t in added}
         self.id_to_added = {t["id"]: normalize(t["content"]) if t["normalized"] else t["content"] for t in added}
@@ -575,19 +654,24 @@ class Tokenizer:
     def from_file(cls, path: str | Path, config: dict | None = None) -> "Tokenizer":
         """Load a tokenizer.json; `config` is a dict like tokenizer_config.json (bos_token, eos_token, pad_token)."""
         path = Path(path).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer.json not found (pass the file a Hugging Face model ships)")
-        return cls(json.loads(path.read_text(encoding="utf-8")), path, config)
+        return cls(read_json_object(path), path, config)
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> "Tokenizer":
         """Load folder/tokenizer.json; bos/eos/pad from tokenizer_config.json, else from special_tokens_map.json."""
         folder = Path(folder).expanduser()
         config = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
-            if (folder / name).is_file():
-                entries = json.loads((folder / name).read_text(encoding="utf-8"))
-                config.update({k: v for k, v in entries.items() if k.endswith("_token") and v is not None})
+        for path in (folder / "special_tokens_map.json", folder / "tokenizer_config.json"):  # the later file wins
+            if path.exists():
+                entries = read_json_object(path)
+                for key in SPECIAL_TOKEN_KEYS:
+                    token = field(entries, key, (str, dict, type(None)), str(path), None)
+                    if isinstance(token, dict):
+                        token = field(token, "content", str, f"{path}: {key}")
+                    if token is not None:
+                        config[key] = token
         return cls.from_file(folder / "tokenizer.json", config)
 
     def config_token_id(self, config: dict, key: str, where: str) -> int | None:

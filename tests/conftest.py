@@ -3,6 +3,9 @@ tiny MATH test file, all written by the tests themselves (no download, no refere
 
 import json
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,27 @@ GSM8K_DIR = Path(os.environ["LORASB_GSM8K_DIR"]) if os.environ.get("LORASB_GSM8K
 
 def has_file(folder: Path | None, name: str) -> bool:
     return folder is not None and (folder / name).is_file()
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Raise TimeoutError in the body once it has run `seconds`, so that a regression that blocks (opening a FIFO) or
+    builds a model for an hour fails its test instead of hanging the suite. Needs SIGALRM (POSIX); elsewhere the body
+    runs unguarded."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 needs_gsm8k = pytest.mark.skipif(not has_file(GSM8K_DIR, "test.jsonl"), reason="set LORASB_GSM8K_DIR to GSM8K's folder")

@@ -2,6 +2,8 @@
 (the trainer's end-to-end checkpoint tests are in test_train.py)."""
 
 import json
+import os
+import re
 import shlex
 import shutil
 import signal
@@ -9,6 +11,7 @@ import signal
 import pytest
 import torch
 
+from conftest import deadline, write_tiny_llama
 from machinery import checkpoints, run_folder
 from machinery.hub import sha256_file
 
@@ -118,3 +121,15 @@ def test_copies_of_one_signal_are_one_notice():
     stop.handle(signal.SIGINT, None)
     stop.handle(signal.SIGINT, None)
     assert stop.received == signal.SIGINT and stop.requested()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_among_the_weight_files_is_refused_without_blocking(tmp_path):
+    """model_fingerprint reads every *.safetensors of the model folder: a FIFO would block the run forever."""
+    folder = write_tiny_llama(tmp_path / "model")
+    fingerprint = checkpoints.model_fingerprint(folder)
+    os.mkfifo(folder / "extra.safetensors")
+    with deadline(5), pytest.raises(ValueError, match=f"{re.escape(str(folder / 'extra.safetensors'))} is a FIFO"):
+        checkpoints.model_fingerprint(folder)
+    (folder / "extra.safetensors").unlink()
+    assert checkpoints.model_fingerprint(folder) == fingerprint

@@ -2,6 +2,7 @@
 batching, and the authors' GSM8K scoring rules."""
 
 import json
+import os
 import random
 import re
 import warnings
@@ -12,7 +13,8 @@ import torch
 import data
 from machinery.tokenizer import Tokenizer
 
-from conftest import GSM8K_DIR, SMOLLM2_DIR, TINY_MATH, needs_gsm8k, needs_smollm2, write_tiny_math
+from conftest import GSM8K_DIR, SMOLLM2_DIR, TINY_MATH, deadline, needs_gsm8k, needs_smollm2, write_tiny_math
+from machinery.hub import sha256_file
 
 # the first GSM8K test problem, verbatim
 JANET_Q = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
@@ -115,6 +117,20 @@ def test_bytes_that_are_not_utf8_are_refused_naming_file_and_line(tmp_path, case
     write_records(path, [json.dumps(good).encode(), json.dumps({**good, key: "café"}).encode(),
                          json.dumps(good).encode()])
     assert load(path)[1]["question" if key == "instruction" else key] == "café"  # UTF-8 text is read as before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("case", range(6))
+def test_a_fifo_as_a_data_file_is_refused_without_blocking(tmp_path, case):
+    """Every loader (loader_cases' and a commonsense task's), and the sha256 that a run's identity records of each
+    training data file."""
+    path, load = [*[(path, load) for path, load, _ in loader_cases(tmp_path)],
+                  (tmp_path / "piqa" / "train.json", data.load_commonsense)][case]
+    path.parent.mkdir(exist_ok=True)
+    os.mkfifo(path)
+    for read in (load, sha256_file):
+        with deadline(5), pytest.raises(ValueError, match=f"{re.escape(str(path))} is a FIFO .*not a regular file"):
+            read(path)
 
 
 @pytest.mark.parametrize("case", range(5))

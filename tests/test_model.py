@@ -4,6 +4,7 @@ on SmolLM2-135M when it is present), padding, strict and hostile-file-safe loadi
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import model as M
 from machinery import safetensors_file
-from conftest import SMOLLM2_DIR as SMOLLM2, has_file
+from conftest import SMOLLM2_DIR as SMOLLM2, deadline, has_file
 from lorasb import load_safetensors, save_safetensors
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -365,8 +366,11 @@ def test_bad_index_is_refused(tiny, tmp_path):
     other = next(s for s in set(weight_map.values()) if s != weight_map[name])
     with pytest.raises(ValueError, match=f"does not match.*{name}"):
         load_with(dict(weight_map, **{name: other}))  # the tensor sits in the other shard
-    with pytest.raises(ValueError, match="weight_map"):
+    with pytest.raises(ValueError, match="index.json: a JSON list, where a JSON object"):
         index.write_text("[1, 2]")
+        M.load_model(shard_dir)
+    with pytest.raises(ValueError, match="'weight_map' must map tensor names"):
+        index.write_text('{"weight_map": [1, 2]}')
         M.load_model(shard_dir)
     index.unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
@@ -455,6 +459,90 @@ def test_eos_ids_from_config_and_generation_config(tmp_path):
 def test_unsupported_config_is_refused(change, error):
     with pytest.raises(ValueError, match=error):
         M.ModelConfig.from_hf(dict(MISTRAL_7B, **change))
+
+
+def write_config(folder: Path, **changes) -> Path:
+    """folder/config.json: the tiny checkpoint's config (write_checkpoint's), with `changes`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**TINY, "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "config.json"
+
+
+@pytest.mark.parametrize("change, error", [
+    (dict(head_dim=0), "'head_dim' is 0, but it must be an integer >= 1 \\(or null\\)"),
+    (dict(tie_word_embeddings="false"), "'tie_word_embeddings' is \"false\", but it must be true or false"),
+    (dict(rope_theta=0), "'rope_theta' is 0, but it must be a finite number > 0"),
+    (dict(rope_theta=-1), "'rope_theta' is -1, but"),
+    (dict(rope_theta="abc"), "'rope_theta' is \"abc\", but"),
+    (dict(rms_norm_eps=-1), "'rms_norm_eps' is -1, but it must be a finite number > 0"),
+    (dict(rope_parameters=dict(LLAMA3_ROPE, factor=0)), "'rope_parameters.factor' is 0, but"),
+    (dict(rope_scaling=dict(LLAMA3_ROPE, original_max_position_embeddings=0.5)),
+     "'rope_scaling.original_max_position_embeddings' is 0.5, but it must be an integer >= 1"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(vocab_size=True), "'vocab_size' is true, but it must be an integer >= 1"),
+    (dict(hidden_size="64"), "'hidden_size' is \"64\", but it must be an integer >= 1"),
+    (dict(num_hidden_layers=2.0), "'num_hidden_layers' is 2.0, but it must be an integer >= 1"),
+    (dict(head_dim=7), "the head size 7 .* is odd"),
+    (dict(model_type="mistral", sliding_window=0), "'sliding_window' is 0, but"),
+    (dict(eos_token_id=[2, 128]), "'eos_token_id' is \\[2, 128\\], but token ids must be below vocab_size 128"),
+    (dict(rms_norm_eps=None), "lacks \\['rms_norm_eps'\\]"),
+])
+def test_config_fields_of_the_wrong_type_or_range_are_refused_naming_file_field_and_value(tmp_path, change, error):
+    """Before this check, head_dim 0 and tie_word_embeddings "false" trained to the end, and rope_theta 0 or a negative
+    rms_norm_eps failed only as NaN gradients. The folder holds no weights: the refusal comes before any is read."""
+    path = write_config(tmp_path, **change)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{error}"):
+        M.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{not json", "not valid JSON \\(Expecting property name"),
+    ("[1, 2]", "a JSON list, where a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ('{"model_type": "llama", "vocab_size": "1" ', "not valid JSON"),
+], ids=["not JSON", "a list", "nested 100k deep", "cut short"])
+def test_a_malformed_config_json_is_one_value_error_naming_the_file(tmp_path, text, error):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'config.json'))}: {error}"):
+        M.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("generation, error", [
+    ('{"eos_token_id": "2"}', "'eos_token_id' is \"2\", but it must be a token id"),
+    ('{"eos_token_id": [2, 128]}', "'eos_token_id' is \\[2, 128\\], but token ids must be below vocab_size 128"),
+    ("[2]", "a JSON list, where a JSON object"),
+])
+def test_a_bad_generation_config_is_refused_naming_it(tmp_path, generation, error):
+    write_config(tmp_path)
+    (tmp_path / "generation_config.json").write_text(generation)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'generation_config.json'))}: {error}"):
+        M.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("stored, configured", [(2, 1_000_000), (3, 2)])
+def test_a_layer_count_the_checkpoint_lacks_is_refused_before_any_model_is_built(tmp_path, stored, configured):
+    """A skeleton of a million layers takes an hour to build, even on "meta": the headers are compared first."""
+    folder = write_checkpoint(tmp_path / "m", num_hidden_layers=stored)
+    write_config(folder, num_hidden_layers=configured)
+    start = time.perf_counter()
+    with deadline(20), pytest.raises(ValueError, match=f"{re.escape(str(folder / 'config.json'))}: 'num_hidden_layers' "
+                                                       f"is {configured}, but the checkpoint holds {stored} layers"):
+        M.load_model(folder)
+    assert time.perf_counter() - start < 2
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_before_the_model_is_allocated(tmp_path, monkeypatch):
+    folder = write_checkpoint(tmp_path / "m")
+    write_config(folder, intermediate_size=256)
+    devices, build = [], M.build_model
+    monkeypatch.setattr(M, "build_model", lambda config, device="meta", dtype=torch.float32: devices.append(
+        torch.device(device).type) or build(config, device, dtype))
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.gate_proj.weight' has shape \\(128, 64\\), config.json "
+                                         "implies \\(256, 64\\)"):
+        M.load_model(folder)
+    assert devices == ["meta"]
 
 
 def test_missing_config_or_weights(tmp_path):

@@ -9,6 +9,7 @@ the error and configuration tests use a hand-written tokenizer.json and always r
 
 import copy
 import json
+import os
 import random
 import re
 import unicodedata
@@ -30,7 +31,7 @@ def reference(path):
         pytest.skip("parity test: tokenizers is not installed")
     return tokenizers.Tokenizer.from_file(str(path))
 
-from conftest import GSM8K_DIR, SMOLLM2_DIR, has_file
+from conftest import GSM8K_DIR, SMOLLM2_DIR, deadline, has_file
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                  r"|\s+(?!\S)|\s+")
@@ -477,6 +478,103 @@ def test_bos_eos_pad_from_tokenizer_config_and_special_tokens_map(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|not_a_token|>"}))
     with pytest.raises(ValueError, match=re.escape("eos_token '<|not_a_token|>'")):
         Tokenizer.from_dir(tmp_path)
+
+
+def tokenizer_folder(tmp_path):
+    """tokenizer.json (vocabulary a, b, ab; added <|endoftext|>, id 3), tokenizer_config.json and
+    special_tokens_map.json, both naming <|endoftext|> as EOS."""
+    write_variant(tmp_path, tiny_spec(["a", "b", "ab"], [["a", "b"]], added=["<|endoftext|>"]), "tokenizer.json")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return tmp_path
+
+
+def edit(*keys, value):
+    """A change of tokenizer.json: the field at keys (e.g. "model", "vocab") set to `value`."""
+    def change(spec):
+        for key in keys[:-1]:
+            spec = spec[key]
+        spec[keys[-1]] = value
+    return change
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def nested_sequences(depth):
+    """A normalizer of `depth` Sequences one in the other: it loaded, then failed the first encode (RecursionError)."""
+    normalizer = {"type": "NFC"}
+    for _ in range(depth):
+        normalizer = {"type": "Sequence", "normalizers": [normalizer]}
+    return normalizer
+
+
+MALFORMED = [pytest.param(name, text, error, id=f"{name} {what}") for name in
+             ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+             for what, text, error in (("not JSON", "{oops", "not valid JSON"),
+                                       ("a list", "[1]", "a JSON list, where a JSON object"),
+                                       ("nested 100k deep", DEEP, "JSON nested too deeply"))] + [
+    pytest.param("tokenizer_config.json", {"eos_token": 3}, "'eos_token' is 3, expected a string", id="eos id"),
+    pytest.param("special_tokens_map.json", {"eos_token": ["<|endoftext|>"]}, "'eos_token' is \\[", id="eos list"),
+    pytest.param("tokenizer_config.json", {"eos_token": {"id": 3}}, "eos_token lacks 'content'", id="eos no content"),
+    pytest.param("tokenizer.json", edit("model", "vocab", value=["a", "b", "ab"]),
+                 "BPE model: 'vocab' is \\[\"a\", \"b\", \"ab\"\\], expected a JSON object", id="vocab list"),
+    pytest.param("tokenizer.json", edit("model", "vocab", "b", value="1"),
+                 "BPE model: 'vocab' maps 'b' to \"1\", expected an integer >= 0", id="vocab id string"),
+    pytest.param("tokenizer.json", edit("model", "merges", value=[1, 2]),
+                 "BPE model: merge #0 is 1, expected \"a b\" or", id="merges integers"),
+    pytest.param("tokenizer.json", edit("model", "byte_fallback", value="false"),
+                 "BPE model: 'byte_fallback' is \"false\", expected true or false", id="byte_fallback string"),
+    pytest.param("tokenizer.json", edit("added_tokens", 0, "id", value="3"),
+                 "added_tokens\\[0\\]: 'id' is \"3\", expected an integer", id="added id string"),
+    pytest.param("tokenizer.json", edit("added_tokens", 0, "content", value=3),
+                 "added_tokens\\[0\\]: 'content' is 3, expected a string", id="added content integer"),
+    pytest.param("tokenizer.json", edit("added_tokens", 0, "special", value="yes"),
+                 "added_tokens\\[0\\]: 'special' is \"yes\", expected true or false", id="added special string"),
+    pytest.param("tokenizer.json", edit("added_tokens", value={"<|endoftext|>": 3}),
+                 "'added_tokens' is \\{.*, expected a list", id="added tokens object"),
+    pytest.param("tokenizer.json", edit("model", value=[1]), "'model' is \\[1\\], expected a JSON object",
+                 id="model list"),
+    pytest.param("tokenizer.json", edit("pre_tokenizer", value={"type": "ByteLevel", "add_prefix_space": "false"}),
+                 "ByteLevel pre_tokenizer: 'add_prefix_space' is \"false\", expected true or false",
+                 id="pre_tokenizer option string"),
+    pytest.param("tokenizer.json", edit("decoder", value="ByteLevel"),
+                 "decoder is \"ByteLevel\", expected a JSON object", id="decoder string"),
+    pytest.param("tokenizer.json", edit("normalizer", value=nested_sequences(400)),
+                 "'normalizer' is nested more than 32 levels deep", id="normalizer 400 sequences deep"),
+]
+
+
+@pytest.mark.parametrize("name, content, error", MALFORMED)
+def test_a_malformed_tokenizer_file_is_one_value_error_naming_the_file_and_the_field(tmp_path, name, content, error):
+    folder = tokenizer_folder(tmp_path)
+    if callable(content):
+        spec = json.loads((folder / name).read_text())
+        content(spec)
+        content = spec
+    (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=f"{re.escape(str(folder / name))}: {error}"):
+        Tokenizer.from_dir(folder)
+
+
+def test_an_oversized_tokenizer_json_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from machinery import input_files
+    folder = tokenizer_folder(tmp_path)
+    size = (folder / "tokenizer.json").stat().st_size
+    monkeypatch.setattr(input_files, "MAX_JSON_BYTES", size - 1)
+    monkeypatch.setattr(input_files, "open", lambda *args: pytest.fail("opened"), raising=False)
+    with pytest.raises(ValueError, match=f"tokenizer.json holds {size} bytes, more than the {size - 1}"):
+        Tokenizer.from_file(folder / "tokenizer.json")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
+def test_a_fifo_in_place_of_a_tokenizer_file_is_refused_without_blocking(tmp_path, name):
+    folder = tokenizer_folder(tmp_path)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with deadline(5), pytest.raises(ValueError, match=f"{re.escape(str(folder / name))} is a FIFO"):
+        Tokenizer.from_dir(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import data
 import lorasb
 import model as model_lib
 import train_gsm8k
-from conftest import REPO, TINY_MATH, write_tiny_gsm8k
+from conftest import REPO, TINY_MATH, deadline, write_tiny_gsm8k
 from machinery import checkpoints, command, hub
 from machinery.tokenizer import Tokenizer
 
@@ -518,6 +518,15 @@ def test_data_and_out_dir_problems_are_found_before_the_model_loads(tmp_path, ti
         for eval_only in ([], ["--eval_only"]) if split == "test" else ([],):
             with pytest.raises(ValueError, match=rf"{split}\.jsonl:3: the answer does not end with a '#### N' line"):
                 run(tmp_path, tiny_model_dir, bad, *eval_only)
+
+
+def test_a_layer_count_the_weights_lack_is_refused_before_any_model_is_built(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+    """check_model's skeleton of a million layers would take an hour, even on "meta": the headers are read first."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=1_000_000)))
+    with deadline(30), pytest.raises(ValueError, match="'num_hidden_layers' is 1000000, but the checkpoint holds 2"):
+        run(tmp_path, folder, tiny_gsm8k_dir)
 
 
 @pytest.mark.parametrize("num_examples, batch_size, world_size", [(14, 4, 2), (10, 4, 2), (13, 2, 3), (5, 3, 1)])
