@@ -444,9 +444,9 @@ def checkpoint_files(folder) -> dict[Path, set[str] | None]:
     """The safetensors files of a folder: {model.safetensors: None} (any tensors), or each shard of the index with
     the tensor names the index puts in it (the same preference as transformers: single file first)."""
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
+    if (folder / "model.safetensors").exists():  # a FIFO too: the safetensors reader refuses it, saying so
         return {folder / "model.safetensors": None}
-    if not (folder / INDEX_FILE).is_file():
+    if not (folder / INDEX_FILE).exists():
         raise FileNotFoundError(f"{folder}: no model.safetensors or {INDEX_FILE} (pickled pytorch_model.bin files are "
                                 f"not loaded; convert them to safetensors)")
     shards: dict[Path, set[str]] = {}

@@ -193,10 +193,11 @@ def check_args(args, ddp_world_size: int) -> list[str]:
         problems.append("--adapter is for --eval_only (training writes its own adapter)")
     if args.adapter and args.method == "full":
         problems.append("--adapter with --method full: pass the fine-tuned model folder as --model instead")
-    if args.data_dir and not all((Path(args.data_dir) / f"{s}.jsonl").is_file() for s in ("train", "test")):
+    # exists, not is_file: the loaders refuse a FIFO or a folder in place of a file, saying what it is
+    if args.data_dir and not all((Path(args.data_dir) / f"{s}.jsonl").exists() for s in ("train", "test")):
         problems.append(f"--data_dir {args.data_dir}: needs train.jsonl and test.jsonl (GSM8K)")
     problems += [f"--{name} {getattr(args, name)}: no such file" for name in ("adapter", "metamathqa_path", "math_path")
-                 if getattr(args, name) and not Path(getattr(args, name)).is_file()]
+                 if getattr(args, name) and not Path(getattr(args, name)).exists()]
     if args.commonsense_dir and not Path(args.commonsense_dir).is_dir():
         problems.append(f"--commonsense_dir {args.commonsense_dir}: no such folder")
     elif args.train_data == "commonsense" and not args.eval_only and args.commonsense_dir and \

@@ -74,7 +74,8 @@ def commonsense_train_files(folder: str | None) -> list[Path]:
     paper's 170K examples) downloaded into the cache once."""
     if folder:
         union = Path(folder) / Path(COMMONSENSE_TRAIN).name
-        return [union] if union.is_file() else sorted(Path(folder).glob("*/train.json"))
+        # exists, not is_file: a FIFO in its place is taken, and its loader refuses it, naming it
+        return [union] if union.exists() else sorted(Path(folder).glob("*/train.json"))
     return [hub.cached_download(f"{commonsense_base_url()}/{COMMONSENSE_TRAIN}", "commonsense/commonsense_170k.json",
                                 local_option="--commonsense_dir")]
 
@@ -83,7 +84,7 @@ def commonsense_test_file(task: str, folder: str | None) -> Path:
     """A task's test.json: <task>/test.json in --commonsense_dir when there, else LLM-Adapters' downloaded into the
     cache once (sha256-checked where pinned)."""
     local = Path(folder or "") / task / "test.json"
-    if folder and local.is_file():
+    if folder and local.exists():  # a FIFO or a folder too: its loader refuses it, naming it
         return local
     return hub.cached_download(f"{commonsense_base_url()}/dataset/{task}/test.json", f"commonsense/{task}/test.json",
                                COMMONSENSE_TEST_SHA256.get(task), "--commonsense_dir")

@@ -133,6 +133,19 @@ def test_a_fifo_as_a_data_file_is_refused_without_blocking(tmp_path, case):
             read(path)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_in_a_local_data_folder_is_taken_and_refused_not_skipped_for_a_download(tmp_path):
+    from machinery import datasets
+
+    for task_file in (tmp_path / "commonsense_170k.json", tmp_path / "piqa" / "test.json"):
+        task_file.parent.mkdir(exist_ok=True)
+        os.mkfifo(task_file)
+    assert datasets.commonsense_train_files(str(tmp_path)) == [tmp_path / "commonsense_170k.json"]
+    assert datasets.commonsense_test_file("piqa", str(tmp_path)) == tmp_path / "piqa" / "test.json"
+    with deadline(5), pytest.raises(ValueError, match="is a FIFO"):
+        data.load_commonsense(datasets.commonsense_test_file("piqa", str(tmp_path)))
+
+
 @pytest.mark.parametrize("case", range(5))
 def test_a_lone_surrogate_is_refused_naming_file_line_and_field(tmp_path, case):
     path, load, good = loader_cases(tmp_path)[case]
