@@ -104,7 +104,8 @@ def write_shards(folder: Path, tensors: dict, num_shards: int = 2) -> dict:
         part = names[i::num_shards]
         save_safetensors(folder / shard, {k: tensors[k] for k in part})
         weight_map.update(dict.fromkeys(part, shard))
-    (folder / safetensors_file.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / safetensors_file.INDEX_FILE).write_text(json.dumps(index))
     return weight_map
 
 
