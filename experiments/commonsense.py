@@ -1,6 +1,6 @@
 """Commonsense reasoning accuracy of LoRA-SB, LoRA-XS, LoRA and the base model, measured on CPU.
 
-    python experiments/commonsense.py --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~75 min
+    python experiments/commonsense.py --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~1 h 45 min
     python experiments/commonsense.py --quick --model DIR --commonsense_dir DIR --out DIR   # every part, in seconds
 
 The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
@@ -21,13 +21,15 @@ so), and recomputes it otherwise. The runs are the trainer's own phases (train_g
 initialize_adapters, make_optimizer, train_step, response_loss, prepare_evaluation, generate_answers), not a second
 training loop.
 
-The budget (Budget below) is set for about 75 minutes on 2 quiet CPU cores, from a timing of its costs on
+The budget (Budget below) was set for about 75 minutes on 2 quiet CPU cores, from a timing of its costs on
 SmolLM2-135M in fp32 (2 threads, nothing else running): an optimizer step of 8 examples (mean 87 tokens; at most 256)
 took 12 s, so T_step ~ 6 s for this budget's 4; LoRA-SB's estimate 1.45 s an example; a generation batch of 32 prompts
 (up to 32 new tokens) T_gen ~ 11 s. The runs are 3 methods x 3 lrs at the first seed, each keeping its trained
 weights, so the chosen lr's evaluation at that seed trains nothing again (a further seed retrains). Total ~ 9 x 50 x
 T_step + 4 x 7 x 4 x T_gen + 3 x 32 x 1.45 s + 13 validation passes of ~25 s ~ 2700 + 1230 + 140 + 330 s ~ 73 min.
-More seeds (Budget.seeds) add a training and an evaluation per method and seed, about 10 minutes each.
+More seeds (Budget.seeds) add a training and an evaluation per method and seed, about 10 minutes each. Measured: a
+training part took 7-8.5 minutes quiet, the base model's evaluation 14 (it rarely stops before 32 tokens): about
+1 h 45 min quiet; the committed run's parts took 147 minutes on a shared machine.
 """
 
 import argparse
