@@ -27,9 +27,9 @@ took 12 s, so T_step ~ 6 s for this budget's 4; LoRA-SB's estimate 1.45 s an exa
 (up to 32 new tokens) T_gen ~ 11 s. The runs are 3 methods x 3 lrs at the first seed, each keeping its trained
 weights, so the chosen lr's evaluation at that seed trains nothing again (a further seed retrains). Total ~ 9 x 50 x
 T_step + 4 x 7 x 4 x T_gen + 3 x 32 x 1.45 s + 13 validation passes of ~25 s ~ 2700 + 1230 + 140 + 330 s ~ 73 min.
-More seeds (Budget.seeds) add a training and an evaluation per method and seed, about 10 minutes each. Measured: a
-training part took 7-8.5 minutes quiet, the base model's evaluation 14 (it rarely stops before 32 tokens): about
-1 h 45 min quiet; the committed run's parts took 147 minutes on a shared machine.
+More seeds (Budget.seeds) add a training and an evaluation per method and seed, about 10 minutes each. Measured on a
+shared machine: the least contended training parts took 7-8.5 minutes, the base model's evaluation 14 (it rarely
+stops before 32 tokens), all parts 147 minutes; about 1 h 45 min is the estimate for a quiet machine.
 """
 
 import argparse
