@@ -108,9 +108,9 @@ def not_the_run_s_file(path: Path) -> str | None:
         input_files.regular_file(path)
     except FileNotFoundError:
         return None
-    except ValueError:
-        return (f"{path} is not a regular file (a FIFO, a folder or a device), so it is not the file this trainer "
-                f"wrote: remove it, then run again")
+    except (ValueError, OSError):  # OSError: a symlink that loops
+        return (f"{path} is not a regular file (a FIFO, a folder, a device or a broken symlink), so it is not the file "
+                f"this trainer wrote: remove it, then run again")
     return None
 
 

@@ -122,11 +122,14 @@ def test_append_jsonl_writes_through_no_symlink(tmp_path):
 def test_resume_refuses_a_fifo_as_metrics_instead_of_waiting_for_a_writer(tmp_path):
     touch(tmp_path / "checkpoints" / "step-0000002" / "state.pt")
     os.mkfifo(tmp_path / "metrics.jsonl")
-    expected = f"{tmp_path / 'metrics.jsonl'} is not a regular file (a FIFO, a folder or a device)"
+    expected = f"{tmp_path / 'metrics.jsonl'} is not a regular file (a FIFO, a folder, a device or a broken symlink)"
     with deadline(30):
         assert any(p.startswith(expected) for p in run_folder.check(options(tmp_path, resume=True)))
         with pytest.raises(ValueError, match=re.escape(expected)):
             run_folder.cut_metrics(tmp_path / "metrics.jsonl", 2)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").symlink_to(tmp_path / "metrics.jsonl")  # a loop: ELOOP, not a raw OSError
+    assert any(p.startswith(expected) for p in run_folder.check(options(tmp_path, resume=True)))
 
 
 def test_an_out_dir_through_a_broken_symlink_or_in_bytes_not_utf8_is_refused_naming_it(tmp_path):
