@@ -302,3 +302,43 @@ def test_loading_in_nf4_keeps_every_check_of_load_model(tmp_path):
     lorasb.save_safetensors(folder / "model.safetensors", tensors)
     with pytest.raises(ValueError, match="missing tensors.*layers.3.mlp.up_proj.weight"):
         nf4.load_nf4_model(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# experiments/quantized.py on a tiny config
+# ---------------------------------------------------------------------------------------------------------------------
+
+def hook_estimate(model, batches, loss_fn, num_samples, lr, targets=lorasb.DEFAULT_TARGETS, group_size=None):
+    """A stand-in for the hook-based estimate lorasb.py is gaining (issue 28 item 2): -lr sign(G), G = sum over
+    the batches of dL/dy^T x of each target layer, taken from hooks."""
+    layers, sums, handles = lorasb.find_targets(model, targets), {}, []
+    for name, layer in layers.items():
+        def forward_hook(module, inputs, output, name=name):
+            x = inputs[0].detach()
+            output.register_hook(lambda g: sums.__setitem__(name, sums.get(name, 0) + g.flatten(0, -2).T.float()
+                                                            @ x.flatten(0, -2).float()))
+        handles.append(layer.register_forward_hook(forward_hook))
+    with torch.enable_grad():
+        for batch in batches[:num_samples]:
+            loss_fn(model, batch).backward()
+    for handle in handles:
+        handle.remove()
+    return {name: -lr * torch.sign(g) for name, g in sums.items()}
+
+
+def test_quantized_experiment_runs_on_a_tiny_config_and_reuses_its_result(tmp_path, monkeypatch, capsys):
+    from experiments import quantized
+    monkeypatch.setattr(lorasb, "estimate_first_update", hook_estimate)
+    argv = ["--config", "tiny", "--rank", "8", "--group", "4", "--json", str(tmp_path / "tiny.json")]
+    results = quantized.main(argv)
+    assert set(results["parts"]) == {"build", "estimate", "adapters", "training_step"}
+    assert all(p["seconds"] >= 0 and p["peak_rss_bytes"] > 0 for p in results["parts"].values())
+    assert results["analytic"]["cpu_nf4_base"]["total"] < results["analytic"]["cpu_float32_base"]["total"]
+    assert quantized.main(argv) == json.loads((tmp_path / "tiny.json").read_text())  # reused, not measured again
+    assert "already holds this measurement" in capsys.readouterr().out
+
+
+def test_quantized_experiment_refuses_a_run_that_would_not_fit_before_building_it(tmp_path):
+    from experiments import quantized
+    with pytest.raises(ValueError, match="would need about .* GiB.*pass --group"):
+        quantized.main(["--config", "mistral-7b", "--json", str(tmp_path / "m.json")])
