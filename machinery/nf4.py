@@ -9,7 +9,7 @@ as bitsandbytes' NF4 (blocksize 64, no double quantization) bit for bit.
     bytes per weight: 0.5 (two codes a byte) + 4 / 64 (an fp32 scale per block) = 0.5625 (4.5 bits)
 
 Double quantization (QLoRA's 8-bit scales, one fp32 scale per 256 blocks) would make it 0.5 + 1 / 64 + 4 / 16384 =
-0.516 bytes per weight: 0.047 bytes (8 %) less, 0.33 GB of Mistral-7B's 7.0 billion linear weights (3.93 GB -> 3.61
+0.516 bytes per weight: 0.047 bytes (8 %) less, 0.33 GB of Mistral-7B's 7.0 billion linear weights (3.93 GB -> 3.60
 GB). A 7B model's estimate and training step fit in 16 GiB without it, so it is not done here.
 
 NF4Linear is an nn.Linear (so tools that look for linear layers find it, as they find bitsandbytes' Linear4bit) whose
@@ -21,7 +21,7 @@ SVD of W0, merging): lorasb.py calls that method, without importing this module.
 Which layers: quantize_model replaces every nn.Linear but lm_head: the seven projections of each decoder layer,
 adapted or not (all frozen: only R, or LoRA's B and A, train, beside them). The embedding (a lookup, not a linear layer)
 and lm_head stay in the model's dtype: a tied lm_head is the embedding; the logits are where 4-bit error hurts most,
-which is why QLoRA and transformers' bitsandbytes loading keep lm_head unquantized; both are 1.8 % of Mistral-7B.
+which is why QLoRA and transformers' bitsandbytes loading keep lm_head unquantized; each is 1.8 % of Mistral-7B.
 
 Loading without a full-precision copy: load_nf4_model builds the model on "meta" with NF4 layers, allocates it (4-bit
 buffers, other weights in the model's dtype), then reads the checkpoint one tensor at a time, quantizing each
