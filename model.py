@@ -315,12 +315,16 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
 
-def build_model(config: ModelConfig, device="meta", dtype: torch.dtype = torch.float32) -> Transformer:
+def build_model(config: ModelConfig, device="meta", dtype: torch.dtype = torch.float32,
+                prepare: Callable[[Transformer], object] | None = None) -> Transformer:
     """The model of `config` on `device` in `dtype`, its weights allocated but not initialized: load_model fills them
     from a checkpoint, the benchmark with random values. On "meta" (the default) it takes no memory at all: a skeleton
-    for shapes and parameter counts of any size. The RoPE frequencies stay fp32 whatever `dtype` is."""
+    for shapes and parameter counts of any size. The RoPE frequencies stay fp32 whatever `dtype` is. `prepare` may
+    change the skeleton before anything is allocated (machinery/nf4.py swaps in its 4-bit layers there)."""
     with torch.device("meta"):
         model = Transformer(config)
+        if prepare is not None:
+            prepare(model)
     if torch.device(device).type == "meta":
         return model
     model = model.to(dtype).to_empty(device=device)  # no memory and no time spent on a random init
