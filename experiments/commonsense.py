@@ -1,6 +1,6 @@
 """Commonsense reasoning accuracy of LoRA-SB, LoRA-XS, LoRA and the base model, measured on CPU.
 
-    python experiments/commonsense.py --commonsense_dir ../shared/commonsense   # SmolLM2-135M-Instruct, ~1 h 45 min
+    python experiments/commonsense.py --commonsense_dir ../shared/commonsense --out experiments/results   # ~1 h 45 min
     python experiments/commonsense.py --quick --model DIR --commonsense_dir DIR --out DIR   # every part, in seconds
 
 The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
@@ -57,7 +57,6 @@ from machinery import command, datasets, run_identity  # noqa: E402
 from machinery import commonsense as commonsense_tasks  # noqa: E402
 from machinery.hub import sha256_file  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TASKS = tuple(task for task in commonsense_tasks.TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand
 CHANCE = {"boolq": 1 / 2, "piqa": 1 / 2, "social_i_qa": 1 / 3, "winogrande": 1 / 2, "ARC-Easy": 1 / 4,
           "ARC-Challenge": 1 / 4, "openbookqa": 1 / 4}  # a uniform guess among each task's choices
@@ -98,15 +97,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_model = os.environ.get("LORASB_SMOLLM2_DIR") or "HuggingFaceTB/SmolLM2-135M-Instruct"
     p.add_argument("--model", default=default_model, help=f"model folder or hub name (default: {default_model})")
-    p.add_argument("--commonsense_dir", required=True, help="the authors' layout: <task>/train.json, <task>/test.json")
+    p.add_argument("--commonsense_dir", default=os.environ.get("LORASB_COMMONSENSE_DIR"), help="the authors' layout: "
+                   "<task>/train.json, <task>/test.json (default: $LORASB_COMMONSENSE_DIR, else LLM-Adapters' "
+                   "commonsense_170k.json and test sets, downloaded as the trainer does)")
     p.add_argument("--full", action="store_true", help="add full fine-tuning (its own lr grid)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="folder of commonsense.json and the plot (default: experiments/results, or "
-                   "runs/commonsense-quick with --quick)")
+    p.add_argument("--out", help="folder of commonsense.json and the plot (default: runs/commonsense, or "
+                   "runs/commonsense-quick with --quick; the committed results are --out experiments/results)")
     p.add_argument("--quick", action="store_true", help="a tiny budget: every part runs, the figures mean nothing")
     args = p.parse_args(argv)
     args.budget = QUICK if args.quick else Budget()
-    args.out = Path(args.out or ("runs/commonsense-quick" if args.quick else RESULTS_DIR))
+    args.out = Path(args.out or ("runs/commonsense-quick" if args.quick else "runs/commonsense"))
     return args
 
 

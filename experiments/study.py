@@ -6,12 +6,13 @@
 
 The model defaults to $LORASB_SMOLLM2_DIR (a local SmolLM2-135M-Instruct folder) or else the hub's
 HuggingFaceTB/SmolLM2-135M-Instruct; GSM8K to $LORASB_GSM8K_DIR or else the download. Every figure goes to
-experiments/results/study.json as soon as its part is done (a part is one training run or one measurement), so an
-interrupted study continues where it stopped and never recomputes a finished part; the plots (SVG) and a one-screen
-summary come at the end. A part is reused only from a file made with the same settings (the budget, the model's weights
-by fingerprint, the data by sha256, seed, device, dtype), and a rerun says what it reused, at its start and at its end:
-to compute anew, pass another --out. The training runs are the trainer's own phases (train_gsm8k.plan_training,
-initialize_adapters, make_optimizer, train_step, held_out_loss, generate_answers), not a second training loop.
+<--out>/study.json (runs/study by default) as soon as its part is done (a part is one training run or one measurement),
+so an interrupted study continues where it stopped and never recomputes a finished part; the plots (SVG) and a
+one-screen summary come at the end. A part is reused only from a file made with the same settings (the budget, the
+model's weights by fingerprint, the data by sha256, seed, device, dtype), and a rerun says what it reused, at its start
+and at its end: to compute anew, pass another --out. The training runs are the trainer's own phases
+(train_gsm8k.plan_training, initialize_adapters, make_optimizer, train_step, held_out_loss, generate_answers), not a
+second training loop.
 
 The claims:
   1. The initialization captures the full fine-tuning gradient (optimal approximation), and keeps capturing it during
@@ -99,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GSM8K folder (default: $LORASB_GSM8K_DIR, else downloaded)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--out", default=None, help="folder of study.json and the plots (default: experiments/results, "
-                   "or runs/study-quick with --quick)")
+    p.add_argument("--out", default=None, help="folder of study.json, the plots and the trained weights (default: "
+                   "runs/study, or runs/study-quick with --quick; the committed results are --out experiments/results)")
     p.add_argument("--quick", action="store_true", help="a tiny budget: every part runs, the figures mean nothing")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of each claim-3 run")
     p.add_argument("--batch_size", type=int, default=None, help="examples per optimizer step")
@@ -112,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is not None:
             budget = Budget(**{**vars(budget), name: getattr(args, name)})
     args.budget = budget
-    args.out = Path(args.out or ("runs/study-quick" if args.quick else RESULTS_DIR))
+    args.out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
     return args
 
 
@@ -233,8 +234,7 @@ class Study:
         self.probe, _ = data.tokenize_dataset(self.tokenizer, probe_pairs, self.budget.max_length)
         self.test = data.load_gsm8k("test", datasets.gsm8k_dir(args.data_dir))
         # the trained weights of the claim-3 runs, kept for their evaluation (outside the committed results)
-        self.cache = args.out / "trained" if args.quick else Path("runs") / "study-trained"
-        self.cache.mkdir(parents=True, exist_ok=True)
+        self.cache = args.out / "trained" if args.quick else Path("runs") / "study-trained"  # made when first used
 
     def trainer_args(self, method: str, rank: int | None, lr: float, steps: int, **options) -> argparse.Namespace:
         """train_gsm8k.py's own arguments for one run (the trainer parses and checks them); None leaves a default."""
@@ -344,6 +344,7 @@ def train_run(study: Study, method: str, rank: int | None, lr: float, steps: int
             pairs = list(map(data.gsm8k_pair, study.validation))
             validation = trainer.held_out_loss(model, study.tokenizer, pairs, args, setup)
         if save_as:
+            study.cache.mkdir(parents=True, exist_ok=True)
             trainer.save_trainable(model, study.cache / f"{save_as}.safetensors", method, str(study.args.model))
     return {"method": method, "rank": rank, "lr": lr, "lr_1": plan.lr_1, "steps": plan.total_steps,
             "losses": [loss if math.isfinite(loss) else None for loss in losses], "validation_loss": validation,
