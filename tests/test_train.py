@@ -272,7 +272,8 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2")
     monkeypatch.setattr(lorasb.os, "fdopen", real_fdopen)
     folder = tmp_path / "run" / "checkpoints"
-    assert (folder / "latest").read_text() == "step-0000002" and checkpoints.checkpoint_problem(folder / "step-0000002") is None
+    assert (folder / "latest").read_text() == "step-0000002"
+    assert checkpoints.checkpoint_problem(folder / "step-0000002") is None
     assert sorted(p.name for p in folder.glob("*step*")) == ["step-0000002"]  # no half-written step 4
     assert not list(folder.glob(".*.tmp"))
 
@@ -815,3 +816,19 @@ def test_eval_merge_bf16_is_the_merged_model_rounded_and_exact_merges_only_in_fp
     kept = copy.deepcopy(model)
     train_gsm8k.prepare_evaluation(kept, argparse.Namespace(eval_merge="exact"), bf16)
     assert all(m.merged_base_weight is None for m in lorasb.adapters(kept).values())  # bf16 weights: unmerged
+
+
+def test_train_is_the_loop_a_caller_records_through_after_step(tiny_model_dir, tiny_gsm8k_dir):
+    """train(..., after_step) runs the steps after start_step, calling after_step(step, result) once after each: what
+    the experiments call to record their losses (the trainer's own callback is its checkpointer)."""
+    model, examples, plan = initialized(tiny_model_dir, tiny_gsm8k_dir, "--max_steps", "3")
+    args = train_gsm8k.parse_args(["--model", str(tiny_model_dir), "--micro_batch_size", "2", "--batch_size", "4",
+                                   "--device", "cpu", "--max_steps", "3", "--lr", "1e-2"])
+    setup = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    batches = data.Batches(examples, args.micro_batch_size, args.seed)
+    optimizer = train_gsm8k.make_optimizer(model, args, setup.device)
+    recorded = []
+    train_gsm8k.train(model, optimizer, batches, args, plan, setup, start_step=1,
+                      after_step=lambda step, result: recorded.append((step, result["loss"].item(), result["lr"])))
+    assert [step for step, _, _ in recorded] == [2, 3] and all(math.isfinite(loss) for _, loss, _ in recorded)
+    assert [lr for _, _, lr in recorded] == [train_gsm8k.learning_rate(s, 1e-2, plan.warmup_steps, 3) for s in (2, 3)]
