@@ -1,34 +1,35 @@
 """Data for LoRA-SB: the authors' GSM8K / MetaMathQA protocol (prompts, training targets, answer extraction and
-scoring) and their commonsense reasoning protocol, loading the dataset files, tokenization with response-only labels,
-and resumable batching.
+scoring), GSM8K as an evaluation task, loading the dataset files, tokenization with response-only labels, and
+resumable batching.
 
 The protocol follows the official code (github.com/CERT-Lab/lora-sb): training data and labels as in
 `train_arithmetic.py` / `utils/data_utils.py`, evaluation prompt, stop strings and answer extraction as in
 `instruction_tuning_eval/gsm8k_eval.py`, and the lenient comparison from its `grader.py::math_equal`. Every quirk of
-theirs that changes a number is kept and named where it happens. MATH is evaluated with the same prompt; its grader
-is machinery/math_grader.py, and the tokenizer.json implementation is machinery/tokenizer.py. Commonsense reasoning
-follows `train_cr.py` and `instruction_tuning_eval/commonsense_eval.py`, with one prompt for training and evaluation
-(theirs indents the training prompt by accident; commonsense_prompt reproduces it on request).
+theirs that changes a number is kept and named where it happens. The other evaluation tasks are described the same
+way beside their graders: MATH in machinery/math_task.py, the commonsense tasks in machinery/commonsense.py. The
+tokenizer.json implementation is machinery/tokenizer.py; reading files safely is machinery/input_files.py.
 
-Reading order: prompts and training targets -> GSM8K scoring -> commonsense reasoning -> datasets -> tokenized
-examples with response-only labels -> batching. Needs torch, numpy and tqdm.
+Reading order: prompts and training targets -> GSM8K scoring -> evaluation tasks -> datasets -> tokenized examples
+with response-only labels -> batching. Needs torch, numpy and tqdm.
 """
 
-import itertools
 import json
 import math
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from machinery.input_files import open_regular
-from machinery.math_grader import reference_answer
+from machinery import datasets
+from machinery.input_files import jsonl_records, open_regular, read_jsonl, text_fields, utf8_lines
+from machinery.math_grader import ANSWER_PREFIX  # "The answer is: ", where MATH's evaluation reads answers too
 
 if TYPE_CHECKING:
     from machinery.tokenizer import Tokenizer
@@ -38,14 +39,21 @@ if TYPE_CHECKING:
 # Prompts and training targets (train_arithmetic.py, utils/data_utils.py; MetaMath's Alpaca-style prompt).
 # ---------------------------------------------------------------------------------------------------------------------
 
-TRAIN_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
-EVAL_PROMPT = TRAIN_PROMPT + " Let's think step by step."  # gsm8k_eval.py: one space, no newline
+# MetaMath's Alpaca-style prompt: the response follows "### Response:" on the same line (the commonsense tasks' Alpaca
+# prompt, machinery/commonsense.py, puts it on a line of its own).
+METAMATH_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+EVAL_PROMPT = METAMATH_PROMPT + " Let's think step by step."  # gsm8k_eval.py: one space, no newline
 
 
 def eval_prompt(question: str) -> str:
     """The evaluation prompt for one GSM8K question."""
     return EVAL_PROMPT.format(instruction=question)
+
+
+def gsm8k_pair(record: dict) -> tuple[str, str]:
+    """A GSM8K record as a (prompt, response) training pair (also what the held-out loss is measured on)."""
+    return METAMATH_PROMPT.format(instruction=record["question"]), gsm8k_response(record["answer"])
 
 
 def gsm8k_response(answer: str) -> str:
@@ -68,7 +76,6 @@ def gsm8k_response(answer: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 STOP_STRINGS = ["Instruction:", "Instruction", "Response:", "Response"]  # gsm8k_eval.py's vLLM stop list
-ANSWER_PREFIX = "The answer is: "
 NUMBER_RE = re.compile(r"[\-+]?\d*[\.,/]?\d+")  # at most one separator: "1,234,567" reads as 1234
 
 
@@ -150,52 +157,49 @@ def score_gsm8k(completions: list[str], golds: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Commonsense reasoning (train_cr.py, utils/data_utils.py and instruction_tuning_eval/commonsense_eval.py, after
-# AGI-Edgerunners/LLM-Adapters): records {instruction, input, output, answer}; output is "the correct answer is X".
+# Evaluation tasks (as nanochat's tasks/): what the trainer needs to evaluate a test set, GSM8K's the reference case.
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Each task's answer pattern, in the paper's table order; social_i_qa has three choices but the authors' pattern five.
-COMMONSENSE_TASKS = {"boolq": "true|false", "piqa": "solution1|solution2",
-                     "social_i_qa": "answer1|answer2|answer3|answer4|answer5",
-                     "hellaswag": "ending1|ending2|ending3|ending4", "winogrande": "option1|option2",
-                     "ARC-Easy": "answer1|answer2|answer3|answer4|answer5",
-                     "ARC-Challenge": "answer1|answer2|answer3|answer4|answer5",
-                     "openbookqa": "answer1|answer2|answer3|answer4|answer5"}
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_INPUT_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                       "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-AUTHORS_INDENT = " " * 12  # their training prompt is an indented f-string: 12 spaces open its lines after the first
+# A scorer's per-answer lists (score_gsm8k, math_grader.score_math, commonsense.score_commonsense) -> the fields of
+# each prediction row.
+PER_ANSWER = {"extracted": "extracted", "is_correct": "correct",
+              "is_correct_authors_fallback": "correct_authors_fallback"}
 
 
-def commonsense_prompt(record: dict, indent: str = "") -> str:
-    """The Alpaca prompt of a record, with its ### Input section when the record has a non-empty input; the response
-    (the record's output, in training) follows it directly. indent=AUTHORS_INDENT gives the authors' training prompt:
-    every non-blank line of the template after the first starts with 12 spaces (the record's own text is not
-    indented), while their evaluation prompt has none."""
-    template = ALPACA_INPUT_PROMPT if record.get("input") else ALPACA_PROMPT
-    if indent:
-        template = re.sub(r"\n(?!\n)", "\n" + indent, template)
-    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+def score_rows(score: Callable[[list, list], dict], rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Score the rows' completions against their gold answers with `score`: its metrics (accuracy, correct, invalid,
+    total, ...), and the rows with each answer's extracted value and verdict(s)."""
+    scored = score([r["completion"] for r in rows], [r["gold"] for r in rows])
+    per_answer = {PER_ANSWER[key]: scored.pop(key) for key in PER_ANSWER if key in scored}
+    return scored, [{**r, **{name: values[i] for name, values in per_answer.items()}} for i, r in enumerate(rows)]
 
 
-def commonsense_prediction(task: str, completion: str) -> str | None:
-    """The first match of the task's answer pattern in the lower-cased completion; None when there is none."""
-    match = re.search(COMMONSENSE_TASKS[task], completion.strip().lower())
-    return match.group() if match else None
+@dataclass(frozen=True)
+class EvalTask:
+    """One evaluation set: where its test file is, how it is read, the prompt of a record, the trainer option that
+    sets its new-token budget, the gold answer of a record, how answers are scored and where they are written. The
+    trainer evaluates each task it is given the same way; adding one is writing its EvalTask and naming it in the
+    trainer's EVAL_TASKS."""
+    name: str  # as --eval_data and summary.json name it
+    title: str  # as the printed summary names it
+    test_file: Callable[[object], Path]  # the trainer's arguments -> the test file (local, or downloaded)
+    load: Callable[[Path], list[dict]]  # the test file's records
+    prompt: Callable[[dict], str]  # a record's evaluation prompt
+    max_new_tokens: str  # the trainer option that sets the new-token budget of an answer
+    gold: Callable[[dict], object]  # a record's reference answer, as the scorer compares it
+    score: Callable[[list[dict]], tuple[dict, list[dict]]]  # prediction rows -> metrics, rows with verdicts
+    predictions: str  # the file of its scored answers in --out_dir
+    question: str = "question"  # the record field a prediction row shows as its question
+    row_fields: tuple[str, ...] = ()  # record fields copied into the prediction rows when present
+    held_out_pair: Callable[[dict], tuple[str, str]] | None = None  # a record as (prompt, response), for the loss
+    held_out_what: str = ""  # what the held-out loss is on, {sets} standing for the evaluated sets' names
+    remark: Callable[[dict], str] = lambda metrics: ""  # what the printed summary adds to the accuracy line
 
 
-def score_commonsense(task: str, completions: list[str], answers: list[str]) -> dict:
-    """Accuracy of completions (already cut at the stop strings) against the records' answers, as score_gsm8k: a
-    completion without a match (invalid) counts as wrong."""
-    if len(completions) != len(answers) or not answers:
-        raise ValueError(f"need as many completions as answers, at least one; got {len(completions)} and "
-                         f"{len(answers)}")
-    preds = [commonsense_prediction(task, c) for c in completions]
-    hits = [p == a for p, a in zip(preds, answers)]
-    return {"accuracy": sum(hits) / len(answers), "correct": sum(hits), "invalid": preds.count(None),
-            "total": len(answers), "extracted": preds, "is_correct": hits}
+GSM8K = EvalTask("gsm8k", "GSM8K", lambda args: datasets.gsm8k_dir(args.data_dir) / "test.jsonl",
+                 lambda path: load_gsm8k("test", path.parent), lambda record: eval_prompt(record["question"]),
+                 "max_new_tokens", lambda record: gold_answer(record["answer"]), partial(score_rows, score_gsm8k),
+                 "predictions.jsonl", held_out_pair=gsm8k_pair, held_out_what="GSM8K test solutions")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,65 +207,18 @@ def score_commonsense(task: str, completions: list[str], answers: list[str]) -> 
 # file, checked per record.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _check_row(row: object, keys: tuple[str, ...], where: str) -> dict:
-    """The `keys` of one record (each a string that is text), or a ValueError naming file:line / file[index]."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with keys {list(keys)}, got {type(row).__name__}")
-    for key in keys:
-        if not isinstance(row.get(key), str):
-            raise ValueError(f"{where}: missing string field {key!r} (keys are {sorted(row)})")
-        try:  # a JSON escape such as "\ud800" decodes to a lone surrogate, which no tokenizer or file can take
-            row[key].encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{where}: field {key!r} holds a lone surrogate {row[key][e.start]!r} at character "
-                             f"{e.start + 1} (an unpaired \\ud800-\\udfff escape), which is not text") from None
-    return {key: row[key] for key in keys}
-
-
-def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) for each line of a text file, decoded as UTF-8 line by line, so that a byte that is not
-    UTF-8 is a ValueError naming the file and the line. Only a regular file is opened: a FIFO would block forever."""
-    with open_regular(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at byte "
-                                 f"{e.start + 1} of the line): save the file as UTF-8") from None
-            yield lineno, line
-
-
-def jsonl_records(path: str | Path) -> Iterator[tuple[str, object]]:
-    """(where, record) for each line of a JSON-lines file but blank ones; where is "file:line", for error messages."""
-    for lineno, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        yield f"{path}:{lineno}", record
-
-
-def read_jsonl(path: str | Path, keys: tuple[str, ...], limit: int | None = None) -> list[dict]:
-    """Records of a JSON-lines file (blank lines skipped), each reduced to `keys`; at most `limit` of them."""
-    return [_check_row(record, keys, where) for where, record in itertools.islice(jsonl_records(path), limit)]
-
-
 def load_gsm8k(split: str, data_dir: str | Path) -> list[dict]:
     """GSM8K `split` ("train": 7473, "test": 1319) from `data_dir/{split}.jsonl`, as dicts with keys question, answer.
     An answer without a final "#### N" line (N an integer, as gold_answer reads it) is an error naming its file and
-    line, found here rather than when the answer is scored or turned into a training target.
-    (train_gsm8k.py downloads the official files into a cache folder when no --data_dir is given.)"""
+    line, found here rather than when the answer is scored or turned into a training target."""
     if split not in ("train", "test"):
         raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --data_dir must hold GSM8K's train.jsonl and test.jsonl "
-                                "(or leave --data_dir out to download them)")
+        raise FileNotFoundError(f"{path} not found: GSM8K's folder holds train.jsonl and test.jsonl")
     rows = []
     for where, record in jsonl_records(path):
-        row = _check_row(record, ("question", "answer"), where)
+        row = text_fields(record, ("question", "answer"), where)
         try:
             gold_answer(row["answer"])
         except ValueError:
@@ -286,60 +243,11 @@ def load_metamathqa(num_examples: int, path: str | Path) -> list[dict]:
             records = json.loads("".join(line for _, line in utf8_lines(path)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        rows = [_check_row(r, ("query", "response"), f"{path}[{i}]") for i, r in enumerate(records[:num_examples])]
+        rows = [text_fields(r, ("query", "response"), f"{path}[{i}]") for i, r in enumerate(records[:num_examples])]
     else:
         rows = read_jsonl(path, ("query", "response"), limit=num_examples)
     if len(rows) < num_examples:
         raise ValueError(f"{path} holds {len(rows)} examples, fewer than the {num_examples} requested")
-    return rows
-
-
-def load_math(path: str | Path) -> list[dict]:
-    """MetaMath's MATH test file (MATH_test.jsonl, 5000 problems): JSON lines with string fields instruction (the
-    problem) and output (the reference solution), and, when the file has them, type (the subject) and level. Returns
-    dicts with keys question (the instruction), answer (the inside of the last \\boxed{...} of output, see
-    reference_answer), and subject and level when present. A solution without a \\boxed{...} answer is an error naming
-    its file and line (theirs silently scored that problem as wrong)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"MATH test file {path} not found (MetaMath's MATH_test.jsonl; leave --math_path "
-                                "out to download it)")
-    problems = []
-    for where, record in jsonl_records(path):
-        row = _check_row(record, ("instruction", "output"), where)
-        answer = reference_answer(row["output"])
-        if answer is None:
-            raise ValueError(f"{where}: the reference solution has no \\boxed{{...}} answer (its end: "
-                             f"{row['output'][-80:]!r}); fix the line or remove it")
-        problem = {"question": row["instruction"], "answer": answer}
-        problem.update({name: str(record[key]) for key, name in (("type", "subject"), ("level", "level"))
-                        if key in record})
-        problems.append(problem)
-    return problems
-
-
-def load_commonsense(path: str | Path, task: str | None = None) -> list[dict]:
-    """The records of a commonsense JSON list (a task's test.json or train.json, or commonsense_170k.json), as dicts
-    with string fields instruction, input ("" when absent), output and answer. Given a task, every answer must be one
-    its pattern can match: the test would count it wrong whatever the model said."""
-    path = Path(path)
-    with open_regular(path, encoding="utf-8") as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
-    rows = []
-    for i, record in enumerate(records):
-        where = f"{path}[{i}]"
-        row = _check_row(record, ("instruction", "output", "answer"), where)
-        row["input"] = record.get("input") or ""
-        if not isinstance(row["input"], str):
-            raise ValueError(f"{where}: field 'input' must be a string, got {type(row['input']).__name__}")
-        if task and not re.fullmatch(COMMONSENSE_TASKS[task], row["answer"]):
-            raise ValueError(f"{where}: answer {row['answer']!r} is none of {task}'s ({COMMONSENSE_TASKS[task]})")
-        rows.append(row)
     return rows
 
 
@@ -399,9 +307,6 @@ def tokenize_dataset(tokenizer: "Tokenizer", pairs: list[tuple[str, str]], max_l
 # Batching: padded batches in an order that is a function of (seed, epoch) alone, so a run resumes mid-epoch exactly.
 # ---------------------------------------------------------------------------------------------------------------------
 
-BUCKET_BATCHES = 50  # length bucketing sorts the examples within windows of this many batches
-
-
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-pad to the longest example: input_ids (B, T) long, attention_mask (B, T) bool (True on real tokens, set
     by length, not by id, since pad may equal EOS), labels (B, T) long with -100 on padding."""
@@ -422,17 +327,16 @@ class Batches:
     and a run resumes mid-epoch exactly (torch's DataLoader has no state_dict: pytorch/pytorch#36650).
 
     Epoch e draws a permutation of the examples from a torch.Generator seeded with (seed, e) (dataset order when
-    shuffle is False) and cuts it into batches of batch_size; the last batch may be smaller. With bucket_by_length,
-    each window of BUCKET_BATCHES batches is sorted by length before cutting (less padding) and the batch order is
-    then shuffled. With world_size > 1, rank r takes batches r, r + world_size, ... and the num_batches % world_size
-    batches left over are dropped, so all ranks run the same number of steps (an uneven count hangs DDP).
+    shuffle is False) and cuts it into batches of batch_size; the last batch may be smaller. With world_size > 1,
+    rank r takes batches r, r + world_size, ... and the num_batches % world_size batches left over are dropped, so all
+    ranks run the same number of steps (an uneven count hangs DDP).
 
     next_batch() returns the batch at (epoch, position) and advances, rolling over into the next epoch; it is what a
     trainer that counts steps calls. Iterating yields the rest of the current epoch through next_batch().
     """
 
     def __init__(self, examples: list[dict], batch_size: int, seed: int, shuffle: bool = True,
-                 bucket_by_length: bool = False, rank: int = 0, world_size: int = 1, pad_id: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, pad_id: int = 0) -> None:
         if batch_size < 1 or seed < 0 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1, seed >= 0 and 0 <= rank < world_size; got "
                              f"batch_size={batch_size}, seed={seed}, rank={rank}, world_size={world_size}")
@@ -440,7 +344,7 @@ class Batches:
             raise ValueError(f"{len(examples)} examples make fewer than one batch of {batch_size} per rank "
                              f"for {world_size} ranks")
         self.examples, self.batch_size, self.seed, self.shuffle = examples, batch_size, seed, shuffle
-        self.bucket_by_length, self.rank, self.world_size, self.pad_id = bucket_by_length, rank, world_size, pad_id
+        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         self.epoch, self.position = 0, 0
         self._batches, self._batches_epoch = None, None
 
@@ -455,13 +359,7 @@ class Batches:
         g = torch.Generator().manual_seed(int(epoch_seed))
         n, bs = len(self.examples), self.batch_size
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        if self.bucket_by_length:
-            window = BUCKET_BATCHES * bs
-            order = [i for start in range(0, n, window)
-                     for i in sorted(order[start:start + window], key=lambda i: -len(self.examples[i]["input_ids"]))]
         batches = [order[start:start + bs] for start in range(0, n, bs)]
-        if self.bucket_by_length and self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches[self.rank:len(self) * self.world_size:self.world_size]
 
     def next_batch(self) -> dict:

@@ -21,20 +21,19 @@ A run, in the order main() and run() call its phases:
     load                    the model folder and config, the tokenizer, the test problems, the training pairs
     plan_training           steps, warmup, lr_1 (the first step's LR, or --lr_1) and the number of init samples
     initialize_adapters     the method: LoRA-SB estimates the first full fine-tuning update, then B, R, A = its SVD
-    train                   AdamW on what trains, gradient accumulation, checkpoints every --save_every steps
+    Checkpointer            with --resume, the newest intact checkpoint of the same run (else the run starts afresh)
+    train                   AdamW on what trains, gradient accumulation; after each step the checkpointer logs,
+                            checkpoints every --save_every steps and stops the run on a signal or a divergence
     save_outputs            the adapter and its PEFT export (or the fine-tuned model folder)
-    report                  evaluate (held-out loss, greedy answers to GSM8K and MATH scored by the authors' rules),
-                            write summary.json
+    report                  evaluate each --eval_data set (EVAL_TASKS: GSM8K, MATH, the commonsense tasks): the
+                            held-out loss, greedy answers scored by the authors' rules; write summary.json
 What a real run needs beyond that (checkpoints and resume, the out_dir, torchrun, downloads) is in machinery/.
 """
 
 import argparse
-import dataclasses
 import math
 import os
-import resource
 import shutil
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -51,171 +50,28 @@ from tqdm import tqdm
 import data
 import lorasb
 import model as model_lib
-from machinery import checkpoints, command, datasets, distributed, hub, run_folder
-from machinery.distributed import refuse
-from machinery.math_grader import score_math
+from machinery import arguments, command, commonsense, datasets, distributed, hub, math_task, reporting, run_folder
+from machinery.checkpointer import Checkpointer, resume_command
+from machinery.command import refuse
+from machinery.run_identity import canonical_model, run_identity
 from machinery.tokenizer import Tokenizer
 
-METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
-EVAL_SETS = {"gsm8k": "predictions.jsonl", "math": "predictions_math.jsonl",  # test set -> file of its scored answers
-             **{task: f"predictions_{task}.jsonl" for task in data.COMMONSENSE_TASKS}}
+# The evaluation sets --eval_data chooses from (data.EvalTask: how each is loaded, prompted, scored and written).
+EVAL_TASKS = {"gsm8k": data.GSM8K, "math": math_task.MATH, **commonsense.TASKS}
 # Everything a run writes in --out_dir: --overwrite deletes these (and nothing else), the summary lists them.
 OUTPUTS = ("config.json", "metrics.jsonl", run_folder.CHECKPOINTS, "adapter.safetensors", "peft_adapter", "model",
-           *EVAL_SETS.values(), "summary.json")
-DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
+           *(task.predictions for task in EVAL_TASKS.values()), "summary.json")
 MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json")  # copied beside the weights of a fully fine-tuned model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Arguments: parsed once (defaults that depend on other arguments are resolved here), then never rewritten.
+# Arguments: parsed once (defaults that depend on other arguments are resolved there), then never rewritten.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def argument_type(convert, ok, what: str):
-    """An argparse type: the text converted, refused unless ok(value) ("must be `what`")."""
-    def parse(text: str):
-        if not ok(value := convert(text)):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'"
-    return parse
-
-
-POSITIVE_INT = argument_type(int, lambda v: v >= 1, "positive")
-POSITIVE = argument_type(float, lambda v: 0 < v < math.inf, "a positive finite number")
-NON_NEGATIVE = argument_type(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-FINITE = argument_type(float, math.isfinite, "a finite number")
-FRACTION = argument_type(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-
-
-def comma_separated(text: str) -> tuple[str, ...]:
-    return tuple(name for name in text.split(",") if name)
-
-
-def eval_set_names(text: str) -> tuple[str, ...]:
-    """Test set names, "commonsense" standing for the eight commonsense tasks."""
-    names = tuple(dict.fromkeys(n for name in comma_separated(text)
-                                for n in (data.COMMONSENSE_TASKS if name == "commonsense" else (name,))))
-    if not names or not set(names) <= EVAL_SETS.keys():
-        raise argparse.ArgumentTypeError(f"{text!r}: choose test sets among {', '.join(EVAL_SETS)} (commonsense: the "
-                                         f"last eight), comma-separated")
-    return names
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--model", default="Qwen/Qwen2.5-0.5B", help="hub name or local folder (config.json, safetensors, tokenizer)")
-    a("--method", default="lorasb", choices=METHODS)
-    a("--rank", type=int, help="adapter rank (default: 96 for lorasb/loraxs, 32 for lora)")
-    a("--lora_alpha", type=FINITE, help="LoRA only: scale = alpha / rank (default: 2 * rank)")
-    a("--targets", type=comma_separated, default=",".join(lorasb.DEFAULT_TARGETS), help="module-name suffixes to adapt")
-    a("--train_data", default="gsm8k", choices=("gsm8k", "metamathqa", "commonsense"))
-    a("--num_train", type=POSITIVE_INT, help="use the first N training examples (metamathqa default: 50000)")
-    a("--data_dir", help="folder with GSM8K train.jsonl and test.jsonl (default: download and cache)")
-    a("--metamathqa_path", help="local MetaMathQA .json/.jsonl (default: download from the hub)")
-    a("--commonsense_dir", help="commonsense data in the authors' layout: <task>/test.json, and commonsense_170k.json "
-      "or <task>/train.json to train on (default: download LLM-Adapters' files)")
-    a("--commonsense_prompt", default="alpaca", choices=("alpaca", "authors"), help="commonsense training prompt: "
-      "alpaca (the evaluation's) or authors (theirs: 12 spaces open each line after the first)")
-    a("--epochs", type=POSITIVE_INT, default=3, help="passes over the training set")
-    a("--max_steps", type=POSITIVE_INT, help="stop the schedule after this many optimizer steps")
-    a("--lr", type=POSITIVE, default=1e-4, help="peak learning rate (the paper's arithmetic setting)")
-    a("--warmup_ratio", type=FRACTION, default=0.02, help="linear warmup over this fraction of the steps")
-    a("--schedule", default="cosine", choices=("cosine", "linear"), help="decay after the warmup")
-    a("--weight_decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay (the authors' 0.01 was an accident)")
-    a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0 disables)")
-    a("--batch_size", type=POSITIVE_INT, default=32, help="examples per optimizer step, over all GPUs")
-    a("--micro_batch_size", type=POSITIVE_INT, default=4, help="examples per forward pass on one GPU")
-    a("--max_length", type=POSITIVE_INT, default=512, help="truncate training examples to this many tokens")
-    a("--num_init_samples", type=POSITIVE_INT, help="examples of the estimate (default: 0.1%% of the data, >= 32)")
-    a("--init_rule", default="adamw", choices=("adamw", "sgd"), help="dW = -lr_1 * sign G (adamw) or -lr_1 * G")
-    a("--init_svd", default="exact", choices=lorasb.SVDS, help="SVD of the initialization; "
-      "authors: theirs, svd_lowrank with q = rank, 10 power iterations, seed 42 (lorasb only)")
-    a("--init_batch_size", type=POSITIVE_INT, help="examples per batch of the estimate (default: --micro_batch_size)")
-    a("--lr_1", type=POSITIVE, help="the step size of the first-update estimate, which sets the size of R at init "
-      "(default: the LR of the first optimizer step; the authors' run used 1e-4 / 333.34 = 2.99994e-7)")
-    a("--init_accumulate_on", default="device", choices=("device", "cpu"), help="where the fp32 gradient sums live")
-    a("--eval_data", type=eval_set_names, default="gsm8k", help="test sets to answer: gsm8k (1319), math (5000), "
-      "the commonsense tasks boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa, "
-      "or commonsense for all eight")
-    a("--math_path", help="local MetaMath MATH_test.jsonl (default: download from MetaMath's repository)")
-    a("--eval_limit", type=POSITIVE_INT, help="evaluate on the first N problems of each test set (default: all)")
-    a("--eval_batch_size", type=POSITIVE_INT, default=64, help="prompts per generation batch")
-    a("--max_new_tokens", type=POSITIVE_INT, default=256, help="generation budget per GSM8K question (theirs)")
-    a("--math_max_new_tokens", type=POSITIVE_INT, default=512, help="generation budget per MATH problem (theirs)")
-    a("--commonsense_max_new_tokens", type=POSITIVE_INT, default=32, help="per commonsense question (theirs)")
-    a("--eval_merge", default="exact", choices=("exact", "bf16"), help="exact (the adapter as trained: merged in "
-      "fp32, unmerged with bf16 weights) or bf16 (the authors': merged, then every weight in bf16)")
-    a("--eval_only", action="store_true", help="skip training; evaluate --model (with --adapter if given)")
-    a("--adapter", help="with --eval_only: an adapter.safetensors saved by this script")
-    a("--out_dir", help="where outputs go (default: runs/gsm8k-<method>-r<rank>, runs/gsm8k-eval)")
-    one_of = p.add_mutually_exclusive_group().add_argument
-    one_of("--overwrite", action="store_true", help="start over in an existing out_dir (deleting its checkpoints)")
-    one_of("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
-    a("--save_every", type=POSITIVE_INT, default=200, help="checkpoint every N optimizer steps (and at the end)")
-    a("--log_every", type=POSITIVE_INT, default=10, help="print and log metrics every N optimizer steps")
-    a("--seed", type=int, default=42)
-    a("--device", help="cuda, cpu, ... (default: cuda when available)")
-    a("--dtype", choices=("bfloat16", "float32"), help="model weights (default: bf16 on GPU, fp32 on CPU)")
-    a("--compile", action="store_true", help="torch.compile the model for training")
-    args = p.parse_args(argv)
-    if args.rank is None and args.method in DEFAULT_RANK:
-        args.rank = DEFAULT_RANK[args.method]
-    if args.lora_alpha is None and args.method == "lora":
-        args.lora_alpha = 2.0 * args.rank
-    if args.out_dir is None:
-        run = "eval" if args.eval_only else args.method + (f"-r{args.rank}" if args.rank else "")
-        args.out_dir = os.path.join("runs", f"gsm8k-{run}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.init_batch_size is None:
-        args.init_batch_size = args.micro_batch_size
-    return args
-
-
-def check_args(args, ddp_world_size: int) -> list[str]:
-    """Every problem argparse cannot see in one argument alone (combinations, files, the number of processes, the
-    out_dir), listed at once."""
-    problems = []
-    if args.rank is not None and args.rank < 1:  # here, not in argparse, to be listed with the other problems
-        problems.append(f"--rank {args.rank}: the rank must be at least 1")
-    if args.init_svd == "authors" and args.method != "lorasb":
-        problems.append(f"--init_svd authors is LoRA-SB's initialization; --method {args.method} does not use it")
-    if args.batch_size % (args.micro_batch_size * ddp_world_size):
-        problems.append(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                        f"{args.micro_batch_size} x {ddp_world_size} GPU(s): gradient accumulation needs a whole "
-                        "number")
-    if args.num_init_samples is not None and args.num_init_samples < ddp_world_size:
-        problems.append(f"--num_init_samples {args.num_init_samples} is fewer than the {ddp_world_size} processes: "
-                        "every process needs at least one example for the estimate")
-    if args.adapter and not args.eval_only:
-        problems.append("--adapter is for --eval_only (training writes its own adapter)")
-    if args.adapter and args.method == "full":
-        problems.append("--adapter with --method full: pass the fine-tuned model folder as --model instead")
-    # exists, not is_file: the loaders refuse a FIFO or a folder in place of a file, saying what it is
-    if args.data_dir and not all((Path(args.data_dir) / f"{s}.jsonl").exists() for s in ("train", "test")):
-        problems.append(f"--data_dir {args.data_dir}: needs train.jsonl and test.jsonl (GSM8K)")
-    problems += [f"--{name} {getattr(args, name)}: no such file" for name in ("adapter", "metamathqa_path", "math_path")
-                 if getattr(args, name) and not Path(getattr(args, name)).exists()]
-    if args.commonsense_dir and not Path(args.commonsense_dir).is_dir():
-        problems.append(f"--commonsense_dir {args.commonsense_dir}: no such folder")
-    elif args.train_data == "commonsense" and not args.eval_only and args.commonsense_dir and \
-            not datasets.commonsense_train_files(args.commonsense_dir):
-        problems.append(f"--commonsense_dir {args.commonsense_dir}: holds neither commonsense_170k.json nor a "
-                        "<task>/train.json to train on")
-    return problems + run_folder.check(args)
-
-
-def check_model(args, config: model_lib.ModelConfig) -> list[str]:
-    """Problems that need the model's shapes (read from config.json alone, before any weight is loaded)."""
-    if args.method == "full" or args.eval_only:
-        return []
-    try:
-        targets = lorasb.find_targets(model_lib.build_model(config), args.targets)
-    except ValueError as e:
-        return [f"--targets: {e}"]
-    return [f"--{problem}" for problem in lorasb.rank_problems(targets, args.rank)][:3]
+    """The run's arguments: every option and its check are in machinery/arguments.py."""
+    return arguments.parse_args(argv, __doc__, tuple(EVAL_TASKS))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,7 +94,7 @@ class Setup:
         the dtypes, and seed torch's RNG (the data order has seeds of its own)."""
         ddp = "RANK" in os.environ
         ddp_rank, ddp_world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        problems = check_args(args, ddp_world_size)
+        problems = arguments.check_args(args, ddp_world_size)
         if problems:
             refuse(problems)
         device = distributed.start(torch.device(args.device)) if ddp else torch.device(args.device)
@@ -275,20 +131,6 @@ class Setup:
         return list(range(self.ddp_rank, n, self.ddp_world_size))
 
 
-def device_line(setup: Setup) -> str:
-    """The run's first line: where it computes and in which dtype (a CPU run is many times slower: said at once)."""
-    if setup.device.type == "cuda":
-        where = f"{setup.device} ({torch.cuda.get_device_name(setup.device)})"
-    elif setup.device.type == "cpu":
-        found = "a GPU is there, --device cpu asks for the CPU" if torch.cuda.is_available() else "no GPU found"
-        where = f"cpu ({found}; {torch.get_num_threads()} threads)"
-    else:
-        where = str(setup.device)
-    dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-    computing = f", computing in {dtype(setup.compute_dtype)}" if setup.compute_dtype != setup.weights_dtype else ""
-    return f"device {where}, weights {dtype(setup.weights_dtype)}{computing}"
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Load: the model folder, the tokenizer and the data (downloaded into the cache when not given as local files).
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,14 +147,22 @@ def training_pairs(args) -> list[tuple[str, str]]:
     """(prompt, response) pairs in the authors' format: their Alpaca prompt, the response, then EOS."""
     if args.train_data == "gsm8k":
         rows = data.load_gsm8k("train", datasets.gsm8k_dir(args.data_dir))[:args.num_train]
-        return [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
+        return [data.gsm8k_pair(r) for r in rows]
     if args.train_data == "commonsense":
-        indent = data.AUTHORS_INDENT if args.commonsense_prompt == "authors" else ""
+        indent = commonsense.AUTHORS_INDENT if args.commonsense_prompt == "authors" else ""
         files = datasets.commonsense_train_files(args.commonsense_dir)
-        rows = [r for path in files for r in data.load_commonsense(path)]
-        return [(data.commonsense_prompt(r, indent), r["output"]) for r in rows[:args.num_train]]
+        rows = [r for path in files for r in commonsense.load_commonsense(path)]
+        return [(commonsense.commonsense_prompt(r, indent), r["output"]) for r in rows[:args.num_train]]
     rows = data.load_metamathqa(args.num_train or 50_000, datasets.metamathqa_file(args.metamathqa_path))
-    return [(data.TRAIN_PROMPT.format(instruction=r["query"]), r["response"]) for r in rows]
+    return [(data.METAMATH_PROMPT.format(instruction=r["query"]), r["response"]) for r in rows]
+
+
+def held_out_sets(eval_data: tuple[str, ...]) -> tuple[str, ...]:
+    """The test sets whose answers the held-out loss is on: GSM8K's solutions (also when only MATH is evaluated), or,
+    when every evaluated set but GSM8K has answers in the training format (the commonsense tasks), theirs."""
+    if "gsm8k" in eval_data or not all(EVAL_TASKS[name].held_out_pair for name in eval_data):
+        return ("gsm8k",)
+    return eval_data
 
 
 @dataclass
@@ -321,10 +171,8 @@ class Loaded:
     folder: Path
     config: model_lib.ModelConfig
     tokenizer: Tokenizer
-    questions: list[dict]  # the GSM8K test questions, unless only commonsense tasks are evaluated
+    test_sets: dict[str, list[dict]]  # the first --eval_limit records of each test set evaluated or held out
     pairs: list[tuple[str, str]] | None  # the (prompt, response) training pairs; None with --eval_only
-    math_problems: list[dict] | None = None  # the MATH test problems, with --eval_data math
-    commonsense: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # --eval_data commonsense tasks
 
     @property
     def eos_ids(self) -> set[int]:
@@ -339,30 +187,22 @@ def load(args, setup: Setup) -> Loaded:
     if setup.ddp and not setup.master_process:
         dist.barrier()
     folder = hub.resolve_model(args.model)
-    commonsense = {task: data.load_commonsense(datasets.commonsense_test_file(task, args.commonsense_dir),
-                                               task)[:args.eval_limit]
-                   for task in args.eval_data if task in data.COMMONSENSE_TASKS}
-    questions = ([] if len(commonsense) == len(args.eval_data)
-                 else data.load_gsm8k("test", datasets.gsm8k_dir(args.data_dir))[:args.eval_limit])
+    test_files = {name: EVAL_TASKS[name].test_file(args)
+                  for name in dict.fromkeys([*args.eval_data, *held_out_sets(args.eval_data)])}
+    test_sets = {name: EVAL_TASKS[name].load(path)[:args.eval_limit] for name, path in test_files.items()}
     pairs = None if args.eval_only else training_pairs(args)
-    math_problems = None
-    if "math" in args.eval_data:
-        math_problems = data.load_math(datasets.math_file(args.math_path))[:args.eval_limit]
     if setup.ddp and setup.master_process:
         dist.barrier()
     config = model_lib.load_config(folder)
     model_lib.check_checkpoint(folder, config)  # the weights fit config.json, before check_model builds its skeleton
-    problems = check_model(args, config)
-    if not questions and not commonsense:
-        test_file = datasets.gsm8k_dir(args.data_dir) / "test.jsonl"
-        problems.append(f"{test_file} holds no test question: evaluation needs one")
+    problems = arguments.check_model(args, config)
+    problems += [f"{test_files[name]} holds no test question: evaluation needs one"
+                 for name, records in test_sets.items() if not records]
     if pairs == []:  # else training_examples would blame --max_length for leaving no response token
         problems.append(f"no training example in {', '.join(map(str, training_data_files(args)))}: training needs one")
-    problems += [f"{datasets.commonsense_test_file(task, args.commonsense_dir)} holds no test question: evaluation "
-                 "needs one" for task, records in commonsense.items() if not records]
     if problems:
         refuse(problems)
-    return Loaded(folder, config, Tokenizer.from_dir(folder), questions, pairs, math_problems, commonsense)
+    return Loaded(folder, config, Tokenizer.from_dir(folder), test_sets, pairs)
 
 
 def training_examples(loaded: Loaded, args, setup: Setup) -> list[dict]:
@@ -434,10 +274,7 @@ def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
         num_init = args.num_init_samples or default_init_samples(num_examples)
         most = max_init_samples(num_examples, args.init_batch_size, ddp_world_size)
         if num_init > most:
-            refuse([f"{'--num_init_samples' if args.num_init_samples else 'the default number of init samples'} "
-                    f"{num_init}: the first-update estimate can use at most {most} of the {num_examples} training "
-                    f"examples ({ddp_world_size} process(es), batches of --init_batch_size {args.init_batch_size}); "
-                    f"pass --num_init_samples {most} or fewer"])
+            refuse([arguments.too_many_init_samples(args, num_init, most, num_examples, ddp_world_size)])
     return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init)
 
 
@@ -477,12 +314,8 @@ def estimate_update_from_examples(model, examples: list[dict], pad_id: int, args
                                 world_size=setup.ddp_world_size, pad_id=pad_id)
     setup.log(f"estimating the first update from {plan.num_init_samples} examples (lr_1 = {plan.lr_1:.3g}, "
               f"rule {args.init_rule})")
-    if args.lr_1 is None and plan.warmup_steps <= 1:
-        setup.warn(f"lr_1 = {plan.lr_1:.3g} is the peak learning rate: a schedule of {plan.total_steps} steps has "
-                   f"{plan.warmup_steps} warmup step(s), so LoRA-SB starts from a full fine-tuning step of the "
-                   f"adapter's peak learning rate on every weight (truncated to rank {args.rank}), a large jump that "
-                   f"can hurt (README: 'lr_1 sets the size of the initialization'). More steps or a larger "
-                   f"--warmup_ratio make lr_1 = --lr / warmup_steps a full fine-tuning step of sensible size.")
+    if warning := arguments.lr_1_warning(args, plan.lr_1, plan.warmup_steps, plan.total_steps):
+        setup.warn(warning)
     # A batch counts once its backward pass is done (when the next one comes, or the estimate returns), so the bar
     # reaches 100% when the estimate has, not one batch's forward and backward before.
     bar = tqdm(desc="estimating", total=local_samples, unit="example", disable=not setup.master_process)
@@ -574,71 +407,24 @@ def train_step(run_model, optimizer, batches: data.Batches, step: int, args, pla
     return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
 
-def train(model, optimizer, batches: data.Batches, start_step: int, args, plan: Plan, setup: Setup, out: Path,
-          stop: checkpoints.StopOnSignal) -> float:
-    """Steps start_step + 1 .. plan.total_steps: log every --log_every steps to metrics.jsonl and the progress bar,
-    checkpoint every --save_every steps, at the end, and at the step a signal stops the run (`stop`). Returns the
-    seconds it took."""
+def train(model, optimizer, batches: data.Batches, args, plan: Plan, setup: Setup, start_step: int = 0,
+          after_step: Callable[[int, dict], None] | None = None) -> float:
+    """Optimizer steps start_step + 1 .. plan.total_steps (train_step), each followed by after_step(step, result),
+    where a caller records what it needs: the trainer's checkpointer logs, checkpoints and stops the run on a signal
+    or a divergence (machinery/checkpointer.py); an experiment keeps the losses. Returns the seconds it took."""
     run_model = torch.compile(model) if args.compile else model
     if setup.ddp:
         run_model = distributed.wrap(run_model, setup.device)
     setup.log(f"training: {plan.total_steps} steps of {args.batch_size} examples ({plan.grad_accum} x "
               f"{args.micro_batch_size} x {setup.ddp_world_size}), lr {args.lr:g} (warmup {plan.warmup_steps}, "
               f"{args.schedule}), weight decay {args.weight_decay:g}")
-    t0 = last_log = time.time()
-    tokens = 0
-    diverged_at = torch.zeros((), dtype=torch.long, device=setup.device)  # first step with a NaN/inf loss or grad norm
+    t0 = time.time()
     run_model.train()
-    bar = tqdm(range(start_step + 1, plan.total_steps + 1), initial=start_step, total=plan.total_steps,
-               desc="training", disable=not setup.master_process)
-    for step in bar:
+    for step in range(start_step + 1, plan.total_steps + 1):
         result = train_step(run_model, optimizer, batches, step, args, plan, setup)
-        finite = torch.isfinite(result["loss"]) & torch.isfinite(result["grad_norm"])
-        diverged_at.masked_fill_((diverged_at == 0) & ~finite, step)  # on the device: no sync per step
-        tokens += result["tokens"] * setup.ddp_world_size
-        stopping = stop.requested()
-        saving = stopping or step % args.save_every == 0 or step == plan.total_steps
-        if saving or step % args.log_every == 0:
-            stop_if_diverged(diverged_at, optimizer if saving else None, step, args, setup, out)
-        if step % args.log_every == 0 or step == plan.total_steps:
-            loss = result["loss"]
-            if setup.ddp:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            now = time.time()
-            row = {"step": step, "loss": loss.item(), "lr": result["lr"], "grad_norm": result["grad_norm"].item(),
-                   "tokens_per_s": tokens / (now - last_log), "elapsed_s": now - t0}
-            tokens, last_log = 0, now
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if setup.master_process:
-                run_folder.append_jsonl(out / "metrics.jsonl", row)
-        if saving:
-            if setup.master_process:
-                checkpoints.save(out, step, model, optimizer, batches, setup.device)
-            if setup.ddp:
-                dist.barrier()
-        if stopping:
-            bar.close()  # before the message that ends the output
-            stop.stop(step, out / run_folder.CHECKPOINTS, setup.master_process)
-    if stop.requested():  # the signal came during the last checkpoint, which is written
-        stop.stop(plan.total_steps, out / run_folder.CHECKPOINTS, setup.master_process)
+        if after_step:
+            after_step(step, result)
     return time.time() - t0
-
-
-def stop_if_diverged(diverged_at: torch.Tensor, optimizer, step: int, args, setup: Setup, out: Path) -> None:
-    """Stop the run with a clear message, before anything more is saved, once a step's loss or gradient norm was NaN or
-    inf (the weights that train then are, or soon will be), or, given the optimizer (before a save), when a weight it
-    trains is. The checkpoints already written stay as they are."""
-    if setup.ddp:
-        dist.all_reduce(diverged_at, op=dist.ReduceOp.MAX)
-    first = int(diverged_at.item())
-    if not first and optimizer is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        first = 0 if torch.stack([torch.isfinite(p).all() for p in params]).all() else step
-    if first:  # every process stops; process 0 says why
-        sys.exit(f"Stopped at step {step}: training diverged (the loss, the gradient norm or the weights became NaN or "
-                 f"inf at step {first}). Nothing from step {first} on was saved; the checkpoints in "
-                 f"{out / run_folder.CHECKPOINTS} are as they were. Start over with a lower --lr (this run: "
-                 f"{args.lr:g}) and --overwrite." if setup.master_process else 1)
 
 
 def write_config(out: Path, args, plan: Plan, loaded: Loaded, num_trainable: int, setup: Setup) -> None:
@@ -686,7 +472,7 @@ def load_adapter_to_evaluate(model, args, setup: Setup) -> dict:
         described.update(method=info["method"], rank=info["rank"])
         setup.log(f"loaded {info['method']} adapter (rank {info['rank']}) from {args.adapter}")
         trained_on = info.get("base_model")
-        if trained_on and checkpoints.canonical_model(trained_on) != checkpoints.canonical_model(args.model):
+        if trained_on and canonical_model(trained_on) != canonical_model(args.model):
             setup.warn(f"{args.adapter} was trained on {trained_on}, not on --model {args.model}: unless they are the "
                        f"same model, the evaluation is of a mismatched adapter")
     return described
@@ -709,15 +495,9 @@ def prepare_evaluation(model, args, setup: Setup) -> None:
             p.data = p.data.to(torch.bfloat16)
 
 
-def held_out_loss(model, tokenizer: Tokenizer, questions: list[dict], args, setup: Setup) -> float:
-    """Mean next-token loss per response token of the GSM8K reference solutions, in the training format (teacher
-    forcing): a smoother measure than accuracy for comparing methods on the same budget."""
-    pairs = [(data.TRAIN_PROMPT.format(instruction=q["question"]), data.gsm8k_response(q["answer"])) for q in questions]
-    return response_loss(model, tokenizer, pairs, args, setup)
-
-
-def response_loss(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], args, setup: Setup) -> float:
-    """Mean next-token loss per response token of (prompt, response) pairs, over all processes."""
+def held_out_loss(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], args, setup: Setup) -> float:
+    """Mean next-token loss per response token of (prompt, response) pairs in the training format (teacher forcing),
+    over all processes: a smoother measure than accuracy for comparing methods on the same budget."""
     examples, _ = data.tokenize_dataset(tokenizer, [pairs[i] for i in setup.my_share(len(pairs))], args.max_length)
     sums = torch.zeros(2, dtype=torch.float64, device=setup.device)  # (loss * tokens, tokens)
     for start in tqdm(range(0, len(examples), args.micro_batch_size), desc="held-out loss", unit="batch",
@@ -732,148 +512,61 @@ def response_loss(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], arg
 
 def generate_answers(model, tokenizer: Tokenizer, questions: list[dict], eos_ids: set[int], args,
                      setup: Setup, eval_set: str = "gsm8k") -> list[dict]:
-    """Greedy completions of this process's share of the questions of `eval_set`, cut at the authors' stop strings,
-    after at most --max_new_tokens (GSM8K), --math_max_new_tokens (MATH) or --commonsense_max_new_tokens new tokens.
-    Each row holds the question, its gold answer (GSM8K: the number after "#### "; MATH: the reference's \\boxed{}
-    answer; a commonsense task: the record's answer), MATH's subject and level when the file has them, and the
-    completion."""
-    mine = setup.my_share(len(questions))
-    commonsense = eval_set in data.COMMONSENSE_TASKS
-    prompts = [tokenizer.encode(data.commonsense_prompt(questions[i]) if commonsense
-                                else data.eval_prompt(questions[i]["question"])) for i in mine]
-    max_new_tokens = {"gsm8k": args.max_new_tokens, "math": args.math_max_new_tokens}.get(
-        eval_set, args.commonsense_max_new_tokens)
+    """Greedy completions of this process's share of the questions of `eval_set` (EVAL_TASKS: its prompt and its
+    budget of new tokens), cut at the authors' stop strings. Each row holds the question, its gold answer, the task's
+    row_fields (MATH's subject and level) when the record has them, and the completion."""
+    task, mine = EVAL_TASKS[eval_set], setup.my_share(len(questions))
+    prompts = [tokenizer.encode(task.prompt(questions[i])) for i in mine]
     # Stop strings are matched on the generated text only (the prompt contains "Instruction:" and "Response:");
     # the last few tokens suffice to see a new one, so each check decodes a short tail.
     stop = lambda new: any(s in tokenizer.decode(new[-8:]) for s in data.STOP_STRINGS)  # noqa: E731
     # generate sorts the prompts by length into batches (less padding) and shows a progress bar, token by token
-    outputs = model_lib.generate(model, prompts, max_new_tokens, eos_ids, tokenizer.pad_id, stop=stop,
-                                 batch_size=args.eval_batch_size, progress=setup.master_process)
-    rows = []
-    for i, new in zip(mine, outputs):
-        question = questions[i]
-        gold = data.gold_answer(question["answer"]) if eval_set == "gsm8k" else question["answer"]
-        rows.append({"index": i, "question": question["instruction" if commonsense else "question"], "gold": gold,
-                     **{key: question[key] for key in ("subject", "level") if key in question},
-                     "completion": data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0]})
-    return rows
-
-
-# The per-answer lists of a scorer's result (data.score_gsm8k, data.score_commonsense, math_grader.score_math) -> the
-# fields of each prediction row.
-PER_ANSWER = {"extracted": "extracted", "is_correct": "correct",
-              "is_correct_authors_fallback": "correct_authors_fallback"}
-
-
-def score_rows(score: Callable[[list, list], dict], rows: list[dict]) -> tuple[dict, list[dict]]:
-    """Score the rows' completions against their gold answers with `score`: its metrics (accuracy, correct, invalid,
-    total, ...), and the rows with each answer's extracted value and verdict(s)."""
-    scored = score([r["completion"] for r in rows], [r["gold"] for r in rows])
-    per_answer = {PER_ANSWER[key]: scored.pop(key) for key in PER_ANSWER if key in scored}
-    return scored, [{**r, **{name: values[i] for name, values in per_answer.items()}} for i, r in enumerate(rows)]
-
-
-def score_math_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
-    """MATH's score_rows, scored correctly with what the authors' is_equiv fallback gives beside it (the figure
-    comparable with their published MATH numbers), and the accuracy by subject and by level when the file has them."""
-    metrics, rows = score_rows(score_math, rows)
-    for field in ("subject", "level"):
-        if all(field in r for r in rows):
-            verdicts = {}
-            for r in rows:
-                verdicts.setdefault(r[field], []).append(r["correct"])
-            metrics[f"by_{field}"] = {value: {"accuracy": sum(v) / len(v), "correct": sum(v), "total": len(v)}
-                                      for value, v in sorted(verdicts.items())}
-    return metrics, rows
-
-
-def commonsense_test_pairs(commonsense: dict[str, list[dict]]) -> list[tuple[str, str]]:
-    """The evaluated commonsense test records as (prompt, answer text) pairs, for the held-out loss."""
-    return [(data.commonsense_prompt(r), r["output"]) for records in commonsense.values() for r in records]
+    outputs = model_lib.generate(model, prompts, getattr(args, task.max_new_tokens), eos_ids, tokenizer.pad_id,
+                                 stop=stop, batch_size=args.eval_batch_size, progress=setup.master_process)
+    return [{"index": i, "question": questions[i][task.question], "gold": task.gold(questions[i]),
+             **{key: questions[i][key] for key in task.row_fields if key in questions[i]},
+             "completion": data.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True))[0]}
+            for i, new in zip(mine, outputs)]
 
 
 def evaluate(model, loaded: Loaded, args, setup: Setup) -> tuple[dict, dict[str, list[dict]]]:
-    """The held-out loss, and the scored answers of every problem of each --eval_data set (gathered from all
-    processes, in order). The held-out loss is on GSM8K's test solutions, or, when only commonsense tasks are
-    evaluated, on their test answers ("the correct answer is ...", the same --eval_limit records). Returns the metrics,
-    GSM8K's at the top level, MATH's and each commonsense task's under its name with the tasks' mean accuracy as
-    commonsense_accuracy, and the scored rows of each set."""
+    """The held-out loss (on held_out_sets' answers), and the scored answers of every problem of each --eval_data set
+    (gathered from all processes, in order). Returns the metrics, {set: its metrics} with held_out_loss,
+    held_out_loss_on and, with commonsense tasks, their mean accuracy commonsense_accuracy; and the scored rows of
+    each set."""
     prepare_evaluation(model, args, setup)
-    problems = {"gsm8k": loaded.questions, "math": loaded.math_problems, **loaded.commonsense}
-    score = {"gsm8k": partial(score_rows, data.score_gsm8k), "math": score_math_rows,
-             **{task: partial(score_rows, partial(data.score_commonsense, task)) for task in loaded.commonsense}}
-    metrics, predictions = {}, {}
+    sets = held_out_sets(args.eval_data)
+    pairs = [EVAL_TASKS[name].held_out_pair(r) for name in sets for r in loaded.test_sets[name]]
+    metrics = {"held_out_loss_on": f"{len(pairs)} " + EVAL_TASKS[sets[0]].held_out_what.format(sets=", ".join(sets))}
+    predictions = {}
     with torch.no_grad(), setup.autocast():
-        if loaded.questions:
-            test_loss_on = f"{len(loaded.questions)} GSM8K test solutions"
-            test_loss = held_out_loss(model, loaded.tokenizer, loaded.questions, args, setup)
-        else:
-            pairs = commonsense_test_pairs(loaded.commonsense)
-            test_loss_on = f"{len(pairs)} commonsense test answers of " + ", ".join(loaded.commonsense)
-            test_loss = response_loss(model, loaded.tokenizer, pairs, args, setup)
-        for eval_set in args.eval_data:
-            rows = generate_answers(model, loaded.tokenizer, problems[eval_set], loaded.eos_ids, args, setup, eval_set)
+        metrics["held_out_loss"] = held_out_loss(model, loaded.tokenizer, pairs, args, setup)
+        for name in args.eval_data:
+            rows = generate_answers(model, loaded.tokenizer, loaded.test_sets[name], loaded.eos_ids, args, setup, name)
             if setup.ddp:
                 rows = distributed.gather_rows(rows, setup.ddp_world_size)
-            metrics[eval_set], predictions[eval_set] = score[eval_set](rows)
-    if loaded.commonsense:
-        metrics["commonsense_accuracy"] = sum(metrics[task]["accuracy"] for task in loaded.commonsense) / len(
-            loaded.commonsense)
-    return {**metrics.pop("gsm8k", {}), "test_loss": test_loss, "test_loss_on": test_loss_on, **metrics}, predictions
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """The peak memory of this process: CUDA tensors allocated on `device`, or else the peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
+            metrics[name], predictions[name] = EVAL_TASKS[name].score(rows)
+    tasks = [name for name in args.eval_data if name in commonsense.TASKS]
+    if tasks:
+        metrics["commonsense_accuracy"] = sum(metrics[name]["accuracy"] for name in tasks) / len(tasks)
+    return metrics, predictions
 
 
 def report(model, loaded: Loaded, args, setup: Setup, out: Path, described: dict) -> dict:
-    """Evaluate, then write the predictions of each test set (predictions.jsonl for GSM8K, predictions_math.jsonl)
-    and summary.json and print the summary (process 0); returns the summary. `described` names what was evaluated
+    """Evaluate, then write each test set's scored answers (EVAL_TASKS: predictions.jsonl for GSM8K, ...) and
+    summary.json and print the summary (process 0); returns the summary. `described` names what was evaluated
     (method, rank, trainable parameters, timings)."""
     metrics, predictions = evaluate(model, loaded, args, setup)
     summary = {**metrics, **described, "model": args.model, "eval_merge": args.eval_merge,
-               "peak_memory_bytes": peak_memory_bytes(setup.device)}
+               "peak_memory_bytes": reporting.peak_memory_bytes(setup.device)}
     if setup.master_process:
         out.mkdir(parents=True, exist_ok=True)
-        for eval_set, rows in predictions.items():
-            run_folder.write_jsonl(out / EVAL_SETS[eval_set], rows)
+        for name, rows in predictions.items():
+            run_folder.write_jsonl(out / EVAL_TASKS[name].predictions, rows)
         run_folder.write_json(out / "summary.json", summary)
-        print_summary(summary, out, outputs_written(args))
+        tasks = [EVAL_TASKS[name] for name in args.eval_data]
+        reporting.print_summary(summary, tasks, out, reporting.outputs_written(args, tasks))
     return summary
-
-
-def outputs_written(args) -> list[str]:
-    """What a run writes into its out_dir (listed at its end): the evaluation's files, and a training run's own."""
-    evaluation = ["summary.json", *(EVAL_SETS[name] for name in args.eval_data)]
-    if args.eval_only:
-        return evaluation
-    trained = ["model/"] if args.method == "full" else ["adapter.safetensors", "peft_adapter/"]
-    return ["config.json", "metrics.jsonl", run_folder.CHECKPOINTS + "/", *trained, *evaluation]
-
-
-def print_summary(summary: dict, out: Path, outputs: list[str]) -> None:
-    accuracies = []
-    if "accuracy" in summary:
-        accuracies.append(f"GSM8K test: {summary['accuracy']:.2%} ({summary['correct']}/{summary['total']}, "
-                          f"{summary['invalid']} without an answer)")
-    if "math" in summary:
-        m = summary["math"]
-        accuracies.append(f"MATH test: {m['accuracy']:.2%} ({m['correct']}/{m['total']}, {m['invalid']} without an "
-                          f"answer); with the authors' is_equiv fallback {m['accuracy_authors_fallback']:.2%} "
-                          f"({m['changed_by_authors_fallback']} verdicts flipped)")
-    accuracies += [f"{task} test: {m['accuracy']:.2%} ({m['correct']}/{m['total']}, {m['invalid']} without an answer)"
-                   for task, m in summary.items() if task in data.COMMONSENSE_TASKS]
-    if "commonsense_accuracy" in summary:
-        accuracies.append(f"commonsense mean accuracy: {summary['commonsense_accuracy']:.2%}")
-    trained = (f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
-               f"training {summary['train_seconds']:.1f} s | ") if "train_seconds" in summary else ""  # not eval-only
-    print(f"\n{'=' * 72}\n" + "\n".join(accuracies) + f"\nheld-out loss {summary['test_loss']:.4f} on "
-          f"{summary['test_loss_on']}  [{summary['method']}, rank {summary['rank']}, {summary['model']}]\n"
-          f"{trained}peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
-          f"outputs in {out}/: {', '.join(outputs)}\n{'=' * 72}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -892,53 +585,47 @@ def main(argv=None) -> dict:
 
 def run(args, setup: Setup, argv) -> dict:
     """The phases of a run (or of an --eval_only evaluation), in an --out_dir that no other run writes."""
-    setup.log(device_line(setup))
+    setup.log(reporting.device_line(setup))
     loaded = load(args, setup)
     if args.eval_only:
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
         model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype)
         described = load_adapter_to_evaluate(model, args, setup)
     else:
-        # the data, the schedule and the checkpoints to resume from are checked before anything is deleted or loaded
+        # the data, the schedule and the checkpoint to resume from are checked before anything is deleted or loaded
         examples = training_examples(loaded, args, setup)
         plan = plan_training(args, len(examples), setup.ddp_world_size)
-        identity = checkpoints.run_identity(args, setup.ddp_world_size, setup.compute_dtype, training_data_files(args),
-                                            loaded.folder)
-        checkpoint, state = (checkpoints.resume_state(Path(args.out_dir), identity, setup.log) if args.resume
-                             else (None, None))
+        checkpointer = Checkpointer(args, setup, run_identity(args, setup.ddp_world_size, setup.compute_dtype,
+                                                              training_data_files(args), loaded.folder))
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
         model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype)
         reference_counts = parameter_counts(model, args.targets)
         t0 = time.time()
-        if checkpoint:
-            checkpoints.restore_trainable(model, checkpoint, args.method)
-        else:
+        if not checkpointer.restore(model):
             setup.log(initialize_adapters(model, examples, loaded.tokenizer.pad_id, args, plan, setup)
                       or "full fine-tuning")
-            if setup.master_process:
-                checkpoints.start(out, model, identity, args.method, args.model)
+            checkpointer.start(out, model)
         init_seconds = time.time() - t0
         num_trainable = describe_trainable(model, reference_counts, setup)
 
         batches = data.Batches(examples, args.micro_batch_size, args.seed, rank=setup.ddp_rank,
                                world_size=setup.ddp_world_size, pad_id=loaded.tokenizer.pad_id)
         optimizer = make_optimizer(model, args, setup.device)
-        start_step = checkpoints.restore_position(state, optimizer, batches, setup.device) if state else 0
-        if state:
-            setup.log(f"resumed from {checkpoint} at step {start_step}")
+        start_step = checkpointer.restore_position(optimizer, batches)
         if setup.master_process:
             write_config(out, args, plan, loaded, num_trainable, setup)
             run_folder.cut_metrics(out / "metrics.jsonl", start_step)
         # SIGTERM or SIGINT: the step in progress ends with a checkpoint, then the run stops
-        with checkpoints.StopOnSignal(checkpoints.resume_command(__file__, argv, setup.ddp_world_size)) as stop:
-            train_seconds = train(model, optimizer, batches, start_step, args, plan, setup, out, stop)
+        resume = resume_command(__file__, argv, setup.ddp_world_size)
+        with checkpointer.training(out, model, optimizer, batches, plan.total_steps, start_step, resume) as after_step:
+            train_seconds = train(model, optimizer, batches, args, plan, setup, start_step, after_step)
         if setup.master_process:
-            with checkpoints.stop_if_a_write_fails(out, resumable=True):
+            with command.stop_if_a_write_fails(out, resumable=True):
                 save_outputs(model, out, args, loaded.folder)
         described = {"method": args.method, "rank": args.rank, "trainable_parameters": num_trainable,
                      "init_seconds": init_seconds, "train_seconds": train_seconds}
 
-    with checkpoints.stop_if_a_write_fails(out, resumable=not args.eval_only):
+    with command.stop_if_a_write_fails(out, resumable=not args.eval_only):
         return report(model, loaded, args, setup, out, described)
 
 

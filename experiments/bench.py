@@ -51,6 +51,7 @@ import data  # noqa: E402
 import lorasb  # noqa: E402
 import model as model_lib  # noqa: E402
 import train_gsm8k  # noqa: E402
+from machinery import reporting  # noqa: E402
 from machinery.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_MODEL = os.environ.get("LORASB_SMOLLM2_DIR",
@@ -499,7 +500,7 @@ def bench_memory(args, method: str) -> dict:
     for _ in range(2):
         run["step"]()
     synchronize(args.device)
-    row = {"peak_memory_bytes": train_gsm8k.peak_memory_bytes(args.device), "peak_memory_per_method": resettable,
+    row = {"peak_memory_bytes": reporting.peak_memory_bytes(args.device), "peak_memory_per_method": resettable,
            "trainable": run["trainable"]}
     del run
     release_memory()

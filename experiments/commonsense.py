@@ -34,7 +34,6 @@ stops before 32 tokens), all parts 147 minutes; about 1 h 45 min is the estimate
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -54,10 +53,11 @@ import model as model_lib  # noqa: E402
 import train_gsm8k as trainer  # noqa: E402
 from experiments import svg  # noqa: E402
 from experiments.study import METHOD_COLORS, METHOD_NAMES, wilson_interval  # noqa: E402
-from machinery import checkpoints, command, datasets  # noqa: E402
+from machinery import command, datasets, run_identity  # noqa: E402
+from machinery import commonsense as commonsense_tasks  # noqa: E402
 from machinery.hub import sha256_file  # noqa: E402
 
-TASKS = tuple(task for task in data.COMMONSENSE_TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand
+TASKS = tuple(task for task in commonsense_tasks.TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand
 CHANCE = {"boolq": 1 / 2, "piqa": 1 / 2, "social_i_qa": 1 / 3, "winogrande": 1 / 2, "ARC-Easy": 1 / 4,
           "ARC-Challenge": 1 / 4, "openbookqa": 1 / 4}  # a uniform guess among each task's choices
 
@@ -157,7 +157,7 @@ class Experiment:
         files = [*trainer.training_data_files(base),
                  *(datasets.commonsense_test_file(task, args.commonsense_dir) for task in TASKS)]
         # a part is reused only with the same weights and data, not merely the same folder names
-        self.fingerprints = {"model fingerprint": checkpoints.model_fingerprint(self.folder),
+        self.fingerprints = {"model fingerprint": run_identity.model_fingerprint(self.folder),
                              "data sha256": {f"{p.parent.name}/{p.name}": sha256_file(p) for p in files}}
         b = self.budget
         order = torch.randperm(len(loaded.pairs), generator=torch.Generator().manual_seed(0)).tolist()
@@ -169,7 +169,7 @@ class Experiment:
         self.examples = trainer.training_examples(dataclasses.replace(loaded, pairs=pool), base, self.setup)
         self.test = {}
         for task in TASKS:  # a fixed random subset of each test set, the same for every method and seed
-            records = loaded.commonsense[task]
+            records = loaded.test_sets[task]
             pick = torch.randperm(len(records), generator=torch.Generator().manual_seed(1)).tolist()
             self.test[task] = [records[i] for i in sorted(pick[:b.test_per_task])]
 
@@ -235,7 +235,7 @@ def validation_loss(exp: Experiment, model, args, setup: trainer.Setup) -> float
     """The loss on the validation records' answers, in the form the trainer evaluates the model; None if not finite."""
     trainer.prepare_evaluation(model, args, setup)
     with torch.no_grad(), setup.autocast():
-        loss = trainer.response_loss(model, exp.tokenizer, exp.validation, args, setup)
+        loss = trainer.held_out_loss(model, exp.tokenizer, exp.validation, args, setup)
     return loss if loss == loss and abs(loss) != float("inf") else None
 
 
@@ -246,7 +246,7 @@ def test_accuracy(exp: Experiment, model, args, setup: trainer.Setup) -> dict:
     with torch.no_grad(), setup.autocast():
         for task, records in exp.test.items():
             rows = trainer.generate_answers(model, exp.tokenizer, records, exp.eos_ids, args, setup, eval_set=task)
-            metrics, _ = trainer.score_rows(functools.partial(data.score_commonsense, task), rows)
+            metrics, _ = commonsense_tasks.TASKS[task].score(rows)
             tasks[task] = {**metrics, "interval": wilson_interval(metrics["correct"], metrics["total"])}
     correct, total = sum(t["correct"] for t in tasks.values()), sum(t["total"] for t in tasks.values())
     return {"tasks": tasks, "mean": {"accuracy": correct / total, "correct": correct, "total": total,

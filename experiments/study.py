@@ -46,7 +46,7 @@ import lorasb  # noqa: E402
 import model as model_lib  # noqa: E402
 import train_gsm8k as trainer  # noqa: E402
 from experiments import svg  # noqa: E402
-from machinery import checkpoints, command, datasets  # noqa: E402
+from machinery import command, datasets, reporting, run_identity  # noqa: E402
 from machinery.hub import sha256_file  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -177,9 +177,9 @@ FINGERPRINTS = {"model fingerprint": "the model's weights", "data sha256": "the 
 
 def fingerprints(model_folder: Path, data_folder: Path) -> dict:
     """What identifies the model and the data beyond their names: the model folder's fingerprint (config.json,
-    tokenizer.json and sampled blocks of the weights: machinery.checkpoints.model_fingerprint) and the sha256 of
+    tokenizer.json and sampled blocks of the weights: machinery.run_identity.model_fingerprint) and the sha256 of
     GSM8K's train.jsonl and test.jsonl."""
-    return {"model fingerprint": checkpoints.model_fingerprint(model_folder),
+    return {"model fingerprint": run_identity.model_fingerprint(model_folder),
             "data sha256": {name: sha256_file(data_folder / name) for name in ("train.jsonl", "test.jsonl")}}
 
 
@@ -341,7 +341,8 @@ def train_run(study: Study, method: str, rank: int | None, lr: float, steps: int
     if math.isfinite(losses[-1]):
         model.eval()
         with torch.no_grad(), setup.autocast():
-            validation = trainer.held_out_loss(model, study.tokenizer, study.validation, args, setup)
+            pairs = list(map(data.gsm8k_pair, study.validation))
+            validation = trainer.held_out_loss(model, study.tokenizer, pairs, args, setup)
         if save_as:
             study.cache.mkdir(parents=True, exist_ok=True)
             trainer.save_trainable(model, study.cache / f"{save_as}.safetensors", method, str(study.args.model))
@@ -365,12 +366,13 @@ def evaluate_saved(study: Study, name: str, method: str, accuracy: bool = True) 
         lorasb.load_adapter(model, study.cache / f"{name}.safetensors")
     trainer.prepare_evaluation(model, args, setup)
     with torch.no_grad(), setup.autocast():
-        test_loss = trainer.held_out_loss(model, study.tokenizer, study.test[:b.test_solutions], args, setup)
+        pairs = list(map(data.gsm8k_pair, study.test[:b.test_solutions]))
+        test_loss = trainer.held_out_loss(model, study.tokenizer, pairs, args, setup)
         if not accuracy:
             return {"test_loss": test_loss}
         rows = trainer.generate_answers(model, study.tokenizer, study.test[:b.accuracy_questions], study.eos_ids,
                                         args, setup)
-    metrics, _ = trainer.score_rows(data.score_gsm8k, rows)
+    metrics, _ = data.score_rows(data.score_gsm8k, rows)
     return {"test_loss": test_loss, **metrics, "accuracy_95ci": wilson_interval(metrics["correct"], metrics["total"])}
 
 
@@ -562,7 +564,8 @@ def initial_jump(study: Study) -> dict:
 
     def validation_loss() -> float:
         with torch.no_grad(), setup.autocast():
-            return trainer.held_out_loss(model, study.tokenizer, study.validation, args, setup)
+            return trainer.held_out_loss(model, study.tokenizer, list(map(data.gsm8k_pair, study.validation)), args,
+                                         setup)
 
     full_rank, rank_r = [], []
     for lr_1 in b.lr_1_values:
@@ -746,7 +749,7 @@ def settings(args, study: Study) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     study = Study(args)
-    print(f"study: {trainer.device_line(study.setup)}", flush=True)
+    print(f"study: {reporting.device_line(study.setup)}", flush=True)
     results = Results(args.out / "study.json", json.loads(json.dumps(settings(args, study))))
     results.part("setup", lambda: describe(study))
     results.part("claim1/at_init", lambda: claim1_at_init(study))

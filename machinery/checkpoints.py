@@ -7,109 +7,33 @@ fine-tuning), state.pt (optimizer, data position, torch RNG states) and manifest
 run.json, written last). A folder is written under a temporary name and renamed into place, then checkpoints/latest
 names it; the newest two are kept (an older one is renamed to a temporary name, then deleted). resume_state verifies
 the chain of hashes before the model loads, and falls back to the previous checkpoint when the latest is damaged.
-SIGTERM or SIGINT during training stops the run at the next step boundary with a checkpoint (StopOnSignal).
+What makes a resumed run the same run is machinery/run_identity.py; when checkpoints are written (and the run stops on
+a signal or a divergence) is machinery/checkpointer.py.
 """
 
-import errno
-import hashlib
 import json
 import os
-import shlex
 import shutil
-import signal
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn
+from typing import Callable
 
 import torch
 
 import lorasb
-from machinery import distributed, run_folder
-from machinery.distributed import refuse
+from machinery import run_folder
+from machinery.command import refuse, remedy, why_not_written
 from machinery.hub import sha256_file
-from machinery.input_files import regular_file
+from machinery.run_identity import check_same_run
 
-# Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
-RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
-               "lr", "warmup_ratio", "weight_decay", "grad_clip", "batch_size", "micro_batch_size", "max_length",
-               "seed", "num_init_samples", "init_rule", "init_svd", "init_batch_size", "lr_1", "schedule",
-               "commonsense_prompt")
 CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
-# The files of a model folder besides its weights whose content changes what is trained: the architecture, and the
-# tokenizer with its special tokens (the EOS that ends every training response, the padding).
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Run identity: what makes a resumed run the same run.
-# ---------------------------------------------------------------------------------------------------------------------
-
-def canonical_model(model: str) -> str:
-    """A --model as it compares: a local folder as its resolved path ("x/" and "./x" are one), a hub name as it is."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
-
-
-def run_identity(args, processes: int, dtype: torch.dtype, data_files: list[Path], model_folder: Path) -> dict:
-    """What a resumed run must share with the run it continues: the settings that shape it (a local --model as its
-    resolved path), the number of processes, the dtype of the forward pass, the sha256 of each training data file and
-    of each of the model folder's MODEL_FILES (one key per file, so that a refusal names it), the EOS ids of
-    generation_config.json (where the run's evaluation stops generating) and a fingerprint of the weights. Recorded in
-    checkpoints/run.json."""
-    settings = {**{key: getattr(args, key) for key in RESUME_KEYS}, "model": canonical_model(args.model)}
-    files = {f"{name} sha256": sha256_file(model_folder / name) if (model_folder / name).is_file() else None
-             for name in MODEL_FILES}
-    generation = model_folder / "generation_config.json"
-    generation_eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
-    data = {f"{path.parent.name}/{path.name}": sha256_file(path) for path in data_files}  # named like piqa/train.json
-    return json.loads(run_folder.strict_json({  # as it reads back from run.json
-        "settings": settings, "processes": processes, "dtype": str(dtype).removeprefix("torch."),
-        "training data sha256": data, **files,
-        "generation_config.json eos_token_id": generation_eos, "model fingerprint": model_fingerprint(model_folder)}))
-
-
-def model_fingerprint(folder: Path) -> str:
-    """sha256 over the name, the size and 16 spread blocks of 64 KiB (the first holds the header) of each weight file
-    of a model folder: about 1 MiB read even of a 14 GB model, yet any other checkpoint of the same architecture (a
-    fine-tune changes every block) gets another fingerprint. A *.safetensors that is no regular file (a FIFO, which
-    would block the run forever) is a ValueError naming it, found without opening it."""
-    h = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        size = regular_file(path).st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            for offset in sorted({size * i // 16 for i in range(16)}):
-                f.seek(offset)
-                h.update(f.read(1 << 16))
-    return h.hexdigest()
-
-
-def check_same_run(folder: Path, identity: dict) -> None:
-    """Refuse to resume a run whose settings, processes, dtype, training data or model differ from the recorded ones
-    (checkpoints/run.json, verified by the manifests), or whose initial adapter is damaged."""
-    recorded = json.loads((folder / "run.json").read_text())
-    adapter_sha256 = recorded.pop("initial_adapter sha256", None)
-    changed = [f"--{key}: {recorded['settings'].get(key)!r} -> {value!r}" for key, value in identity["settings"].items()
-               if recorded["settings"].get(key) != value]
-    changed += [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in identity.items()
-                if key != "settings" and recorded.get(key) != value]
-    if changed:
-        refuse([f"cannot resume: this run differs from the checkpoint's ({'; '.join(changed)}); resume with what it "
-                f"had, or start over with --overwrite"])
-    initial = folder / "initial_adapter.safetensors"
-    if adapter_sha256 and not (initial.is_file() and sha256_file(initial) == adapter_sha256):
-        what = "damaged (its sha256 differs from run.json's)" if initial.is_file() else "missing"
-        refuse([f"cannot resume: {initial} is {what}, and every checkpoint needs it (B and A as initialized); "
-                f"restore it, or start over with --overwrite"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing: once before the first step, then a checkpoint every --save_every steps.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def start(out: Path, model, identity: dict, method: str, base_model: str) -> None:
+def write_run_record(out: Path, model, identity: dict, method: str, base_model: str) -> None:
     """Before the first step of a run: checkpoints/initial_adapter.safetensors (not for full fine-tuning), then
     run.json with its sha256, so that checkpoints store only what trains."""
     folder = out / run_folder.CHECKPOINTS
@@ -145,7 +69,7 @@ def save(out: Path, step: int, model, optimizer, batches, device: torch.device) 
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"Stopped at step {step}: its checkpoint could not be written to {folder}: "
-                 f"{why_not_written(e, folder)}. The previous checkpoints are intact: {what_to_do(e)}, then run again "
+                 f"{why_not_written(e, folder)}. The previous checkpoints are intact: {remedy(e)}, then run again "
                  f"with --resume.")
     # Keep this one and the one before it (a fallback should this one be damaged later); drop older ones, and any
     # of a later step, left by a run that was resumed from an earlier checkpoint. Each is renamed first: a kill while
@@ -164,44 +88,11 @@ def rng_states(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def why_not_written(e: BaseException, folder: Path) -> str:
-    """A failed write, said plainly: the disk is full (with the free space), or the error."""
-    free = shutil.disk_usage(folder).free / 2**20
-    return f"{'the disk is full' if disk_is_full(e) else e} ({free:.0f} MiB free there)"
-
-
-def what_to_do(e: BaseException) -> str:
-    return "make room" if disk_is_full(e) else "fix that"
-
-
-@contextmanager
-def stop_if_a_write_fails(out: Path, resumable: bool) -> Iterator[None]:
-    """The outputs written after training (the adapter, its PEFT export or the model folder, the predictions,
-    summary.json): a write that fails (a full disk) stops the run with one message, not a traceback. The checkpoints
-    stay as they are, so --resume redoes the end; an --eval_only run is run again."""
-    try:
-        yield
-    except OSError as e:
-        again = ("run again with --resume: it writes them from the last checkpoint (which is intact)" if resumable
-                 else "run again with --overwrite")
-        sys.exit(f"Stopped: the outputs could not be written to {out}: {why_not_written(e, out)}. "
-                 f"{what_to_do(e).capitalize()}, then {again}.")
-
-
-def disk_is_full(e: BaseException | None) -> bool:
-    """Whether ENOSPC (or a full quota) is anywhere in an exception's chain."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Resuming: the newest intact checkpoint, checked before the model loads.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def problem(folder: Path) -> str | None:
+def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a checkpoint folder, or None: its manifest.json must list its files and run.json, each with
     the sha256 it has now."""
     try:
@@ -242,7 +133,7 @@ def resume_state(out: Path, identity: dict, log: Callable[[str], None]) -> tuple
     latest = (folder / "latest").read_text(errors="replace").strip() if (folder / "latest").is_file() else None
     damaged = []
     for name in sorted(names, key=lambda n: n != latest):  # latest first, then newest first
-        wrong = problem(folder / name)
+        wrong = checkpoint_problem(folder / name)
         if wrong is None:
             try:
                 state = torch.load(folder / name / "state.pt", weights_only=True, map_location="cpu")
@@ -288,73 +179,3 @@ def restore_position(state: dict, optimizer, batches, device: torch.device) -> i
     return state["step"]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Stopping on a signal: SIGTERM (what schedulers such as SLURM and Kubernetes send before they kill a job) or SIGINT
-# (Ctrl-C) during training.
-# ---------------------------------------------------------------------------------------------------------------------
-
-class StopOnSignal:
-    """While training (inside `with`), SIGTERM and SIGINT only record that the run should stop: the training loop
-    asks requested() at each step boundary, checkpoints that step, then calls stop(), which says how to resume and
-    exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT). A second signal exits at once; the
-    checkpoints written before it are intact."""
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    # Copies of one notice arrive together: under torchrun a worker gets Ctrl-C's SIGINT (or the scheduler's SIGTERM)
-    # and the copy torchrun forwards to it. Only a signal this much later is a second one.
-    SAME_NOTICE_S = 1.0
-
-    def __init__(self, resume_command: str):
-        self.resume_command = resume_command
-        self.received = 0  # the signal this process got
-        self.received_at = 0.0  # when (time.monotonic)
-        self.agreed = 0  # the signal that stops every process
-        self.previous = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum: int, frame) -> None:
-        """Only record the signal (the step in progress finishes); at a second one, exit at once. os.write, not
-        print: the signal may have interrupted a print."""
-        name = signal.Signals(signum).name
-        if self.received:
-            if time.monotonic() - self.received_at > self.SAME_NOTICE_S:
-                os.write(2, f"\n{name} again: stopping at once, without a checkpoint of this step\n".encode())
-                os._exit(128 + signum)
-            return
-        self.received, self.received_at = signum, time.monotonic()
-        os.write(2, f"\n{name}: the run stops after this step, with a checkpoint (a second signal stops it at once)"
-                    f"\n".encode())
-
-    def requested(self) -> bool:
-        """Whether the run stops at this step boundary: under torchrun every process learns of a signal any got."""
-        self.agreed = distributed.largest(self.received)
-        return bool(self.agreed)
-
-    def stop(self, step: int, folder: Path, master: bool) -> NoReturn:
-        """Exit, once the checkpoint of `step` is written, saying (process 0) how to continue."""
-        if master:
-            print(f"\nStopped at step {step} by {signal.Signals(self.agreed).name}: its checkpoint is in {folder}. "
-                  f"To continue the run:\n  {self.resume_command}", file=sys.stderr, flush=True)
-        sys.exit(128 + self.agreed)
-
-
-def resume_command(script: str, argv: list[str] | None, processes: int) -> str:
-    """The command that continues this run from its checkpoints: its arguments (argv, or the command line's), with
-    --resume in place of --overwrite (argparse also takes either abbreviated)."""
-    argv = sys.argv[1:] if argv is None else argv
-    kept = [arg for arg in argv if not abbreviates(arg, "--overwrite")]
-    if not any(abbreviates(arg, "--resume") for arg in kept):
-        kept.append("--resume")
-    launcher = "python" if processes == 1 else "torchrun [the same torchrun options]"
-    return f"{launcher} {shlex.join([os.path.relpath(script), *kept])}"
-
-
-def abbreviates(arg: str, option: str) -> bool:
-    """Whether argparse reads `arg` as `option` (an unambiguous prefix: "--ov" for --overwrite, "--re" for --resume)."""
-    return len(arg) > 3 and option.startswith(arg)

@@ -1,12 +1,15 @@
 """How a command (train_gsm8k.py, the experiments) ends on a failure a user meets and fixes: one paragraph, the error's
 message and what to do, exit status 1; the traceback only on request ($LORASB_TRACEBACK=1). A bug keeps its
-traceback."""
+traceback. Bad arguments are refused all at once (refuse), and a write that fails (a full disk) says so plainly."""
 
+import errno
 import os
+import shutil
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from machinery.hub import DownloadError
 
@@ -36,3 +39,42 @@ def run(main_function: Callable[[], object]) -> None:
             raise
         what_to_do = next(hint for kind, hint in WHAT_TO_DO if isinstance(e, kind))
         sys.exit(f"Stopped: {e}\n{what_to_do}, then run again. (LORASB_TRACEBACK=1 shows the traceback.)")
+
+
+def refuse(problems: list[str]) -> None:
+    """Exit with the problems listed; under torchrun every process finds them, process 0 prints them."""
+    sys.exit("Cannot start:\n" + "\n".join(f"  - {p}" for p in problems) if os.environ.get("RANK", "0") == "0" else 1)
+
+
+def why_not_written(e: BaseException, folder: Path) -> str:
+    """A failed write, said plainly: the disk is full (with the free space), or the error."""
+    free = shutil.disk_usage(folder).free / 2**20
+    return f"{'the disk is full' if disk_is_full(e) else e} ({free:.0f} MiB free there)"
+
+
+def remedy(e: BaseException) -> str:
+    """What to do about a failed write."""
+    return "make room" if disk_is_full(e) else "fix that"
+
+
+@contextmanager
+def stop_if_a_write_fails(out: Path, resumable: bool) -> Iterator[None]:
+    """The outputs written after training (the adapter, its PEFT export or the model folder, the predictions,
+    summary.json): a write that fails (a full disk) stops the run with one message, not a traceback. The checkpoints
+    stay as they are, so --resume redoes the end; an --eval_only run is run again."""
+    try:
+        yield
+    except OSError as e:
+        again = ("run again with --resume: it writes them from the last checkpoint (which is intact)" if resumable
+                 else "run again with --overwrite")
+        sys.exit(f"Stopped: the outputs could not be written to {out}: {why_not_written(e, out)}. "
+                 f"{remedy(e).capitalize()}, then {again}.")
+
+
+def disk_is_full(e: BaseException | None) -> bool:
+    """Whether ENOSPC (or a full quota) is anywhere in an exception's chain."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -14,12 +14,12 @@ GSM8K_SHA256 = {
 }
 METAMATHQA_FILE = "datasets/meta-math/MetaMathQA/resolve/main/MetaMathQA-395K.json"  # on the Hugging Face hub
 # MetaMath's MATH test file (5000 problems), which the authors' MATH_eval.py reads. No checksum is pinned: MetaMath
-# publishes none, so data.load_math checks every record instead.
+# publishes none, so math_task.load_math checks every record instead.
 MATH_URL = "https://raw.githubusercontent.com/meta-math/MetaMath/main/data/test/MATH_test.jsonl"
 # The commonsense files the authors read: LLM-Adapters' dataset/<task>/test.json and ft-training_set/
 # commonsense_170k.json (the union of the eight training sets), at a pinned commit. The test files' sha256 are of that
 # commit; HellaSwag's test file and the 170K training file are too large for the copy they were taken from, so no
-# checksum is pinned for them and data.load_commonsense checks every record instead.
+# checksum is pinned for them and commonsense.load_commonsense checks every record instead.
 COMMONSENSE_URL = ("https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/"
                    "816657208af4db747803f87ba40a4c71383fed7a")
 COMMONSENSE_TRAIN = "ft-training_set/commonsense_170k.json"

@@ -1,11 +1,10 @@
-"""torchrun details of the trainer: starting and leaving the process group, refusing to start with every process in
-agreement, and wrapping the model in DistributedDataParallel."""
+"""torchrun details of the trainer: starting and leaving the process group, wrapping the model in
+DistributedDataParallel, and what the processes agree on (a flag any raised, the gathered prediction rows)."""
 
 import atexit
 import gc
 import inspect
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -17,11 +16,6 @@ from torch.nn.parallel import DistributedDataParallel
 NO_BUFFER_SYNC_PER_FORWARD = ({"forward_sync_buffers": False}
                               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                               else {"broadcast_buffers": False})
-
-
-def refuse(problems: list[str]) -> None:
-    """Exit with the problems listed; under torchrun every process finds them, process 0 prints them."""
-    sys.exit("Cannot start:\n" + "\n".join(f"  - {p}" for p in problems) if os.environ.get("RANK", "0") == "0" else 1)
 
 
 def start(device: torch.device) -> torch.device:

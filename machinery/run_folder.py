@@ -21,7 +21,7 @@ from typing import Iterator
 
 import lorasb
 from machinery import distributed, input_files
-from machinery.distributed import refuse
+from machinery.command import refuse
 
 CHECKPOINTS = "checkpoints"  # the subfolder machinery.checkpoints writes
 INTERRUPTED_FOLDER = ".tmp-"  # the prefix of a checkpoint folder being written (or deleted), renamed once complete

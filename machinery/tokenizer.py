@@ -146,19 +146,19 @@ def unsupported(where: str, what: str, kind: str | None, supported: list[str]) -
 
 # Reading tokenizer.json's fields. `where` is the file, then the component ("tokenizer.json: Split pre_tokenizer").
 
-REQUIRED = object()
+NO_DEFAULT = object()
 JSON_TYPES = {dict: "a JSON object", list: "a list", str: "a string", int: "an integer", float: "a number",
               bool: "true or false", type(None): "null"}
 
 
-def field(cfg: dict, key: str, kinds: type | tuple[type, ...], where: str, default: Any = REQUIRED) -> Any:
+def field(cfg: dict, key: str, kinds: type | tuple[type, ...], where: str, default: Any = NO_DEFAULT) -> Any:
     """cfg[key] when its JSON type is one of `kinds` (true is no integer here), `default` when the key is absent;
     otherwise a ValueError naming `where`, the field and the value, instead of a KeyError or TypeError from deep inside
     loading, or a wrong value that only fails when a text is encoded."""
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     expected = " or ".join(JSON_TYPES[k] for k in kinds)
     if key not in cfg:
-        if default is REQUIRED:
+        if default is NO_DEFAULT:
             raise ValueError(f"{where} lacks '{key}' ({expected})")
         return default
     if type(cfg[key]) not in kinds:
@@ -166,7 +166,7 @@ def field(cfg: dict, key: str, kinds: type | tuple[type, ...], where: str, defau
     return cfg[key]
 
 
-def objects(cfg: dict, key: str, where: str, default: Any = REQUIRED) -> list[dict]:
+def objects(cfg: dict, key: str, where: str, default: Any = NO_DEFAULT) -> list[dict]:
     """field(cfg, key) that is a list of JSON objects (a Sequence's components, the added tokens)."""
     values = field(cfg, key, list, where, default)
     for i, value in enumerate(values):

@@ -1,5 +1,6 @@
-"""machinery/checkpoints.py on a small module and its optimizer: resume edge cases and the pruning of old checkpoints
-(the trainer's end-to-end checkpoint tests are in test_train.py)."""
+"""machinery/checkpoints.py, run_identity.py and checkpointer.py on a small module and its optimizer: resume edge
+cases, the pruning of old checkpoints, the resume command and signals (the trainer's end-to-end checkpoint tests are
+in test_train.py)."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import deadline, write_tiny_llama
-from machinery import checkpoints, run_folder
+from machinery import checkpointer, checkpoints, run_folder, run_identity
 from machinery.hub import sha256_file
 
 IDENTITY = {"settings": {"seed": 1}, "processes": 1}
@@ -29,7 +30,7 @@ def checkpointed(out, steps) -> tuple:
     """A full fine-tuning run of a small module in `out`, checkpointed at each of `steps`; its checkpoints folder."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    checkpoints.start(out, model, IDENTITY, "full", "base")
+    checkpoints.write_run_record(out, model, IDENTITY, "full", "base")
     for step in steps:
         model(torch.ones(1, 3)).sum().backward()
         optimizer.step()
@@ -73,7 +74,7 @@ def test_a_missing_initial_adapter_is_refused_clearly(tmp_path):
     run_folder.write_json(folder / "run.json", {**IDENTITY, "initial_adapter sha256": "0" * 64})
     with pytest.raises(SystemExit, match=r"cannot resume: .*initial_adapter.safetensors is missing, and every "
                                          r"checkpoint needs it .*restore it, or start over with --overwrite"):
-        checkpoints.check_same_run(folder, IDENTITY)
+        run_identity.check_same_run(folder, IDENTITY)
 
 
 def test_latest_replaced_by_a_folder_is_refused_with_what_to_do(tmp_path):
@@ -101,23 +102,23 @@ def test_a_kill_while_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch
         checkpointed(tmp_path, [3])
     monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-0000002", "step-0000003"]
-    assert all(checkpoints.problem(folder / name) is None for name in ("step-0000002", "step-0000003"))
+    assert all(checkpoints.checkpoint_problem(folder / name) is None for name in ("step-0000002", "step-0000003"))
     removed = run_folder.remove_interrupted_writes(tmp_path, (run_folder.CHECKPOINTS,))
     assert removed == [str(folder / ".tmp-pruned-step-0000001")]
 
 
 def test_the_resume_command_is_the_run_s_with_resume_in_place_of_overwrite():
     argv = ["--out_dir", "runs/a b", "--overwrite", "--lr", "1e-4"]
-    command = checkpoints.resume_command("train_gsm8k.py", argv, 1)
+    command = checkpointer.resume_command("train_gsm8k.py", argv, 1)
     assert shlex.split(command) == ["python", "train_gsm8k.py", "--out_dir", "runs/a b", "--lr", "1e-4", "--resume"]
-    assert checkpoints.resume_command("train_gsm8k.py", ["--res"], 1) == "python train_gsm8k.py --res"
-    assert checkpoints.resume_command("train_gsm8k.py", ["--ov"], 8).startswith("torchrun [the same torchrun options]")
+    assert checkpointer.resume_command("train_gsm8k.py", ["--res"], 1) == "python train_gsm8k.py --res"
+    assert checkpointer.resume_command("train_gsm8k.py", ["--ov"], 8).startswith("torchrun [the same torchrun options]")
 
 
 def test_copies_of_one_signal_are_one_notice():
     """Under torchrun a worker gets Ctrl-C's SIGINT and torchrun's forwarded copy together: that is no second signal
     (which would exit at once)."""
-    stop = checkpoints.StopOnSignal("python train_gsm8k.py --resume")
+    stop = checkpointer.StopOnSignal("python train_gsm8k.py --resume")
     stop.handle(signal.SIGINT, None)
     stop.handle(signal.SIGINT, None)
     assert stop.received == signal.SIGINT and stop.requested()
@@ -127,9 +128,9 @@ def test_copies_of_one_signal_are_one_notice():
 def test_a_fifo_among_the_weight_files_is_refused_without_blocking(tmp_path):
     """model_fingerprint reads every *.safetensors of the model folder: a FIFO would block the run forever."""
     folder = write_tiny_llama(tmp_path / "model")
-    fingerprint = checkpoints.model_fingerprint(folder)
+    fingerprint = run_identity.model_fingerprint(folder)
     os.mkfifo(folder / "extra.safetensors")
     with deadline(5), pytest.raises(ValueError, match=f"{re.escape(str(folder / 'extra.safetensors'))} is a FIFO"):
-        checkpoints.model_fingerprint(folder)
+        run_identity.model_fingerprint(folder)
     (folder / "extra.safetensors").unlink()
-    assert checkpoints.model_fingerprint(folder) == fingerprint
+    assert run_identity.model_fingerprint(folder) == fingerprint

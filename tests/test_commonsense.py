@@ -9,6 +9,7 @@ import pytest
 
 import data
 import train_gsm8k
+from machinery import commonsense as commonsense_tasks
 from machinery.tokenizer import Tokenizer
 
 LABELS = {"boolq": ("true", "false"), "piqa": ("solution1", "solution2"), "ARC-Easy": ("answer1", "answer2", "answer3")}
@@ -41,25 +42,26 @@ def write_commonsense(folder, tasks=LABELS, num_train: int = 8, num_test: int = 
     ("winogrande", "option 2", None),
 ])
 def test_each_task_reads_the_first_match_of_its_pattern(task, completion, expected):
-    assert data.commonsense_prediction(task, completion) == expected
+    assert commonsense_tasks.commonsense_prediction(task, completion) == expected
 
 
 def test_no_match_counts_as_wrong_and_every_answer_is_compared_exactly():
-    scored = data.score_commonsense("boolq", ["true", "nothing", "False", "true"], ["true", "true", "false", "false"])
+    scored = commonsense_tasks.score_commonsense("boolq", ["true", "nothing", "False", "true"],
+                                                 ["true", "true", "false", "false"])
     assert scored["is_correct"] == [True, False, True, False]
     assert (scored["correct"], scored["invalid"], scored["total"], scored["accuracy"]) == (2, 1, 4, 0.5)
 
 
 def test_the_prompt_with_and_without_input_and_the_authors_indentation():
-    plain = data.commonsense_prompt({"instruction": "Is it?\nAnswer format: true/false", "input": ""})
+    plain = commonsense_tasks.commonsense_prompt({"instruction": "Is it?\nAnswer format: true/false", "input": ""})
     assert plain == ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                      "request.\n\n### Instruction:\nIs it?\nAnswer format: true/false\n\n### Response:\n")
-    with_input = data.commonsense_prompt({"instruction": "Is it?", "input": "Some context."})
+    with_input = commonsense_tasks.commonsense_prompt({"instruction": "Is it?", "input": "Some context."})
     assert with_input.startswith("Below is an instruction that describes a task, paired with an input that provides "
                                  "further context.")
     assert with_input.endswith("### Instruction:\nIs it?\n\n### Input:\nSome context.\n\n### Response:\n")
-    authors = data.commonsense_prompt({"instruction": "Is it?\nAnswer format: true/false", "input": ""},
-                                      data.AUTHORS_INDENT)
+    authors = commonsense_tasks.commonsense_prompt({"instruction": "Is it?\nAnswer format: true/false", "input": ""},
+                                                   commonsense_tasks.AUTHORS_INDENT)
     indent = " " * 12  # utils/data_utils.py's f-string: template lines after the first, not the record's own lines
     assert authors == (plain.split("\n")[0] + f"\n\n{indent}### Instruction:\n{indent}Is it?\nAnswer format: true/false"
                        f"\n\n{indent}### Response:\n{indent}")
@@ -67,7 +69,7 @@ def test_the_prompt_with_and_without_input_and_the_authors_indentation():
 
 def test_the_loss_is_on_the_response_only(tiny_model_dir):
     tokenizer = Tokenizer.from_dir(tiny_model_dir)
-    prompt = data.commonsense_prompt({"instruction": "Is it?", "input": ""})
+    prompt = commonsense_tasks.commonsense_prompt({"instruction": "Is it?", "input": ""})
     example = data.tokenize_example(tokenizer, prompt, "the correct answer is true", 512)
     trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
     assert tokenizer.decode(trained) == "the correct answer is true<|endoftext|>"
@@ -92,7 +94,7 @@ def test_a_commonsense_run_writes_every_tasks_accuracy(tmp_path, tiny_model_dir)
         assert [r["gold"] for r in rows] == [LABELS[task][0], LABELS[task][1]]
         assert set(rows[0]) == {"index", "question", "gold", "completion", "extracted", "correct"}
     assert written["commonsense_accuracy"] == pytest.approx(sum(written[t]["accuracy"] for t in LABELS) / 3)
-    assert written["test_loss_on"] == "6 commonsense test answers of boolq, piqa, ARC-Easy"
+    assert written["held_out_loss_on"] == "6 commonsense test answers of boolq, piqa, ARC-Easy"
     config = json.loads((out / "config.json").read_text())
     assert config["eval_data"] == list(LABELS) and config["schedule"] == "linear"
     with pytest.raises(SystemExit, match=r"--schedule: 'linear' -> 'cosine'"):
@@ -103,7 +105,7 @@ def test_a_commonsense_run_writes_every_tasks_accuracy(tmp_path, tiny_model_dir)
 
 
 def test_commonsense_names_all_eight_tasks_and_an_unknown_task_is_refused(capsys):
-    assert train_gsm8k.parse_args(["--eval_data", "commonsense"]).eval_data == tuple(data.COMMONSENSE_TASKS)
+    assert train_gsm8k.parse_args(["--eval_data", "commonsense"]).eval_data == tuple(commonsense_tasks.ANSWER_PATTERNS)
     assert train_gsm8k.parse_args(["--eval_data", "gsm8k,boolq,boolq"]).eval_data == ("gsm8k", "boolq")
     with pytest.raises(SystemExit):
         train_gsm8k.parse_args(["--eval_data", "boolq,siqa"])
@@ -149,7 +151,7 @@ def quick(tmp_path_factory, tiny_model_dir):
     from experiments import commonsense
 
     tmp = tmp_path_factory.mktemp("commonsense")
-    labels = {task: data.COMMONSENSE_TASKS[task].split("|")[:3] for task in commonsense.TASKS}
+    labels = {task: commonsense_tasks.ANSWER_PATTERNS[task].split("|")[:3] for task in commonsense.TASKS}
     folder = write_commonsense(tmp / "cs", {t: labels[t] for t in commonsense.TASKS}, num_train=2, num_test=4)
     argv = ["--quick", "--model", str(tiny_model_dir), "--commonsense_dir", str(folder), "--out", str(tmp / "out")]
     return commonsense, argv, tmp / "out", commonsense.main(argv)

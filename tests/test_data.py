@@ -1,5 +1,5 @@
-"""Tests of data.py: GSM8K / MetaMathQA / MATH file loading, the authors' prompt format and label rule, resumable
-batching, and the authors' GSM8K scoring rules."""
+"""Tests of data.py (and of the file loaders of machinery/math_task.py and commonsense.py): GSM8K / MetaMathQA / MATH
+file loading, the authors' prompt format and label rule, resumable batching, and the authors' GSM8K scoring rules."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+from machinery import commonsense, math_task
 from machinery.tokenizer import Tokenizer
 
 from conftest import GSM8K_DIR, SMOLLM2_DIR, TINY_MATH, deadline, needs_gsm8k, needs_smollm2, write_tiny_math
@@ -60,7 +61,7 @@ def test_load_gsm8k_from_a_local_dir():
 
 
 def test_load_gsm8k_errors_name_the_file_and_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"test\.jsonl.*--data_dir"):
+    with pytest.raises(FileNotFoundError, match=r"test\.jsonl not found"):
         data.load_gsm8k("test", tmp_path)
     with pytest.raises(ValueError, match="split"):
         data.load_gsm8k("validation", tmp_path)
@@ -94,7 +95,7 @@ def loader_cases(tmp_path):
             (tmp_path / "test.jsonl", lambda p: data.load_gsm8k("test", p.parent), gsm8k),
             (tmp_path / "m.jsonl", lambda p: data.load_metamathqa(3, p), metamath),
             (tmp_path / "m.json", lambda p: data.load_metamathqa(3, p), metamath),
-            (tmp_path / "MATH_test.jsonl", data.load_math, {"instruction": "q", "output": "\\boxed{1}"})]
+            (tmp_path / "MATH_test.jsonl", math_task.load_math, {"instruction": "q", "output": "\\boxed{1}"})]
 
 
 def write_records(path, records: list[bytes]) -> None:
@@ -125,7 +126,7 @@ def test_a_fifo_as_a_data_file_is_refused_without_blocking(tmp_path, case):
     """Every loader (loader_cases' and a commonsense task's), and the sha256 that a run's identity records of each
     training data file."""
     path, load = [*[(path, load) for path, load, _ in loader_cases(tmp_path)],
-                  (tmp_path / "piqa" / "train.json", data.load_commonsense)][case]
+                  (tmp_path / "piqa" / "train.json", commonsense.load_commonsense)][case]
     path.parent.mkdir(exist_ok=True)
     os.mkfifo(path)
     for read in (load, sha256_file):
@@ -143,7 +144,7 @@ def test_a_fifo_in_a_local_data_folder_is_taken_and_refused_not_skipped_for_a_do
     assert datasets.commonsense_train_files(str(tmp_path)) == [tmp_path / "commonsense_170k.json"]
     assert datasets.commonsense_test_file("piqa", str(tmp_path)) == tmp_path / "piqa" / "test.json"
     with deadline(5), pytest.raises(ValueError, match="is a FIFO"):
-        data.load_commonsense(datasets.commonsense_test_file("piqa", str(tmp_path)))
+        commonsense.load_commonsense(datasets.commonsense_test_file("piqa", str(tmp_path)))
 
 
 @pytest.mark.parametrize("case", range(5))
@@ -172,13 +173,13 @@ def test_load_metamathqa_takes_the_first_rows_in_order(tmp_path):
 
 
 def test_load_math_reads_the_question_the_boxed_answer_subject_and_level(tmp_path):
-    problems = data.load_math(write_tiny_math(tmp_path / "MATH_test.jsonl"))
+    problems = math_task.load_math(write_tiny_math(tmp_path / "MATH_test.jsonl"))
     assert [p["question"] for p in problems] == [q for q, _, _, _ in TINY_MATH]
     assert [p["answer"] for p in problems] == ["\\frac{1}{2}", "5", "\\frac{x}{3}", "3"]
     assert problems[0]["subject"] == "Algebra" and problems[0]["level"] == "Level 1"
     bare = tmp_path / "bare.jsonl"  # MetaMath's own file has no level
     bare.write_text(json.dumps({"instruction": "q", "output": "\\boxed{1}"}) + "\n")
-    assert data.load_math(bare) == [{"question": "q", "answer": "1"}]
+    assert math_task.load_math(bare) == [{"question": "q", "answer": "1"}]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -190,9 +191,9 @@ def test_load_math_names_the_file_and_line_of_a_bad_record(tmp_path, line, messa
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"instruction": "q", "output": "\\boxed{1}"}) + "\n" + line + "\n")
     with pytest.raises(ValueError, match=message):
-        data.load_math(path)
+        math_task.load_math(path)
     with pytest.raises(FileNotFoundError, match="MATH_test.jsonl"):
-        data.load_math(tmp_path / "missing.jsonl")
+        math_task.load_math(tmp_path / "missing.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_load_math_names_the_file_and_line_of_a_bad_record(tmp_path, line, messa
 
 
 def test_prompts_are_the_authors_strings():
-    assert data.TRAIN_PROMPT.format(instruction="Q?") == (
+    assert data.METAMATH_PROMPT.format(instruction="Q?") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nQ?\n\n### Response:")
     assert data.eval_prompt("Q {x}?") == (
@@ -230,7 +231,7 @@ def test_gsm8k_targets_and_gold_answers_on_every_line():
 
 
 def test_labels_mask_exactly_the_prompt():
-    tok, prompt, response = ByteTokenizer(), data.TRAIN_PROMPT.format(instruction="1+1?"), "2\nThe answer is: 2"
+    tok, prompt, response = ByteTokenizer(), data.METAMATH_PROMPT.format(instruction="1+1?"), "2\nThe answer is: 2"
     ex = data.tokenize_example(tok, prompt, response, max_length=512)
     n_prompt = 1 + len(prompt.encode())
     assert ex["input_ids"] == [256] + list((prompt + response).encode()) + [257]
@@ -251,7 +252,7 @@ def test_truncation_cuts_from_the_right_and_is_counted():
 
 
 def test_a_label_boundary_that_tokenizes_differently_is_reported():
-    tok, prompt = MergingTokenizer(), data.TRAIN_PROMPT.format(instruction="Q")
+    tok, prompt = MergingTokenizer(), data.METAMATH_PROMPT.format(instruction="Q")
     ex = data.tokenize_example(tok, prompt, "Janet sells", max_length=512)
     assert not ex["prompt_is_prefix"]
     with pytest.warns(UserWarning, match="1 of 2 prompts"):
@@ -267,7 +268,7 @@ def test_a_label_boundary_that_tokenizes_differently_is_reported():
 def test_real_tokenizer_keeps_the_authors_boundary_exact():
     tok = Tokenizer.from_dir(SMOLLM2_DIR)
     rows = data.load_gsm8k("train", GSM8K_DIR)[:200]
-    pairs = [(data.TRAIN_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
+    pairs = [(data.METAMATH_PROMPT.format(instruction=r["question"]), data.gsm8k_response(r["answer"])) for r in rows]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a boundary mismatch would warn
         examples, num_truncated = data.tokenize_dataset(tok, pairs, max_length=512)
@@ -299,10 +300,6 @@ def epoch_indices(batches: data.Batches) -> list[list[int]]:
     return [b["input_ids"][:, 0].tolist() for b in batches]
 
 
-def padding(batches: data.Batches) -> int:
-    return sum(int((~b["attention_mask"]).sum()) for b in batches)
-
-
 def test_batches_are_right_padded_with_masks_by_length():
     examples = make_examples(10)
     batch = next(iter(data.Batches(examples, batch_size=4, seed=0, pad_id=-7)))
@@ -328,21 +325,9 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
     assert epoch_indices(data.Batches(examples, batch_size=5, seed=0, shuffle=False))[1] == [5, 6, 7, 8, 9]
 
 
-def test_bucketing_reduces_padding_and_keeps_every_example():
-    examples = make_examples(400)
-    plain = data.Batches(examples, batch_size=8, seed=0)
-    bucketed = [data.Batches(examples, batch_size=8, seed=0, bucket_by_length=True) for _ in range(2)]
-    assert padding(bucketed[0]) < padding(plain) / 3
-    assert bucketed[0].epoch_batches(0) == bucketed[1].epoch_batches(0)
-    order = bucketed[0].epoch_batches(1)
-    assert sorted(i for batch in order for i in batch) == list(range(400))
-    assert order != sorted(order, key=lambda batch: -len(examples[batch[0]]["input_ids"]))  # batch order shuffled
-
-
-@pytest.mark.parametrize("bucket", [False, True])
-def test_ranks_get_disjoint_shards_of_equal_length(bucket):
+def test_ranks_get_disjoint_shards_of_equal_length():
     examples = make_examples(103)  # 26 batches of 4 (the last one 3): 8 per rank, 2 dropped
-    ranks = [data.Batches(examples, batch_size=4, seed=1, bucket_by_length=bucket, rank=r, world_size=3)
+    ranks = [data.Batches(examples, batch_size=4, seed=1, rank=r, world_size=3)
              for r in range(3)]
     assert [len(b) for b in ranks] == [8, 8, 8] == [len(b.epoch_batches(0)) for b in ranks]
     seen = [i for b in ranks for batch in epoch_indices(b) for i in batch]
@@ -351,11 +336,10 @@ def test_ranks_get_disjoint_shards_of_equal_length(bucket):
         data.Batches(examples[:7], batch_size=4, seed=0, world_size=3)
 
 
-@pytest.mark.parametrize("bucket", [False, True])
 @pytest.mark.parametrize("consumed", [5, 24, 37])  # mid-epoch, just before the end of epoch 0 (26 batches), in epoch 1
-def test_resume_continues_exactly_where_it_stopped(bucket, consumed):
+def test_resume_continues_exactly_where_it_stopped(consumed):
     examples = make_examples(103)
-    make = lambda: data.Batches(examples, batch_size=4, seed=7, bucket_by_length=bucket)  # noqa: E731
+    make = lambda: data.Batches(examples, batch_size=4, seed=7)  # noqa: E731
     uninterrupted = make()
     reference = [uninterrupted.next_batch() for _ in range(consumed + 6)][consumed:]
     stopped = make()

@@ -15,7 +15,7 @@ import torch
 
 import data
 import model as model_lib
-from machinery import datasets, safetensors_file
+from machinery import commonsense, datasets, math_task, safetensors_file
 from lorasb import load_safetensors
 from machinery import hub as hub_lib
 from test_model import write_shards
@@ -208,8 +208,8 @@ def test_math_is_downloaded_into_the_cache_once(serve, tmp_path, monkeypatch):
     monkeypatch.setenv("LORASB_MATH_URL", url + "/MATH_test.jsonl")
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
     expected = [{"question": "What is $1+1$?", "answer": "2", "subject": "Prealgebra"}]
-    assert data.load_math(datasets.math_file(None)) == expected
-    assert data.load_math(datasets.math_file(None)) == expected
+    assert math_task.load_math(datasets.math_file(None)) == expected
+    assert math_task.load_math(datasets.math_file(None)) == expected
     assert len(log) == 1 and (tmp_path / "math" / "MATH_test.jsonl").is_file()
     monkeypatch.setenv("LORASB_MATH_URL", closed_port_url() + "/MATH_test.jsonl")
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path / "empty")
@@ -227,10 +227,11 @@ def test_commonsense_files_are_downloaded_into_the_cache_once_unless_local(serve
     monkeypatch.setattr(datasets, "COMMONSENSE_TEST_SHA256", {"boolq": sha(test)})
     monkeypatch.setattr(hub_lib, "CACHE_DIR", tmp_path)
     for _ in range(2):
-        assert data.load_commonsense(datasets.commonsense_test_file("boolq", None), "boolq") == [record]
-        assert data.load_commonsense(datasets.commonsense_test_file("hellaswag", None)) == [record]  # no pinned sha
+        assert commonsense.load_commonsense(datasets.commonsense_test_file("boolq", None), "boolq") == [record]
+        hellaswag = datasets.commonsense_test_file("hellaswag", None)
+        assert commonsense.load_commonsense(hellaswag) == [record]  # no pinned sha
         [path] = datasets.commonsense_train_files(None)
-        assert data.load_commonsense(path) == [record, record]
+        assert commonsense.load_commonsense(path) == [record, record]
     assert sorted(path for path, _ in log) == ["/cs/dataset/boolq/test.json", "/cs/dataset/hellaswag/test.json",
                                                "/cs/" + datasets.COMMONSENSE_TRAIN]
     local = tmp_path / "local"

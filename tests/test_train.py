@@ -25,7 +25,7 @@ import lorasb
 import model as model_lib
 import train_gsm8k
 from conftest import REPO, TINY_MATH, deadline, write_tiny_gsm8k
-from machinery import checkpoints, command, hub
+from machinery import checkpoints, command, hub, run_identity
 from machinery.tokenizer import Tokenizer
 
 
@@ -55,7 +55,7 @@ def trainer_process(out, model_dir, data_dir, at_step_2: str, *extra) -> subproc
 @pytest.mark.parametrize("method", ["lorasb", "loraxs", "lora", "full"])
 def test_each_method_trains_saves_and_evaluates(tmp_path, tiny_model_dir, tiny_gsm8k_dir, method):
     out, summary = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--method", method)
-    assert summary["total"] == 4 and summary["method"] == method
+    assert summary["gsm8k"]["total"] == 4 and summary["method"] == method
     config = json.loads((out / "config.json").read_text())
     assert config["grad_accum"] == 2 and config["total_steps"] == 4 and config["lr_1"] == pytest.approx(1e-2)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -82,7 +82,7 @@ def test_each_method_trains_in_bf16_as_on_a_gpu(tmp_path, tiny_model_dir, tiny_g
                        "--max_steps", "2", "--eval_limit", "2", "--max_new_tokens", "3")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
-    assert summary["total"] == 2 and math.isfinite(summary["test_loss"])
+    assert summary["gsm8k"]["total"] == 2 and math.isfinite(summary["held_out_loss"])
     saved, _ = lorasb.load_safetensors(out / ("model/model.safetensors" if method == "full" else "adapter.safetensors"))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
 
@@ -211,14 +211,14 @@ def test_resume_refuses_other_data_dtype_model_or_processes_but_not_another_spel
         run(tmp_path, other_model, tiny_gsm8k_dir, *resume, name=out.name)
     recorded = json.loads((out / "checkpoints" / "run.json").read_text())
     with pytest.raises(SystemExit, match="processes: 1 -> 2"):
-        checkpoints.check_same_run(out / "checkpoints", {**recorded, "processes": 2})
+        run_identity.check_same_run(out / "checkpoints", {**recorded, "processes": 2})
     args = train_gsm8k.parse_args(["--model", f"{tiny_model_dir}/", "--data_dir", str(tiny_gsm8k_dir), "--out_dir",
                                    str(out), "--device", "cpu", "--batch_size", "4", "--micro_batch_size", "2",
                                    "--max_steps", "4", "--rank", "4", "--lr", "1e-2", "--num_init_samples", "6"])
     setup = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
-    identity = checkpoints.run_identity(args, 1, torch.float32, train_gsm8k.training_data_files(args),
-                                        train_gsm8k.load(args, setup).folder)
-    checkpoints.check_same_run(out / "checkpoints", identity)  # a trailing / names the same folder: accepted
+    identity = run_identity.run_identity(args, 1, torch.float32, train_gsm8k.training_data_files(args),
+                                          train_gsm8k.load(args, setup).folder)
+    run_identity.check_same_run(out / "checkpoints", identity)  # a trailing / names the same folder: accepted
 
 
 def test_resume_trims_a_cut_metrics_line_and_removes_interrupted_writes(stopped_run, tmp_path, tiny_model_dir,
@@ -272,7 +272,8 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--save_every", "2")
     monkeypatch.setattr(lorasb.os, "fdopen", real_fdopen)
     folder = tmp_path / "run" / "checkpoints"
-    assert (folder / "latest").read_text() == "step-0000002" and checkpoints.problem(folder / "step-0000002") is None
+    assert (folder / "latest").read_text() == "step-0000002"
+    assert checkpoints.checkpoint_problem(folder / "step-0000002") is None
     assert sorted(p.name for p in folder.glob("*step*")) == ["step-0000002"]  # no half-written step 4
     assert not list(folder.glob(".*.tmp"))
 
@@ -420,7 +421,7 @@ def test_eval_only_with_the_saved_adapter_reproduces_the_predictions(tmp_path, t
     assert (evaluated / "predictions.jsonl").read_text() == (trained / "predictions.jsonl").read_text()
     summary = json.loads((evaluated / "summary.json").read_text())
     assert (summary["method"], summary["rank"]) == ("lorasb", 4)  # described by the adapter, not by the defaults
-    assert summary["test_loss_on"] == "4 GSM8K test solutions" and "train_seconds" not in summary
+    assert summary["held_out_loss_on"] == "4 GSM8K test solutions" and "train_seconds" not in summary
     assert (evaluated / "summary.json").stat().st_mode & 0o044  # readable by others, as a plain open() would make it
     assert not (evaluated / "checkpoints").exists()
 
@@ -629,7 +630,7 @@ def test_torchrun_with_two_cpu_processes(tmp_path, tiny_model_dir, tiny_gsm8k_di
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr and "FutureWarning" not in result.stderr  # a clean exit
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["total"] == 5  # the questions were split over the two ranks and gathered back
+    assert summary["gsm8k"]["total"] == 5  # the questions were split over the two ranks and gathered back
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["index"] for p in predictions] == [0, 1, 2, 3, 4]
     assert json.loads((out / "config.json").read_text())["grad_accum"] == 1
@@ -686,7 +687,7 @@ def test_gsm8k_and_math_are_scored_and_both_accuracies_written(tmp_path, tiny_mo
     out, _ = run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--eval_only", "--eval_data", "gsm8k,math", "--math_path",
                  str(tiny_math_file), "--math_max_new_tokens", "7")
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["total"], summary["invalid"]) == (4, 4) and summary["test_loss"] > 0  # GSM8K, at the top level
+    assert (summary["gsm8k"]["total"], summary["gsm8k"]["invalid"]) == (4, 4) and summary["held_out_loss"] > 0
     math = summary["math"]
     assert {k: v for k, v in math.items() if not k.startswith("by_")} == {
         "accuracy": 0.5, "correct": 2, "invalid": 1, "total": 4, "accuracy_authors_fallback": 0.75,
@@ -815,3 +816,19 @@ def test_eval_merge_bf16_is_the_merged_model_rounded_and_exact_merges_only_in_fp
     kept = copy.deepcopy(model)
     train_gsm8k.prepare_evaluation(kept, argparse.Namespace(eval_merge="exact"), bf16)
     assert all(m.merged_base_weight is None for m in lorasb.adapters(kept).values())  # bf16 weights: unmerged
+
+
+def test_train_is_the_loop_a_caller_records_through_after_step(tiny_model_dir, tiny_gsm8k_dir):
+    """train(..., after_step) runs the steps after start_step, calling after_step(step, result) once after each: what
+    the experiments call to record their losses (the trainer's own callback is its checkpointer)."""
+    model, examples, plan = initialized(tiny_model_dir, tiny_gsm8k_dir, "--max_steps", "3")
+    args = train_gsm8k.parse_args(["--model", str(tiny_model_dir), "--micro_batch_size", "2", "--batch_size", "4",
+                                   "--device", "cpu", "--max_steps", "3", "--lr", "1e-2"])
+    setup = train_gsm8k.Setup(False, 0, 1, torch.device("cpu"), torch.float32, torch.float32)
+    batches = data.Batches(examples, args.micro_batch_size, args.seed)
+    optimizer = train_gsm8k.make_optimizer(model, args, setup.device)
+    recorded = []
+    train_gsm8k.train(model, optimizer, batches, args, plan, setup, start_step=1,
+                      after_step=lambda step, result: recorded.append((step, result["loss"].item(), result["lr"])))
+    assert [step for step, _, _ in recorded] == [2, 3] and all(math.isfinite(loss) for _, loss, _ in recorded)
+    assert [lr for _, _, lr in recorded] == [train_gsm8k.learning_rate(s, 1e-2, plan.warmup_steps, 3) for s in (2, 3)]
