@@ -55,7 +55,7 @@ import train_gsm8k as trainer  # noqa: E402
 from experiments import svg  # noqa: E402
 from experiments.study import METHOD_COLORS, METHOD_NAMES, wilson_interval  # noqa: E402
 from machinery import checkpoints, command, datasets  # noqa: E402
-from machinery.hub import sha256_file  # noqa: E402
+from machinery.files import sha256_file  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TASKS = tuple(task for task in data.COMMONSENSE_TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand

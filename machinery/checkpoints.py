@@ -28,7 +28,7 @@ import torch
 import lorasb
 from machinery import distributed, run_folder
 from machinery.distributed import refuse
-from machinery.hub import sha256_file
+from machinery.files import atomic_write, sha256_file
 from machinery.input_files import regular_file
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
@@ -135,13 +135,13 @@ def save(out: Path, step: int, model, optimizer, batches, device: torch.device) 
                                 {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
         state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
                  "rng": rng_states(device)}
-        lorasb.atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
+        atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
         hashes = {f"{name}/{file}": sha256_file(tmp / file) for file in CHECKPOINT_FILES}
         run_folder.write_json(tmp / "manifest.json", {"step": step, "sha256": {
             **hashes, "run.json": sha256_file(folder / "run.json")}})
         shutil.rmtree(folder / name, ignore_errors=True)
         os.replace(tmp, folder / name)
-        lorasb.atomic_write(folder / "latest", lambda f: f.write(name.encode()))
+        atomic_write(folder / "latest", lambda f: f.write(name.encode()))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"Stopped at step {step}: its checkpoint could not be written to {folder}: "

@@ -13,7 +13,7 @@ import torch
 
 from conftest import deadline, write_tiny_llama
 from machinery import checkpoints, run_folder
-from machinery.hub import sha256_file
+from machinery.files import sha256_file
 
 IDENTITY = {"settings": {"seed": 1}, "processes": 1}
 
