@@ -35,6 +35,7 @@ LoRA baselines; then saving, loading and exporting. torch and the standard libra
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -360,10 +361,8 @@ def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Cal
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if iter(batches) is batches:
-        warnings.warn(f"estimate_first_update was handed a one-shot iterator ({type(batches).__name__}): it consumes "
-                      f"the batches it reads, so a training loop over the same object afterwards sees only what is "
-                      f"left (none of them once it is exhausted, and trains zero steps); pass a list, or make a fresh "
-                      f"iterator for each use", UserWarning, stacklevel=2)
+        warnings.warn(f"a one-shot iterator ({type(batches).__name__}) is used up here: a training loop over it then "
+                      f"trains zero steps; pass a list", stacklevel=2)
     weights = {name: linear.weight for name, linear in find_targets(model, targets).items()}
     total = _all_reduce_sum(torch.tensor(float(num_samples))).item()
     sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=accumulate_on or w.device)
@@ -537,10 +536,10 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: ({name: tensor}, metadata). The tensors are CPU views of a private memory map of the
     file (pages are read when touched), so loading a model tensor by tensor keeps memory near one model. A damaged
-    file (truncated, overwritten, not safetensors) raises ValueError naming the file and the problem."""
+    file (truncated, overwritten, not safetensors, a symlink loop) raises ValueError naming the file and the problem."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
     try:
+        size = os.path.getsize(path)
         if size < 8:
             raise ValueError(f"only {size} bytes")
         with open(path, "rb") as f:
@@ -555,28 +554,46 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise ValueError("__metadata__ is not a JSON object")
         storage = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
         tensors = {name: _tensor_at(storage, 8 + header_len, name, info) for name, info in header.items()}
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"{path}: a symlink that loops back to itself; point it at the file") from None
     except (ValueError, RecursionError, TypeError, RuntimeError) as e:  # the last two: torch's, on overflowing shapes
-        problem = str(e).splitlines()[0]
-        raise ValueError(f"{path}: {problem}; the file is not a valid safetensors file (re-save or re-download it)"
-                         ) from None
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}; the file is not a valid safetensors file (re-save or "
+                         f"re-download it)") from None
     return tensors, metadata
 
 
+def tensor_entry_problem(name: str, info: Any, data_len: int) -> str | None:
+    """What keeps one header entry from being a tensor of the `data_len`-byte data section, or None: it needs a known
+    dtype, a shape of non-negative integers, and data_offsets [begin, end] inside the section spanning the shape."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        return f"tensor {name!r} must have 'dtype', 'shape' and 'data_offsets'"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"tensor {name!r} has dtype {dtype!r}, not a dtype of {list(SAFETENSORS_DTYPES)}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len):
+        return (f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end <= "
+                f"{data_len}, the size of the data section")
+    needs = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != needs:
+        return (f"tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes for shape {shape} of "
+                f"{dtype}, which needs {needs}")
+    return None
+
+
 def _tensor_at(storage: torch.Tensor, data_start: int, name: str, info: Any) -> torch.Tensor:
-    """The tensor of one header entry: a view of the file's bytes, once its dtype, shape and offsets agree."""
-    entry = info if isinstance(info, dict) else {}
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
-    shape, offsets, data_len = entry.get("shape"), entry.get("data_offsets"), len(storage) - data_start
-    if (dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_len
-            or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize):
-        raise ValueError(f"tensor {name!r} is {str(info)[:200]}: not a dtype of {list(SAFETENSORS_DTYPES)} with a "
-                         f"shape and data_offsets that fit each other and the {data_len}-byte data section")
-    data = storage[data_start + offsets[0]:data_start + offsets[1]]
-    if (data_start + offsets[0]) % dtype.itemsize:  # some writers do not pad the header; .view needs alignment
-        data = data.clone()
-    return data.view(dtype).reshape(shape)
+    """The tensor of one header entry: a view of the file's bytes, once tensor_entry_problem finds nothing wrong."""
+    problem = tensor_entry_problem(name, info, len(storage) - data_start)
+    if problem:
+        raise ValueError(problem)
+    begin, end = data_start + info["data_offsets"][0], data_start + info["data_offsets"][1]
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    data = storage[begin:end] if begin % dtype.itemsize == 0 else storage[begin:end].clone()  # .view needs alignment
+    return data.view(dtype).reshape(info["shape"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -632,64 +649,53 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+ADAPTER_FIELDS = {  # what each field of an adapter file's metadata must be: (test, what it is then)
+    "method": (lambda v: v in METHODS, f"one of {METHODS}"),
+    "rank": (lambda v: type(v) is int and v >= 1, "a positive integer"),
+    "scale": (lambda v: type(v) in (int, float) and abs(v) <= sys.float_info.max, "a finite number"),  # not NaN, inf
+    "targets": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of module-name suffixes"),
+}
+
+
 def _adapter_problem(model: nn.Module, metadata: dict[str, str],
                     modules: dict[str, dict[str, torch.Tensor]]) -> str | None:
-    """What keeps an adapter file (its metadata and its tensors grouped by module) from loading into `model`, or None:
-    adapters already in the model; metadata that is not a JSON object with a known method, a positive integer rank, a
-    finite scale and a list of targets; modules missing from the file or absent from the model's targets; a module
-    without its B, A (and R but for LoRA); tensors that are not floating point, hold NaN or inf, or whose shapes do
-    not fit the layer at the metadata's rank."""
-    existing = adapters(model)
-    if existing:
-        return (f"the model already has adapters (on {len(existing)} layers); load the file into a model without "
-                f"adapters, such as a freshly loaded base model")
+    """What keeps an adapter file (its metadata, its tensors grouped by module) from loading into `model`, or None."""
+    if adapters(model):
+        return (f"the model already has adapters (on {len(adapters(model))} layers); load the file into a model "
+                f"without adapters, such as a freshly loaded base model")
     if not isinstance(metadata.get("lorasb"), str):
         return "not an adapter saved by lorasb.save_adapter (no 'lorasb' metadata string)"
     try:
         info = json.loads(metadata["lorasb"])
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting is a RecursionError
         return f"its 'lorasb' metadata is not JSON ({str(e)[:200]})"
-    if not isinstance(info, dict):
-        return f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object"
-    fields = ("method", "rank", "scale", "targets")
-    if any(field not in info for field in fields):
-        return f"its metadata lacks {[field for field in fields if field not in info]} (it has {sorted(info)})"
-    method, rank, scale, targets = (info[field] for field in fields)
-    if method not in METHODS:
-        return f"its metadata's method {method!r} is not one of {METHODS}"
-    if type(rank) is not int or rank < 1:
-        return f"its metadata's rank {rank!r} is not a positive integer"
-    if type(scale) not in (int, float) or not abs(scale) <= sys.float_info.max:  # NaN, inf and huge ints fail
-        return f"its metadata's scale {scale!r} is not a finite number"
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        return f"its metadata's targets {targets!r} is not a list of module-name suffixes"
+    if not isinstance(info, dict) or any(field not in info for field in ADAPTER_FIELDS):
+        return (f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object" if not isinstance(info, dict)
+                else f"its metadata lacks {[f for f in ADAPTER_FIELDS if f not in info]} (it has {sorted(info)})")
+    for field, (ok, what) in ADAPTER_FIELDS.items():
+        if not ok(info[field]):
+            return f"its metadata's {field} {info[field]!r} is not {what}"
     try:
-        layers = find_targets(model, targets)
+        layers = find_targets(model, info["targets"])
     except ValueError as e:
         return str(e)
     missing, extra = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
-    if missing:
-        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching {targets}, "
-                f"e.g. {missing[:3]}")
-    if extra:
-        return (f"it has adapters for modules that are not layers of this model matching {targets}, e.g. "
-                f"{extra[:3]} (is this adapter for another model?)")
-    needed = ["A", "B"] if method == "lora" else ["A", "B", "R"]
+    if missing or extra:
+        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching {info['targets']}, "
+                f"e.g. {missing[:3]}" if missing else f"it has adapters for modules that are not layers of this model "
+                f"matching {info['targets']}, e.g. {extra[:3]} (is this adapter for another model?)")
+    rank, needed = info["rank"], ["A", "B"] if info["method"] == "lora" else ["A", "B", "R"]
     for name, parts in modules.items():
-        if sorted(parts) != needed:
-            return f"module {name} has tensors {sorted(parts)}; a {method} adapter has {needed}"
-        for part, t in parts.items():
-            if not t.is_floating_point():
-                return f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype"
-            if not torch.isfinite(t.float()).all():
-                return f"{name}.{part} has NaN or inf values"
         out, inp = layers[name].out_features, layers[name].in_features
-        expected = {part: shape for part, shape in (("A", (rank, inp)), ("B", (out, rank)), ("R", (rank, rank)))
-                    if part in needed}
-        got = {part: tuple(parts[part].shape) for part in needed}
-        if got != expected:
-            return (f"module {name} has shapes {got} but its layer ({out} x {inp}) at the metadata's rank {rank} "
-                    f"needs {expected}")
+        if sorted(parts) != needed:
+            return f"module {name} has tensors {sorted(parts)}; a {info['method']} adapter has {needed}"
+        for part, t in sorted(parts.items()):
+            needs = {"A": (rank, inp), "B": (out, rank), "R": (rank, rank)}[part]
+            if not t.is_floating_point() or not torch.isfinite(t.float()).all() or tuple(t.shape) != needs:
+                return (f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype" if not t.is_floating_point()
+                        else f"{name}.{part} has NaN or inf values" if tuple(t.shape) == needs else
+                        f"module {name} has shapes {{'{part}': {tuple(t.shape)}}} but its layer ({out} x {inp}) at "
+                        f"the metadata's rank {rank} needs {needs}")
     return None
 
 
