@@ -307,18 +307,15 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
 
     `svd` is "exact", "randomized" or (LoRA-SB only) "authors": see lorasb_factors. `progress` wraps each loop over
     the layers that computes SVDs, e.g. tqdm, to show how far it is."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if method == "lorasb" and updates is None:
-        raise ValueError("method 'lorasb' needs updates=estimate_first_update(...)")
-    if method == "lora" and lora_alpha is None:
-        raise ValueError("method 'lora' needs lora_alpha (its scale is lora_alpha / rank)")
-    if svd not in SVDS:
-        raise ValueError(f"unknown svd {svd!r}; choose one of {SVDS}")
-    if svd == "authors" and method != "lorasb":
-        raise ValueError(f"svd='authors' is LoRA-SB's initialization; method {method!r} does not use it")
-    found = find_targets(model, targets)
-    problems = rank_problems(found, rank)
+    problems = [problem for bad, problem in [
+        (method not in METHODS, f"unknown method {method!r}; choose one of {METHODS}"),
+        (method == "lorasb" and updates is None, "method 'lorasb' needs updates=estimate_first_update(...)"),
+        (method == "lora" and lora_alpha is None, "method 'lora' needs lora_alpha (its scale is lora_alpha / rank)"),
+        (svd not in SVDS, f"unknown svd {svd!r}; choose one of {SVDS}"),
+        (svd == "authors" and method != "lorasb", f"svd='authors' is LoRA-SB's initialization, not {method!r}'s"),
+    ] if bad]
+    found = find_targets(model, targets) if not problems else {}
+    problems += rank_problems(found, rank)
     if problems:
         raise ValueError(problems[0] + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""))
     factors = {}  # LoRA-SB's (B, R, A) of each layer, the SVDs made group by group
@@ -501,18 +498,13 @@ def _first_step(name: str, grad_sum: torch.Tensor, rule: str, lr: float) -> torc
 def _first_examples(batch: Any, k: int) -> tuple[Any, int]:
     """The first k examples of a batch (a tensor, or a dict / list / tuple of tensors whose dim 0 is the batch) and
     how many they are: k, or fewer in a smaller batch."""
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
-    sizes = [v.shape[0] for v in values if isinstance(v, torch.Tensor)]
+    sequence = isinstance(batch, (list, tuple))
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch if sequence else [batch])
+    cut = {key: v[:k] if isinstance(v, torch.Tensor) else v for key, v in items}
+    sizes = [len(v) for v in cut.values() if isinstance(v, torch.Tensor)]
     if not sizes:
         raise TypeError("a batch must be a tensor, or a dict / list / tuple holding tensors whose dim 0 is the batch")
-    cut = lambda v: v[:k] if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if isinstance(batch, dict):
-        batch = {key: cut(v) for key, v in batch.items()}
-    elif isinstance(batch, (list, tuple)):
-        batch = type(batch)(cut(v) for v in batch)
-    else:
-        batch = cut(batch)
-    return batch, min(sizes[0], k)
+    return (cut if isinstance(batch, dict) else type(batch)(cut.values()) if sequence else cut[0]), sizes[0]
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
