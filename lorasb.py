@@ -378,11 +378,12 @@ def merged(model: nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                          num_samples: int, lr: float, **options: Any) -> dict[str, torch.Tensor]:
+                          num_samples: int, lr: float, targets: Iterable[str] = DEFAULT_TARGETS,
+                          **options: Any) -> dict[str, torch.Tensor]:
     """{module name: dW (fp32)} of every target layer: estimate_by_group's groups (same arguments; one group unless
     `group_bytes` is given) in one dict. For a model whose dW do not fit in memory at once, pass estimate_by_group(...)
     itself to add_adapters: it turns each group into B, R, A before the next group is estimated."""
-    groups = estimate_by_group(model, batches, loss_fn, num_samples, lr, **{"group_bytes": None, **options})
+    groups = estimate_by_group(model, batches, loss_fn, num_samples, lr, targets, **{"group_bytes": None, **options})
     return {name: update for group in groups for name, update in group.items()}
 
 
