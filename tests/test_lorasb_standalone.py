@@ -66,17 +66,23 @@ def readme_usage_block() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_block_runs_with_lorasb_py_alone_on_a_hugging_face_model(tmp_path):
-    pytest.importorskip("transformers")
-    shutil.copy(REPO / "lorasb.py", tmp_path / "lorasb.py")
-    (tmp_path / "example.py").write_text(PREAMBLE + readme_usage_block() + CHECKS)
+def run_with_lorasb_py_alone(folder, script: str) -> str:
+    """Run `script` as example.py in `folder` beside a copy of lorasb.py and nothing else of the project; its stdout."""
+    shutil.copy(REPO / "lorasb.py", folder / "lorasb.py")
+    (folder / "example.py").write_text(script)
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env["HF_HUB_OFFLINE"] = "1"
     # -E: no PYTHONPATH; sys.path[0] is the script's folder, which holds lorasb.py and nothing else of the project
-    result = subprocess.run([sys.executable, "-E", "example.py"], cwd=tmp_path, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-E", "example.py"], cwd=folder, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "lorasb: rank 16 on 14 linear layers" in result.stdout
+    return result.stdout
+
+
+def test_the_readme_block_runs_with_lorasb_py_alone_on_a_hugging_face_model(tmp_path):
+    pytest.importorskip("transformers")
+    assert "lorasb: rank 16 on 14 linear layers" in run_with_lorasb_py_alone(tmp_path, PREAMBLE + readme_usage_block()
+                                                                             + CHECKS)
     written = {p.name for p in tmp_path.iterdir()} - {"__pycache__", "example.py", "lorasb.py"}
     assert written == {"adapter.safetensors", "peft_adapter"}
 
@@ -134,12 +140,6 @@ def test_lorasb_py_alone_on_a_hugging_face_model_with_bitsandbytes_4_bit_linears
     """QLoRA's setup: estimate in groups (one pass per group), add, train a step, save, load, export to PEFT."""
     pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
-    shutil.copy(REPO / "lorasb.py", tmp_path / "lorasb.py")
-    (tmp_path / "example.py").write_text(FOUR_BIT)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run([sys.executable, "-E", "example.py"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "lorasb: rank 8 on 14 linear layers" in result.stdout
-    assert "PEFT over the 4-bit base: the same logits" in result.stdout or not importlib.util.find_spec("peft")
+    stdout = run_with_lorasb_py_alone(tmp_path, FOUR_BIT)
+    assert "lorasb: rank 8 on 14 linear layers" in stdout
+    assert "PEFT over the 4-bit base: the same logits" in stdout or not importlib.util.find_spec("peft")
