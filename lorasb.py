@@ -156,7 +156,6 @@ class LowRankLinear(nn.Module):
         self.base = base
         self.scale = scale
         self.merged_base_weight: torch.Tensor | None = None  # W0, kept while merged so unmerge is exact
-        self._cast_cache: tuple | None = None  # frozen B and A in the compute dtype (_frozen_factors)
         b, a = b.float().to(_device(base)), a.float().to(_device(base))
         if r is None:  # LoRA: B and A train
             self.B, self.A, self.R = nn.Parameter(b), nn.Parameter(a), None
@@ -175,26 +174,12 @@ class LowRankLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x = x.to(dtype)
-        b, a = self._frozen_factors(dtype) if self.R is not None else (self.B.to(dtype), self.A.to(dtype))
+        b, a = self.B.to(dtype), self.A.to(dtype)
         r = None if self.R is None else self.R.to(dtype)
         h = F.linear(x, a)  # x A^T: tokens x r
         if r is not None:
             h = F.linear(h, r)  # (x A^T) R^T
         return self.base(x) + F.linear(h, self.scale * b)  # s on B (m x r), not on the tokens x m output
-
-    def _frozen_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen B and A of LoRA-SB/XS in the compute dtype, cast once and kept (in a plain attribute: never
-        saved, dropped when the module moves) until B, A or the dtype change, rather than cast at every step."""
-        if dtype == self.B.dtype or torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
-            return self.B.to(dtype), self.A.to(dtype)
-        key = (id(self.B), id(self.A), self.B._version, self.A._version, dtype)
-        if self._cast_cache is None or self._cast_cache[0] != key:  # holding B and A keeps their ids theirs
-            self._cast_cache = (key, self.B, self.A, self.B.to(dtype), self.A.to(dtype))
-        return self._cast_cache[3], self._cast_cache[4]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cast_cache = None  # .to(), .cuda(), .half(): the copies are remade at the next forward
-        return super()._apply(fn, *args, **kwargs)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B R A in fp32 or wider (m x n): what merging adds to W0."""
