@@ -35,6 +35,7 @@ LoRA baselines; then saving, loading and exporting. torch and the standard libra
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("lorasb", "loraxs", "lora")
 SVDS = ("exact", "randomized", "authors")  # how the initialization's SVD is computed (truncated_svd, authors_svd)
+DEFAULT_GROUP_BYTES = 4 * 2**30  # estimate_by_group's fp32 gradient sums: 1G weights, one pass for models up to ~1B
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def optimal_r_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s
 # ---------------------------------------------------------------------------------------------------------------------
 
 class LowRankLinear(nn.Module):
-    """y = base(x) + s * ((x A^T) R^T) B^T, wrapping an existing nn.Linear (whose weight W0 and bias stay frozen).
+    """y = base(x) + s * ((x A^T) R^T) B^T, wrapping a target layer y = x W0^T + b (find_targets: an nn.Linear, a
+    Conv1D, a 4-bit layer), whose W0 and b stay frozen.
 
     LoRA-SB and LoRA-XS: B (m x r) and A (r x n) are frozen buffers, R (r x r) the only parameter, s = 1.
     LoRA: B and A are parameters, there is no R, s = alpha / r.
@@ -148,20 +151,18 @@ class LowRankLinear(nn.Module):
     precision, R's small updates are not rounded away) and cast to the compute dtype at use: the activations' dtype,
     or autocast's."""
 
-    def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None, scale: float):
+    def __init__(self, base: nn.Module, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None, scale: float):
         super().__init__()
         self.base = base
         self.scale = scale
         self.merged_base_weight: torch.Tensor | None = None  # W0, kept while merged so unmerge is exact
-        self._cast_cache: tuple | None = None  # frozen B and A in the compute dtype (_frozen_factors)
+        b, a = b.float().to(_device(base)), a.float().to(_device(base))
         if r is None:  # LoRA: B and A train
-            self.B = nn.Parameter(b.float())
-            self.A = nn.Parameter(a.float())
-            self.R = None
+            self.B, self.A, self.R = nn.Parameter(b), nn.Parameter(a), None
         else:
-            self.register_buffer("B", b.float())
-            self.register_buffer("A", a.float())
-            self.R = nn.Parameter(r.float())
+            self.register_buffer("B", b)
+            self.register_buffer("A", a)
+            self.R = nn.Parameter(r.float().to(_device(base)))
 
     @property
     def rank(self) -> int:
@@ -173,26 +174,12 @@ class LowRankLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x = x.to(dtype)
-        b, a = self._frozen_factors(dtype) if self.R is not None else (self.B.to(dtype), self.A.to(dtype))
+        b, a = self.B.to(dtype), self.A.to(dtype)
         r = None if self.R is None else self.R.to(dtype)
         h = F.linear(x, a)  # x A^T: tokens x r
         if r is not None:
             h = F.linear(h, r)  # (x A^T) R^T
         return self.base(x) + F.linear(h, self.scale * b)  # s on B (m x r), not on the tokens x m output
-
-    def _frozen_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen B and A of LoRA-SB/XS in the compute dtype, cast once and kept (in a plain attribute: never
-        saved, dropped when the module moves) until B, A or the dtype change, rather than cast at every step."""
-        if dtype == self.B.dtype or torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
-            return self.B.to(dtype), self.A.to(dtype)
-        key = (id(self.B), id(self.A), self.B._version, self.A._version, dtype)
-        if self._cast_cache is None or self._cast_cache[0] != key:  # holding B and A keeps their ids theirs
-            self._cast_cache = (key, self.B, self.A, self.B.to(dtype), self.A.to(dtype))
-        return self._cast_cache[3], self._cast_cache[4]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cast_cache = None  # .to(), .cuda(), .half(): the copies are remade at the next forward
-        return super()._apply(fn, *args, **kwargs)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B R A in fp32 or wider (m x n): what merging adds to W0."""
@@ -201,11 +188,16 @@ class LowRankLinear(nn.Module):
         return self.scale * b @ self.A.to(dtype)
 
     def merge(self) -> None:
-        """W <- W0 + s B R A, computed in fp32 and cast once; W0 is kept so unmerge restores it exactly."""
+        """W <- W0 + s B R A, computed in fp32 and cast once; W0 is kept so unmerge restores it exactly. A 4-bit W0 is
+        refused: requantizing W0 + s B R A would lose most of the update (run the 4-bit model unmerged)."""
+        if _is_quantized(self.base):
+            raise ValueError(f"cannot merge into a {type(self.base).__name__}: its weight is quantized (4-bit), and "
+                             f"requantizing W0 + B R A would round most of the update away; run the model unmerged")
         if self.merged_base_weight is None:
             w0 = self.base.weight.data
+            delta = self.delta_weight().to(w0.device)
             self.merged_base_weight = w0
-            self.base.weight.data = (w0.float() + self.delta_weight().to(w0.device)).to(w0.dtype)
+            self.base.weight.data = (w0.float() + (delta.T if _is_conv1d(self.base) else delta)).to(w0.dtype)
 
     def unmerge(self) -> None:
         if self.merged_base_weight is not None:
@@ -234,68 +226,102 @@ class AdapterReport:
                 f"{self.trainable:,} of {self.total:,} ({100 * self.trainable / max(self.total, 1):.4f}%)")
 
 
-def find_targets(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
-    """The nn.Linear modules whose name ends with one of `targets` (matched on whole name components, as PEFT does)."""
+def find_targets(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, nn.Module]:
+    """The layers y = x W^T + b whose name ends with one of `targets` (whole name components, as PEFT matches), in the
+    model's order: nn.Linear (bitsandbytes' 4-bit Linear4bit is one), transformers' Conv1D (GPT-2's layers, which
+    store W transposed, in x out, as PEFT's fan_in_fan_out), and any module with in_features, out_features and a
+    dequantize() returning W (out x in), the protocol of a 4-bit layer of one's own."""
     targets = tuple(targets)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    found = {name: m for name, m in linears.items() if name.split(".")[-1] in targets or name in targets}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)
+              or hasattr(m, "in_features") and hasattr(m, "out_features") and callable(getattr(m, "dequantize", None))}
+    found = {name: m for name, m in layers.items() if name.split(".")[-1] in targets or name in targets}
     if not found:
-        suffixes = sorted({name.split(".")[-1] for name in linears})
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}; the model's linear layers end with: "
-                         f"{suffixes or 'none (the model has no nn.Linear)'}")
+        suffixes = sorted({name.split(".")[-1] for name in layers})
+        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}; the model's linear layers end with "
+                         f"{suffixes or 'nothing (it has none)'}: pass targets= with those to adapt")
     return found
 
 
-def rank_problems(targets: dict[str, nn.Linear], rank: int) -> list[str]:
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out, in): the shape of a target layer's W."""
+    return (layer.nf, layer.nx) if _is_conv1d(layer) else (layer.out_features, layer.in_features)
+
+
+def frozen_weight(layer: nn.Module) -> torch.Tensor:
+    """W0 (out x in) as the layer computes with it (LoRA-XS's SVD needs it): an nn.Linear's weight, a Conv1D's
+    transposed, Q(W0) of a 4-bit layer: its dequantize(), or bitsandbytes' dequantize_4bit for a Linear4bit."""
+    if callable(getattr(layer, "dequantize", None)):
+        return layer.dequantize()
+    if hasattr(layer.weight, "quant_state"):  # a bitsandbytes Params4bit: so bitsandbytes is installed
+        import bitsandbytes.functional
+        return bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return layer.weight.detach().T if _is_conv1d(layer) else layer.weight.detach()
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")  # transformers.pytorch_utils.Conv1D
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    return callable(getattr(layer, "dequantize", None)) or not layer.weight.is_floating_point()
+
+
+def _device(layer: nn.Module) -> torch.device:
+    return next(iter([*layer.parameters(), *layer.buffers()])).device
+
+
+def rank_problems(targets: dict[str, nn.Module], rank: int) -> list[str]:
     """One line per target layer that cannot take `rank` (it must be between 1 and min(out, in))."""
-    return [f"rank {rank} is {'too large' if rank > 1 else 'not possible'} for {name} ({m.out_features} x "
-            f"{m.in_features}): the rank must be between 1 and min(out, in) = {min(m.out_features, m.in_features)}"
-            for name, m in targets.items() if not 1 <= rank <= min(m.out_features, m.in_features)]
+    return [f"rank {rank} is {'too large' if rank > 1 else 'not possible'} for {name} ({out} x {inp}): the rank must "
+            f"be between 1 and min(out, in) = {min(out, inp)}"
+            for name, (out, inp) in ((name, layer_shape(m)) for name, m in targets.items())
+            if not 1 <= rank <= min(out, inp)]
 
 
 def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str] = DEFAULT_TARGETS,
-                 updates: dict[str, torch.Tensor] | None = None, lora_alpha: float | None = None, seed: int = 0,
-                 svd: str = "exact", progress: Callable[[Iterable], Iterable] | None = None) -> AdapterReport:
-    """Replace every target nn.Linear by a LowRankLinear and freeze everything else; one code path for three methods:
+                 updates: dict[str, torch.Tensor] | Iterable[dict[str, torch.Tensor]] | None = None,
+                 lora_alpha: float | None = None, seed: int = 0, svd: str = "exact",
+                 progress: Callable[[Iterable], Iterable] | None = None) -> AdapterReport:
+    """Replace every target layer by a LowRankLinear and freeze everything else; one code path for three methods:
 
-    - "lorasb": B, R, A = lorasb_factors(updates[name]) (updates from estimate_first_update), s = 1, R trains.
+    - "lorasb": B, R, A = lorasb_factors(updates[name]), s = 1, R trains. `updates` is estimate_first_update's dict,
+      or estimate_by_group(...) itself: each group's dW then become B, R, A (and are freed) before the next group is
+      estimated, so the dW of all layers never exist at once.
     - "loraxs": B, R, A = loraxs_factors(W0), s = 1, R trains.
     - "lora":   B = 0, A Kaiming, s = lora_alpha / rank, B and A train.
 
-    `svd` is "exact", "randomized" or (LoRA-SB only) "authors": see lorasb_factors. `progress` wraps the loop over the
-    layers (one SVD each for lorasb and loraxs), e.g. tqdm, to show how far it is."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if method == "lorasb" and updates is None:
-        raise ValueError("method 'lorasb' needs updates=estimate_first_update(...)")
-    if method == "lora" and lora_alpha is None:
-        raise ValueError("method 'lora' needs lora_alpha (its scale is lora_alpha / rank)")
-    if svd not in SVDS:
-        raise ValueError(f"unknown svd {svd!r}; choose one of {SVDS}")
-    if svd == "authors" and method != "lorasb":
-        raise ValueError(f"svd='authors' is LoRA-SB's initialization; method {method!r} does not use it")
-    found = find_targets(model, targets)
-    problems = rank_problems(found, rank)
+    `svd` is "exact", "randomized" or (LoRA-SB only) "authors": see lorasb_factors. `progress` wraps each loop over
+    the layers that computes SVDs, e.g. tqdm, to show how far it is."""
+    problems = [problem for bad, problem in [
+        (method not in METHODS, f"unknown method {method!r}; choose one of {METHODS}"),
+        (method == "lorasb" and updates is None, "method 'lorasb' needs updates=estimate_first_update(...)"),
+        (method == "lora" and lora_alpha is None, "method 'lora' needs lora_alpha (its scale is lora_alpha / rank)"),
+        (svd not in SVDS, f"unknown svd {svd!r}; choose one of {SVDS}"),
+        (svd == "authors" and method != "lorasb", f"svd='authors' is LoRA-SB's initialization, not {method!r}'s"),
+    ] if bad]
+    found = find_targets(model, targets) if not problems else {}
+    problems += rank_problems(found, rank)
     if problems:
         raise ValueError(problems[0] + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""))
-    missing = sorted(set(found) - set(updates)) if updates is not None else []
+    factors = {}  # LoRA-SB's (B, R, A) of each layer, the SVDs made group by group
+    for group in ([updates] if isinstance(updates, dict) else updates) if method == "lorasb" else []:
+        factors.update({name: lorasb_factors(update.to(_device(found[name])), rank, svd)
+                        for name, update in (progress or iter)(list(group.items())) if name in found})
+        group = None  # this group's dW are freed before the generator estimates the next group
+    missing = sorted(set(found) - set(factors)) if method == "lorasb" else []
     if missing:
         raise ValueError(f"no estimated update for {len(missing)} target layers, e.g. {missing[:3]}")
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, linear in (progress or iter)(found.items()):
-        w0 = linear.weight
+    for name, layer in (progress or iter)(found.items()) if method == "loraxs" else found.items():
         if method == "lorasb":
-            b, r, a = lorasb_factors(updates[name].to(w0.device), rank, svd)
-            scale = 1.0
+            b, r, a = factors.pop(name)
         elif method == "loraxs":
-            b, r, a = loraxs_factors(w0.detach(), rank, generator, svd)
-            scale = 1.0
+            b, r, a = loraxs_factors(frozen_weight(layer), rank, generator, svd)
         else:
-            b, a = lora_factors(linear.out_features, linear.in_features, rank, generator)
-            r, scale = None, lora_alpha / rank
-        _set_submodule(model, name, LowRankLinear(linear, b, a, r, scale).to(w0.device))
+            (b, a), r = lora_factors(*layer_shape(layer), rank, generator), None
+        _set_submodule(model, name, LowRankLinear(layer, b, a, r, lora_alpha / rank if method == "lora" else 1.0))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return AdapterReport(method, rank, sorted(found), trainable, total)
@@ -337,112 +363,134 @@ def merged(model: nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                          num_samples: int, lr: float, targets: Iterable[str] = DEFAULT_TARGETS, rule: str = "adamw",
-                          accumulate_on: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Estimate the first full fine-tuning update dW of every target weight from exactly `num_samples` examples.
+                          num_samples: int, lr: float, targets: Iterable[str] = DEFAULT_TARGETS,
+                          **options: Any) -> dict[str, torch.Tensor]:
+    """{module name: dW (fp32)} of every target layer: estimate_by_group's groups (same arguments; one group unless
+    `group_bytes` is given) in one dict. For a model whose dW do not fit in memory at once, pass estimate_by_group(...)
+    itself to add_adapters: it turns each group into B, R, A before the next group is estimated."""
+    groups = estimate_by_group(model, batches, loss_fn, num_samples, lr, targets, **{"group_bytes": None, **options})
+    return {name: update for group in groups for name, update in group.items()}
 
-    `loss_fn(model, batch)` returns the batch's mean loss L_b; the batches are consumed until `num_samples` examples are
+
+def estimate_by_group(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                      num_samples: int, lr: float, targets: Iterable[str] = DEFAULT_TARGETS, rule: str = "adamw",
+                      accumulate_on: str | torch.device | None = None,
+                      group_bytes: int | None = DEFAULT_GROUP_BYTES) -> Iterator[dict[str, torch.Tensor]]:
+    """Estimate the first full fine-tuning update dW of every target layer from exactly `num_samples` examples, one
+    group of layers at a time (target_groups): yields {module name: dW (fp32)} for each group.
+
+    `loss_fn(model, batch)` returns the batch's mean loss L_b; the batches are read until `num_samples` examples are
     seen (the last one is cut). With n_b examples in batch b and N = num_samples:
 
         rule "adamw" (default):  G = sum_b grad(L_b / n_b),      dW = -lr * sign(G)   (the authors' weighting)
         rule "sgd":              G = sum_b (n_b / N) grad(L_b),  dW = -lr * G         (the mean-loss gradient)
 
-    `lr` is lr_1, the learning rate of the schedule's first optimizer step. Memory: only target weights get gradients,
-    each added to an fp32 sum (on the weight's device, or on `accumulate_on`, e.g. "cpu") and freed at once
-    (only_targets_get_gradients). Under torch.distributed each rank passes its own batches and num_samples counts this
-    rank's examples; the sums are all-reduced so every rank gets the same dW. Returns {module name: dW (fp32)}.
-
-    `batches` is iterated once. Pass something that can be iterated again (a list, a DataLoader): a one-shot iterator
-    such as a generator is consumed here, so a training loop over the same object afterwards gets only what is left of
-    it, possibly nothing, and trains zero steps without an error. Handed an iterator, this warns."""
+    G is dL/dW at the weights the model computes with, Q(W0) for a 4-bit layer, taken from each layer's input and
+    output gradient (gradient_sums), so it needs no gradient of the weight, however it is stored. `lr` is lr_1, the
+    learning rate of the schedule's first optimizer step. Memory: the fp32 sums of one group, at most `group_bytes`
+    (4 bytes per weight; None: all layers in one group), on the layer's device or on `accumulate_on` (e.g. "cpu").
+    Each group takes one pass over the samples, each pass from the same random state, so the groups change nothing
+    but the memory: the same dW, bit for bit. Under torch.distributed each rank passes its own batches and
+    num_samples counts this rank's examples; the sums are all-reduced so every rank gets the same dW."""
     if rule not in ("adamw", "sgd"):
         raise ValueError(f"unknown rule {rule!r}; choose 'adamw' (sign of the gradient) or 'sgd'")
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    groups = target_groups(find_targets(model, targets), group_bytes)
+    if iter(batches) is batches and len(groups) > 1:
+        raise ValueError(f"{len(groups)} groups of layers take {len(groups)} passes over the batches, but a one-shot "
+                         f"iterator ({type(batches).__name__}) gives one: pass a list")
     if iter(batches) is batches:
-        warnings.warn(f"estimate_first_update was handed a one-shot iterator ({type(batches).__name__}): it consumes "
-                      f"the batches it reads, so a training loop over the same object afterwards sees only what is "
-                      f"left (none of them once it is exhausted, and trains zero steps); pass a list, or make a fresh "
-                      f"iterator for each use", UserWarning, stacklevel=2)
-    weights = {name: linear.weight for name, linear in find_targets(model, targets).items()}
+        warnings.warn(f"a one-shot iterator ({type(batches).__name__}) is used up here: a training loop over it then "
+                      f"trains zero steps; pass a list", stacklevel=2)
     total = _all_reduce_sum(torch.tensor(float(num_samples))).item()
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=accumulate_on or w.device)
-            for name, w in weights.items()}
-    seen = 0
-    with only_targets_get_gradients(model, weights, lambda name, grad: sums[name].add_(grad.to(sums[name]))):
-        for batch in batches:
-            batch, n = _first_examples(batch, num_samples - seen)
-            loss = loss_fn(model, batch)
-            (loss / n if rule == "adamw" else loss * (n / total)).backward()
-            seen += n
-            if seen == num_samples:
-                break
-    if seen < num_samples:
-        raise ValueError(f"the batches held only {seen} examples but num_samples={num_samples}: "
-                         "pass more data or lower num_samples")
-    updates = {}
-    for name in weights:
-        g = _all_reduce_sum(sums.pop(name))  # each sum is freed as soon as its update exists
-        if not torch.isfinite(g).all():
-            raise ValueError(f"the gradient of {name} has NaN or inf values: check the loss and the data")
-        if not g.any():
-            raise ValueError(f"{name} received no gradient (it is all zero): the loss does not depend on this layer, "
-                             "so its update cannot be estimated; remove it from the targets")
-        updates[name] = adamw_first_step(g, lr) if rule == "adamw" else sgd_first_step(g, lr)
-    return updates
+    devices = sorted({str(_device(m)) for m in find_targets(model, targets).values() if _device(m).type == "cuda"})
+    for i, layers in enumerate(groups):
+        sums = {name: torch.zeros(layer_shape(m), dtype=torch.float32, device=accumulate_on or _device(m))
+                for name, m in layers.items()}
+        seen = 0
+        with torch.random.fork_rng(devices, enabled=i < len(groups) - 1), gradient_sums(model, layers, sums):
+            for batch in batches:  # the last pass leaves the random state as one pass over all layers would
+                batch, n = _first_examples(batch, num_samples - seen)
+                loss = loss_fn(model, batch)
+                (loss / n if rule == "adamw" else loss * (n / total)).backward()
+                seen += n
+                if seen == num_samples:
+                    break
+        if seen < num_samples:
+            raise ValueError(f"the batches held only {seen} examples but num_samples={num_samples}: "
+                             "pass more data or lower num_samples")
+        yield {name: _first_step(name, _all_reduce_sum(sums.pop(name)), rule, lr) for name in list(sums)}
+
+
+def target_groups(layers: dict[str, nn.Module], group_bytes: int | None) -> list[dict[str, nn.Module]]:
+    """The target layers, in model order, cut into consecutive groups whose fp32 gradient sums (4 * out * in bytes a
+    layer) fit in group_bytes (a layer larger than that is a group of its own); None: one group."""
+    groups, size = [{}], 0
+    for name, layer in layers.items():
+        nbytes = 4 * math.prod(layer_shape(layer))
+        if group_bytes is not None and groups[-1] and size + nbytes > group_bytes:
+            groups, size = [*groups, {}], 0
+        groups[-1][name], size = layer, size + nbytes
+    return groups
 
 
 @contextlib.contextmanager
-def only_targets_get_gradients(model: nn.Module, weights: dict[str, torch.Tensor],
-                               on_gradient: Callable[[str, torch.Tensor], Any]):
-    """Within the block, in train mode, only `weights` require gradients (so backward stops at the first target layer),
-    and each weight's gradient, once complete, is passed to on_gradient(name, grad) and freed, so at most one exists
-    at a time. On exit, also on error, every parameter's requires_grad and .grad and the train/eval mode are restored
-    and the hooks removed."""
+def gradient_sums(model: nn.Module, layers: dict[str, nn.Module], sums: dict[str, torch.Tensor]):
+    """Within the block, each backward adds G = grad_out^T x (summed over the tokens, in fp32) to sums[name] for each
+    layer y = x W^T + b: dL/dW, whatever the weight's storage (fp32, bf16, 4-bit). A forward hook keeps the layer's
+    input x and makes its output y require a gradient; a hook on y receives grad_out = dL/dy. No parameter requires a
+    gradient meanwhile (backward stops at the first of the layers; no .grad is made) and the model is in train mode;
+    on exit, also on error, the requires_grad flags and the mode are restored and the hooks removed."""
     params = list(model.parameters())
-    saved = [(p.requires_grad, p.grad) for p in params]
-    was_training = model.training
-    handles = []
+    flags, was_training = [p.requires_grad for p in params], model.training
 
-    def hand_over_and_free(name: str) -> Callable[[torch.Tensor], None]:
-        def hook(weight: torch.Tensor) -> None:  # runs once weight.grad is complete for this backward
-            on_gradient(name, weight.grad)
-            weight.grad = None
-        return hook
+    def keep_input(name: str) -> Callable:
+        def forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor:
+            x = args[0].detach().to(y.dtype)  # x as the layer multiplied it (in autocast's dtype under autocast)
 
+            def add_outer_product(grad_out: torch.Tensor) -> None:  # G += grad_out^T x, over all tokens
+                g = grad_out.flatten(0, -2).T.float() @ x.flatten(0, -2).float()
+                sums[name].add_(g.to(sums[name].device))
+            y = y if y.requires_grad else y.detach().requires_grad_()
+            y.register_hook(add_outer_product)
+            return y
+        return forward_hook
+
+    handles = [layer.register_forward_hook(keep_input(name)) for name, layer in layers.items()]
     try:
         for p in params:
             p.requires_grad_(False)
-            p.grad = None
-        for name, w in weights.items():
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(hand_over_and_free(name)))
         model.train()
         yield
     finally:
         for h in handles:
             h.remove()
-        for p, (flag, grad) in zip(params, saved):
+        for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-            p.grad = grad
         model.train(was_training)
+
+
+def _first_step(name: str, grad_sum: torch.Tensor, rule: str, lr: float) -> torch.Tensor:
+    """dW of one layer from its G (adamw_first_step or sgd_first_step), once G is finite and not all zero."""
+    if not torch.isfinite(grad_sum).all():
+        raise ValueError(f"the gradient of {name} has NaN or inf values: check the loss and the data")
+    if not grad_sum.any():
+        raise ValueError(f"{name} received no gradient (it is all zero): the loss does not depend on this layer, "
+                         "so its update cannot be estimated; remove it from the targets")
+    return adamw_first_step(grad_sum, lr) if rule == "adamw" else sgd_first_step(grad_sum, lr)
 
 
 def _first_examples(batch: Any, k: int) -> tuple[Any, int]:
     """The first k examples of a batch (a tensor, or a dict / list / tuple of tensors whose dim 0 is the batch) and
     how many they are: k, or fewer in a smaller batch."""
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
-    sizes = [v.shape[0] for v in values if isinstance(v, torch.Tensor)]
+    sequence = isinstance(batch, (list, tuple))
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch if sequence else [batch])
+    cut = {key: v[:k] if isinstance(v, torch.Tensor) else v for key, v in items}
+    sizes = [len(v) for v in cut.values() if isinstance(v, torch.Tensor)]
     if not sizes:
         raise TypeError("a batch must be a tensor, or a dict / list / tuple holding tensors whose dim 0 is the batch")
-    cut = lambda v: v[:k] if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if isinstance(batch, dict):
-        batch = {key: cut(v) for key, v in batch.items()}
-    elif isinstance(batch, (list, tuple)):
-        batch = type(batch)(cut(v) for v in batch)
-    else:
-        batch = cut(batch)
-    return batch, min(sizes[0], k)
+    return (cut if isinstance(batch, dict) else type(batch)(cut.values()) if sequence else cut[0]), sizes[0]
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -537,10 +585,10 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: ({name: tensor}, metadata). The tensors are CPU views of a private memory map of the
     file (pages are read when touched), so loading a model tensor by tensor keeps memory near one model. A damaged
-    file (truncated, overwritten, not safetensors) raises ValueError naming the file and the problem."""
+    file (truncated, overwritten, not safetensors, a symlink loop) raises ValueError naming the file and the problem."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
     try:
+        size = os.path.getsize(path)
         if size < 8:
             raise ValueError(f"only {size} bytes")
         with open(path, "rb") as f:
@@ -555,28 +603,46 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise ValueError("__metadata__ is not a JSON object")
         storage = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
         tensors = {name: _tensor_at(storage, 8 + header_len, name, info) for name, info in header.items()}
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"{path}: a symlink that loops back to itself; point it at the file") from None
     except (ValueError, RecursionError, TypeError, RuntimeError) as e:  # the last two: torch's, on overflowing shapes
-        problem = str(e).splitlines()[0]
-        raise ValueError(f"{path}: {problem}; the file is not a valid safetensors file (re-save or re-download it)"
-                         ) from None
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}; the file is not a valid safetensors file (re-save or "
+                         f"re-download it)") from None
     return tensors, metadata
 
 
+def tensor_entry_problem(name: str, info: Any, data_len: int) -> str | None:
+    """What keeps one header entry from being a tensor of the `data_len`-byte data section, or None: it needs a known
+    dtype, a shape of non-negative integers, and data_offsets [begin, end] inside the section spanning the shape."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        return f"tensor {name!r} must have 'dtype', 'shape' and 'data_offsets'"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"tensor {name!r} has dtype {dtype!r}, not a dtype of {list(SAFETENSORS_DTYPES)}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len):
+        return (f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end <= "
+                f"{data_len}, the size of the data section")
+    needs = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != needs:
+        return (f"tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes for shape {shape} of "
+                f"{dtype}, which needs {needs}")
+    return None
+
+
 def _tensor_at(storage: torch.Tensor, data_start: int, name: str, info: Any) -> torch.Tensor:
-    """The tensor of one header entry: a view of the file's bytes, once its dtype, shape and offsets agree."""
-    entry = info if isinstance(info, dict) else {}
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
-    shape, offsets, data_len = entry.get("shape"), entry.get("data_offsets"), len(storage) - data_start
-    if (dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_len
-            or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize):
-        raise ValueError(f"tensor {name!r} is {str(info)[:200]}: not a dtype of {list(SAFETENSORS_DTYPES)} with a "
-                         f"shape and data_offsets that fit each other and the {data_len}-byte data section")
-    data = storage[data_start + offsets[0]:data_start + offsets[1]]
-    if (data_start + offsets[0]) % dtype.itemsize:  # some writers do not pad the header; .view needs alignment
-        data = data.clone()
-    return data.view(dtype).reshape(shape)
+    """The tensor of one header entry: a view of the file's bytes, once tensor_entry_problem finds nothing wrong."""
+    problem = tensor_entry_problem(name, info, len(storage) - data_start)
+    if problem:
+        raise ValueError(problem)
+    begin, end = data_start + info["data_offsets"][0], data_start + info["data_offsets"][1]
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    data = storage[begin:end] if begin % dtype.itemsize == 0 else storage[begin:end].clone()  # .view needs alignment
+    return data.view(dtype).reshape(info["shape"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -626,70 +692,58 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, parts in modules.items():
-        linear = model.get_submodule(name)
-        adapter = LowRankLinear(linear, parts["B"], parts["A"], parts.get("R"), float(info["scale"]))
-        _set_submodule(model, name, adapter.to(linear.weight.device))
+        layer = LowRankLinear(model.get_submodule(name), parts["B"], parts["A"], parts.get("R"), float(info["scale"]))
+        _set_submodule(model, name, layer)
     return info
+
+
+ADAPTER_FIELDS = {  # what each field of an adapter file's metadata must be: (test, what it is then)
+    "method": (lambda v: v in METHODS, f"one of {METHODS}"),
+    "rank": (lambda v: type(v) is int and v >= 1, "a positive integer"),
+    "scale": (lambda v: type(v) in (int, float) and abs(v) <= sys.float_info.max, "a finite number"),  # not NaN, inf
+    "targets": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of module-name suffixes"),
+}
 
 
 def _adapter_problem(model: nn.Module, metadata: dict[str, str],
                     modules: dict[str, dict[str, torch.Tensor]]) -> str | None:
-    """What keeps an adapter file (its metadata and its tensors grouped by module) from loading into `model`, or None:
-    adapters already in the model; metadata that is not a JSON object with a known method, a positive integer rank, a
-    finite scale and a list of targets; modules missing from the file or absent from the model's targets; a module
-    without its B, A (and R but for LoRA); tensors that are not floating point, hold NaN or inf, or whose shapes do
-    not fit the layer at the metadata's rank."""
-    existing = adapters(model)
-    if existing:
-        return (f"the model already has adapters (on {len(existing)} layers); load the file into a model without "
-                f"adapters, such as a freshly loaded base model")
+    """What keeps an adapter file (its metadata, its tensors grouped by module) from loading into `model`, or None."""
+    if adapters(model):
+        return (f"the model already has adapters (on {len(adapters(model))} layers); load the file into a model "
+                f"without adapters, such as a freshly loaded base model")
     if not isinstance(metadata.get("lorasb"), str):
         return "not an adapter saved by lorasb.save_adapter (no 'lorasb' metadata string)"
     try:
         info = json.loads(metadata["lorasb"])
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting is a RecursionError
         return f"its 'lorasb' metadata is not JSON ({str(e)[:200]})"
-    if not isinstance(info, dict):
-        return f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object"
-    fields = ("method", "rank", "scale", "targets")
-    if any(field not in info for field in fields):
-        return f"its metadata lacks {[field for field in fields if field not in info]} (it has {sorted(info)})"
-    method, rank, scale, targets = (info[field] for field in fields)
-    if method not in METHODS:
-        return f"its metadata's method {method!r} is not one of {METHODS}"
-    if type(rank) is not int or rank < 1:
-        return f"its metadata's rank {rank!r} is not a positive integer"
-    if type(scale) not in (int, float) or not abs(scale) <= sys.float_info.max:  # NaN, inf and huge ints fail
-        return f"its metadata's scale {scale!r} is not a finite number"
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        return f"its metadata's targets {targets!r} is not a list of module-name suffixes"
+    if not isinstance(info, dict) or any(field not in info for field in ADAPTER_FIELDS):
+        return (f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object" if not isinstance(info, dict)
+                else f"its metadata lacks {[f for f in ADAPTER_FIELDS if f not in info]} (it has {sorted(info)})")
+    for field, (ok, what) in ADAPTER_FIELDS.items():
+        if not ok(info[field]):
+            return f"its metadata's {field} {info[field]!r} is not {what}"
     try:
-        layers = find_targets(model, targets)
+        layers = find_targets(model, info["targets"])
     except ValueError as e:
         return str(e)
     missing, extra = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
-    if missing:
-        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching {targets}, "
-                f"e.g. {missing[:3]}")
-    if extra:
-        return (f"it has adapters for modules that are not layers of this model matching {targets}, e.g. "
-                f"{extra[:3]} (is this adapter for another model?)")
-    needed = ["A", "B"] if method == "lora" else ["A", "B", "R"]
+    if missing or extra:
+        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching {info['targets']}, "
+                f"e.g. {missing[:3]}" if missing else f"it has adapters for modules that are not layers of this model "
+                f"matching {info['targets']}, e.g. {extra[:3]} (is this adapter for another model?)")
+    rank, needed = info["rank"], ["A", "B"] if info["method"] == "lora" else ["A", "B", "R"]
     for name, parts in modules.items():
+        out, inp = layer_shape(layers[name])
         if sorted(parts) != needed:
-            return f"module {name} has tensors {sorted(parts)}; a {method} adapter has {needed}"
-        for part, t in parts.items():
-            if not t.is_floating_point():
-                return f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype"
-            if not torch.isfinite(t.float()).all():
-                return f"{name}.{part} has NaN or inf values"
-        out, inp = layers[name].out_features, layers[name].in_features
-        expected = {part: shape for part, shape in (("A", (rank, inp)), ("B", (out, rank)), ("R", (rank, rank)))
-                    if part in needed}
-        got = {part: tuple(parts[part].shape) for part in needed}
-        if got != expected:
-            return (f"module {name} has shapes {got} but its layer ({out} x {inp}) at the metadata's rank {rank} "
-                    f"needs {expected}")
+            return f"module {name} has tensors {sorted(parts)}; a {info['method']} adapter has {needed}"
+        for part, t in sorted(parts.items()):
+            needs = {"A": (rank, inp), "B": (out, rank), "R": (rank, rank)}[part]
+            if not t.is_floating_point() or not torch.isfinite(t.float()).all() or tuple(t.shape) != needs:
+                return (f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype" if not t.is_floating_point()
+                        else f"{name}.{part} has NaN or inf values" if tuple(t.shape) == needs else
+                        f"module {name} has shapes {{'{part}': {tuple(t.shape)}}} but its layer ({out} x {inp}) at "
+                        f"the metadata's rank {rank} needs {needs}")
     return None
 
 
@@ -704,13 +758,12 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | 
     rank, scale = _common(found, "rank"), _common(found, "scale")
     tensors = {}
     for name, m in found.items():
-        b = m.B.detach().float() if m.R is None else m.B.detach().float() @ m.R.detach().float()
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.detach().float()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.B.detach() if m.R is None else m.B.detach() @ m.R.detach()
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": scale * rank,
               "target_modules": sorted({name.split(".")[-1] for name in found}), "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "base_model_name_or_path": base_model,
-              "inference_mode": True}
+              "fan_in_fan_out": any(_is_conv1d(m.base) for m in found.values()),  # GPT-2's Conv1D: W is in x out
+              "use_rslora": False, "base_model_name_or_path": base_model, "inference_mode": True}
     os.makedirs(out_dir, exist_ok=True)
     save_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
     atomic_write(os.path.join(out_dir, "adapter_config.json"),

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from machinery.config_file import check_config, check_layer_count, read_generation_eos
 from machinery.input_files import read_json_object
-from machinery.safetensors_file import INDEX_FILE, load_safetensors, read_weight_map
+from machinery.safetensors_file import INDEX_FILE, load_safetensors_strict, read_weight_map
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: read from the checkpoint's config.json, with a short list of supported model types.
@@ -448,8 +448,9 @@ def checkpoint_files(folder) -> dict[Path, set[str] | None]:
     """The safetensors files of a folder: {model.safetensors: None} (any tensors), or each shard of the index with
     the tensor names the index puts in it (the same preference as transformers: single file first)."""
     folder = Path(folder)
-    if (folder / "model.safetensors").exists():  # a FIFO too: the safetensors reader refuses it, saying so
-        return {folder / "model.safetensors": None}
+    single = folder / "model.safetensors"
+    if single.exists() or single.is_symlink():  # a FIFO or a symlink loop too: the reader refuses it, saying so
+        return {single: None}
     if not (folder / INDEX_FILE).exists():
         raise FileNotFoundError(f"{folder}: no model.safetensors or {INDEX_FILE} (pickled pytorch_model.bin files are "
                                 f"not loaded; convert them to safetensors)")
@@ -457,7 +458,7 @@ def checkpoint_files(folder) -> dict[Path, set[str] | None]:
     for name, shard in read_weight_map(folder / INDEX_FILE).items():
         shards.setdefault(folder / shard, set()).add(name)
     for path in shards:
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise FileNotFoundError(f"{path}: shard listed in {folder / INDEX_FILE} is missing")
     return shards
 
@@ -473,7 +474,7 @@ def load_weights(model: Transformer, folder) -> None:
     names the keys. A tied model accepts a stored lm_head.weight only when it equals the embedding."""
     config, tensors, source = model.config, {}, {}
     for path, expected in checkpoint_files(folder).items():
-        shard, _ = load_safetensors(path)
+        shard, _ = load_safetensors_strict(path)
         if expected is not None and set(shard) != expected:
             stray, absent = _some(set(shard) - expected), _some(expected - set(shard))
             raise ValueError(f"{path} does not match {INDEX_FILE}: tensors in the file but not mapped to it: "
@@ -516,11 +517,13 @@ def check_checkpoint(folder, config: ModelConfig) -> None:
     load_weights(build_model(config), folder)
 
 
-def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_model(folder, device="cpu", dtype: torch.dtype | None = None, checked: bool = False) -> Transformer:
     """The model of a Hugging Face folder (config.json + safetensors), in eval mode, once check_checkpoint found that
-    the weights fit config.json. dtype defaults to bf16 on CUDA and fp32 elsewhere."""
+    the weights fit config.json (checked=True: the caller has run it already). dtype defaults to bf16 on CUDA and fp32
+    elsewhere."""
     config = load_config(folder)
-    check_checkpoint(folder, config)
+    if not checked:
+        check_checkpoint(folder, config)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_model(config, device, dtype)

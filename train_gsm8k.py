@@ -589,7 +589,7 @@ def run(args, setup: Setup, argv) -> dict:
     loaded = load(args, setup)
     if args.eval_only:
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
-        model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype)
+        model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype, checked=True)
         described = load_adapter_to_evaluate(model, args, setup)
     else:
         # the data, the schedule and the checkpoint to resume from are checked before anything is deleted or loaded
@@ -598,7 +598,7 @@ def run(args, setup: Setup, argv) -> dict:
         checkpointer = Checkpointer(args, setup, run_identity(args, setup.ddp_world_size, setup.compute_dtype,
                                                               training_data_files(args), loaded.folder))
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
-        model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype)
+        model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype, checked=True)
         reference_counts = parameter_counts(model, args.targets)
         t0 = time.time()
         if not checkpointer.restore(model):

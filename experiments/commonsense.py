@@ -55,7 +55,7 @@ from experiments import svg  # noqa: E402
 from experiments.study import METHOD_COLORS, METHOD_NAMES, wilson_interval  # noqa: E402
 from machinery import command, datasets, run_identity  # noqa: E402
 from machinery import commonsense as commonsense_tasks  # noqa: E402
-from machinery.hub import sha256_file  # noqa: E402
+from machinery.files import sha256_file  # noqa: E402
 
 TASKS = tuple(task for task in commonsense_tasks.TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand
 CHANCE = {"boolq": 1 / 2, "piqa": 1 / 2, "social_i_qa": 1 / 3, "winogrande": 1 / 2, "ARC-Easy": 1 / 4,

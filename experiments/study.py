@@ -47,7 +47,7 @@ import model as model_lib  # noqa: E402
 import train_gsm8k as trainer  # noqa: E402
 from experiments import svg  # noqa: E402
 from machinery import command, datasets, reporting, run_identity  # noqa: E402
-from machinery.hub import sha256_file  # noqa: E402
+from machinery.files import sha256_file  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LAYER_TYPES = lorasb.DEFAULT_TARGETS

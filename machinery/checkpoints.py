@@ -23,7 +23,7 @@ import torch
 import lorasb
 from machinery import run_folder
 from machinery.command import refuse, remedy, why_not_written
-from machinery.hub import sha256_file
+from machinery.files import atomic_write, sha256_file
 from machinery.run_identity import check_same_run
 
 CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
@@ -59,13 +59,13 @@ def save(out: Path, step: int, model, optimizer, batches, device: torch.device) 
                                 {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
         state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
                  "rng": rng_states(device)}
-        lorasb.atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
+        atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
         hashes = {f"{name}/{file}": sha256_file(tmp / file) for file in CHECKPOINT_FILES}
         run_folder.write_json(tmp / "manifest.json", {"step": step, "sha256": {
             **hashes, "run.json": sha256_file(folder / "run.json")}})
         shutil.rmtree(folder / name, ignore_errors=True)
         os.replace(tmp, folder / name)
-        lorasb.atomic_write(folder / "latest", lambda f: f.write(name.encode()))
+        atomic_write(folder / "latest", lambda f: f.write(name.encode()))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"Stopped at step {step}: its checkpoint could not be written to {folder}: "

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lorasb import atomic_write
-from machinery.input_files import open_regular
+from machinery.files import atomic_write, hash_file, sha256_file
 from machinery.safetensors_file import INDEX_FILE, read_weight_map
 
 HUB_ENDPOINT = "https://huggingface.co"  # hub_endpoint() reads $HF_ENDPOINT first
@@ -35,19 +34,6 @@ def hub_endpoint() -> str:
 
 class DownloadError(OSError):
     """A download failed (network, HTTP status, interrupted transfer or checksum). Callers catch it to add a hint."""
-
-
-def sha256_file(path) -> str:
-    """Hex sha256 of a regular file, read in 1 MiB blocks (a FIFO or a device, which would never end, is a ValueError
-    naming it)."""
-    return _hash_file(path, hashlib.sha256())
-
-
-def _hash_file(path, h) -> str:
-    with open_regular(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -99,7 +85,7 @@ def _hub_checksum(responses: list) -> tuple[str, str] | None:
 def _checksum(path: Path, kind: str) -> str:
     if kind == "sha256":
         return sha256_file(path)
-    return _hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))  # git's id of a file's contents
+    return hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))  # git's id of a file's contents
 
 
 class _Interrupted(Exception):

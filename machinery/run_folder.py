@@ -1,6 +1,6 @@
 """The trainer's --out_dir: checked before anything loads, held by one run at a time (a lock), prepared (cleared with
 --overwrite, rid of what interrupted writes left), and written with strict JSON only, each file complete or absent
-(lorasb.atomic_write)."""
+(machinery.files.atomic_write)."""
 
 import errno
 import fcntl
@@ -19,9 +19,9 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Iterator
 
-import lorasb
 from machinery import distributed, input_files
 from machinery.command import refuse
+from machinery.files import atomic_write
 
 CHECKPOINTS = "checkpoints"  # the subfolder machinery.checkpoints writes
 INTERRUPTED_FOLDER = ".tmp-"  # the prefix of a checkpoint folder being written (or deleted), renamed once complete
@@ -29,7 +29,7 @@ METRICS = "metrics.jsonl"  # the run's log, one JSON line per logged step; read 
 LOCK = ".lock"  # held by the run writing the folder; it stays there, and is never an output of a run
 # The options that name what a run reads; --out_dir may hold none of them (held_inputs). A new input option goes here.
 INPUTS = ("model", "adapter", "data_dir", "metamathqa_path", "math_path", "commonsense_dir")
-TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # lorasb.atomic_write's names: mkstemp's 8 random characters
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # atomic_write's names: mkstemp's 8 random characters
 
 
 def check(args) -> list[str]:
@@ -251,11 +251,11 @@ def strict_json(obj, **options) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    lorasb.atomic_write(path, lambda f: f.write((strict_json(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((strict_json(obj, indent=2) + "\n").encode()))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    lorasb.atomic_write(path, lambda f: f.write("".join(strict_json(r) + "\n" for r in rows).encode()))
+    atomic_write(path, lambda f: f.write("".join(strict_json(r) + "\n" for r in rows).encode()))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -273,7 +273,7 @@ def cut_metrics(path: Path, last_step: int) -> None:
         raise ValueError(problem)
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     kept = [line for line in lines if metrics_step(line) <= last_step]
-    lorasb.atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 def metrics_step(line: str) -> float:

@@ -1,5 +1,6 @@
-"""Safetensors files from elsewhere (a downloaded checkpoint) are untrusted input: check_safetensors validates the
-header strictly before lorasb.load_safetensors, the project's one reader of the format, maps the tensors.
+"""Safetensors files from elsewhere (a downloaded checkpoint) are untrusted input: load_safetensors_strict reads them
+with lorasb.load_safetensors, the project's one reader of the format, once check_safetensors found the header strictly
+valid: the checks of lorasb.tensor_entry_problem on every tensor entry, and on top of them the ones below.
 
 Every check comes from the reference implementation's errors (huggingface/safetensors, SafeTensorError). What the
 reference accepts loads (whitespace around the header, "__metadata__": null, extra keys in a tensor entry), except
@@ -8,6 +9,7 @@ duplicate tensor names and the UNSUPPORTED_DTYPES, which are refused with a mess
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 import lorasb
-from lorasb import MAX_HEADER_BYTES, SAFETENSORS_DTYPES
+from lorasb import MAX_HEADER_BYTES
 from machinery.input_files import read_json_object, regular_file
 
 # Valid in the safetensors format, deliberately not read here: sub-byte types (a tensor is not a whole number of bytes)
@@ -25,7 +27,7 @@ UNSUPPORTED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0")
 MAX_NUMEL = 2**63 - 1  # torch counts elements in an int64
 
 
-def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors_strict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """check_safetensors(path), then lorasb.load_safetensors(path): ({name: tensor}, metadata)."""
     check_safetensors(path)
     return lorasb.load_safetensors(path)
@@ -37,11 +39,16 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
     strictly valid: a bounded length, a JSON object with no duplicate names, no '-0' and no lone surrogate, string
     metadata, and tensor entries of supported dtypes whose byte ranges tile the data section exactly."""
     path = os.fspath(path)
-    size = regular_file(path).st_size
 
     def fail(msg: str):
         raise ValueError(f"{path}: {msg}; the file is not a valid safetensors file (re-download or re-save it)")
 
+    try:
+        size = regular_file(path).st_size
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fail("a symlink that loops back to itself (directly or through other links); point it at the file")
     if size < 8:
         fail(f"only {size} bytes")
     with open(path, "rb") as f:
@@ -66,7 +73,7 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
         fail("__metadata__ must map strings to strings")
     spans = []
     for name, info in header.items():
-        problem = _tensor_entry_problem(name, info)
+        problem = _strict_entry_problem(name, info)
         if problem:
             fail(problem)
         spans.append((*info["data_offsets"], name))
@@ -95,28 +102,19 @@ def _reject_minus_zero(literal: str) -> int:
     return int(literal)
 
 
-def _tensor_entry_problem(name: str, info: Any) -> str | None:
-    """What is wrong with one tensor's header entry, or None."""
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        return f"tensor {name!r} must have 'dtype', 'shape' and 'data_offsets'"
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype in UNSUPPORTED_DTYPES:
-        return f"tensor {name!r} has dtype {dtype!r}, which is valid safetensors but not supported here"
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        return f"tensor {name!r} has dtype {dtype!r}; supported: {sorted(SAFETENSORS_DTYPES)}"
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        return f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
+def _strict_entry_problem(name: str, info: Any) -> str | None:
+    """lorasb.tensor_entry_problem, with a dtype the format has but this reader does not named as such, and a shape
+    refused whose element count overflows from left to right, as the reference counts (even when a later 0 empties it:
+    [2**62, 2**62, 0])."""
+    if isinstance(info, dict) and info.get("dtype") in UNSUPPORTED_DTYPES:
+        return f"tensor {name!r} has dtype {info['dtype']!r}, which is valid safetensors but not supported here"
+    problem = lorasb.tensor_entry_problem(name, info, MAX_NUMEL)  # the tiling check then says what the data misses
     numel = 1
-    for d in shape:  # left to right, as the reference checks: [0, 2**62, 2**62] is empty, [2**62, 2**62, 0] overflows
+    for d in [] if problem else info["shape"]:
         numel *= d
         if numel > MAX_NUMEL:
-            return f"tensor {name!r} has shape {shape}, whose element count overflows"
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
-        return f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end"
-    if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype].itemsize:
-        return f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
-    return None
+            return f"tensor {name!r} has shape {info['shape']}, whose element count overflows"
+    return problem
 
 
 # A checkpoint too large for one file is split into shards named by an index.

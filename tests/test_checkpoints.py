@@ -14,7 +14,7 @@ import torch
 
 from conftest import deadline, write_tiny_llama
 from machinery import checkpointer, checkpoints, run_folder, run_identity
-from machinery.hub import sha256_file
+from machinery.files import sha256_file
 
 IDENTITY = {"settings": {"seed": 1}, "processes": 1}
 

@@ -15,7 +15,7 @@ from machinery import commonsense, math_task
 from machinery.tokenizer import Tokenizer
 
 from conftest import GSM8K_DIR, SMOLLM2_DIR, TINY_MATH, deadline, needs_gsm8k, needs_smollm2, write_tiny_math
-from machinery.hub import sha256_file
+from machinery.files import sha256_file
 
 # the first GSM8K test problem, verbatim
 JANET_Q = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "

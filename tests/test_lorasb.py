@@ -200,17 +200,25 @@ def test_estimate_equals_brute_force_with_exact_sample_count_and_restores_state(
     assert not model.training
 
 
-def test_estimate_accumulates_on_cpu_and_frees_each_gradient_at_once():
+def test_estimate_accumulates_on_cpu_and_makes_no_weight_gradient():
+    """G comes from each layer's input and output gradient: no parameter requires a gradient during the estimate, so
+    no weight gradient (m x n) is ever made, and the sums live where accumulate_on says."""
     torch.manual_seed(0)
     model = TinyBlock()
     x, y = make_data()
-    live = []  # backward reaches down_proj first: by the time up_proj's gradient is ready, down_proj's must be freed
-    hook = model.up_proj.weight.register_post_accumulate_grad_hook(
-        lambda w: live.append(model.down_proj.weight.grad is None))
-    updates = lorasb.estimate_first_update(model, batches_of(x, y, 4), mse_loss, num_samples=11, lr=1.0,
+    made = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: made.append(p.shape)) for p in model.parameters()]
+    flags = []
+
+    def loss_fn(m, batch):
+        flags.extend(p.requires_grad for p in m.parameters())
+        return mse_loss(m, batch)
+
+    updates = lorasb.estimate_first_update(model, batches_of(x, y, 4), loss_fn, num_samples=11, lr=1.0,
                                            targets=("up_proj", "down_proj"), accumulate_on="cpu")
-    hook.remove()
-    assert live and all(live)
+    for hook in hooks:
+        hook.remove()
+    assert made == [] and flags and not any(flags)
     assert all(u.device.type == "cpu" and u.dtype == torch.float32 for u in updates.values())
     assert set(updates["up_proj"].unique().tolist()) <= {-1.0, 0.0, 1.0}
 
@@ -545,6 +553,148 @@ def test_works_on_a_hugging_face_model_and_exports_what_peft_loads(tmp_path):
         for name, m in lorasb.adapters(model).items():
             torch.testing.assert_close(peft_model.get_submodule(name).weight, m.base.weight, atol=1e-6, rtol=0)
         torch.testing.assert_close(peft_model(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+# --- the estimate through hooks, in groups, on other kinds of layer ------------------------------------------------
+
+def autograd_weight_gradients(model, batch, loss_fn) -> dict:
+    """dL/dW of every weight by a plain backward, in train mode as the estimate runs (a copy of the model)."""
+    model = copy.deepcopy(model).train()
+    loss_fn(model, batch).backward()
+    return {name: m.weight.grad for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_hook_gradient_equals_autograd_bit_for_bit_on_an_fp32_model():
+    """G = grad_out^T x from the hooks is the very matmul autograd computes for an nn.Linear's weight gradient (both
+    flatten the tokens and multiply in fp32), so on an fp32 model they are equal bit for bit, not just to rounding."""
+    model = tiny_hf_llama()
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    grads = lorasb.estimate_first_update(model, [ids], causal_lm_loss, 4, lr=-1.0, rule="sgd")  # dW = G
+    expected = autograd_weight_gradients(model, ids, causal_lm_loss)
+    assert len(grads) == 14 and all(torch.equal(grads[name], expected[name]) for name in grads)
+
+
+def tiny_llama_in_4bit():
+    """tiny_hf_llama with its target linears replaced by bitsandbytes' NF4 Linear4bit (quantized on the CPU), and
+    the same model in fp32 with the dequantized weights Q(W0)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = tiny_hf_llama()
+    for name, linear in lorasb.find_targets(model).items():
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.float32,
+                                  quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        lorasb._set_submodule(model, name, layer.to("cpu"))
+    dequantized = copy.deepcopy(tiny_hf_llama())
+    for name, layer in lorasb.find_targets(model).items():
+        dequantized.get_submodule(name).weight.data = lorasb.frozen_weight(layer).clone()
+    return model, dequantized
+
+
+def test_hook_gradient_on_a_4_bit_model_equals_autograd_on_its_dequantized_weights():
+    model, dequantized = tiny_llama_in_4bit()
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    grads = lorasb.estimate_first_update(model, [ids], causal_lm_loss, 4, lr=-1.0, rule="sgd")
+    expected = autograd_weight_gradients(dequantized, ids, causal_lm_loss)
+    assert len(grads) == 14
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+class DropoutBlock(TinyBlock):
+    """TinyBlock with dropout: each pass of a grouped estimate must see the same random masks."""
+
+    def forward(self, x):
+        return self.head(self.norm(x + self.down_proj(F.dropout(F.gelu(self.up_proj(x)), 0.3, self.training))))
+
+
+def test_grouped_and_ungrouped_estimates_give_the_same_initialization_bit_for_bit():
+    torch.manual_seed(0)
+    model = DropoutBlock()
+    x, y = make_data()
+    batches, targets = batches_of(x, y, 4), ("up_proj", "down_proj")
+    groups = lorasb.target_groups(lorasb.find_targets(model, targets), group_bytes=4 * 24 * 12)
+    assert [list(g) for g in groups] == [["up_proj"], ["down_proj"]]  # one layer each: two passes
+    torch.manual_seed(1)
+    whole = lorasb.estimate_first_update(model, batches, mse_loss, 9, lr=1e-2, targets=targets)
+    after_whole = torch.rand(3)
+    torch.manual_seed(1)
+    grouped = lorasb.estimate_first_update(model, batches, mse_loss, 9, lr=1e-2, targets=targets, group_bytes=1)
+    assert torch.equal(torch.rand(3), after_whole)  # the random state afterwards is the same too
+    assert all(torch.equal(whole[name], grouped[name]) for name in targets)
+    adapted = {}
+    for kind in ("dict", "groups"):
+        fresh = copy.deepcopy(model)
+        torch.manual_seed(1)
+        updates = whole if kind == "dict" else lorasb.estimate_by_group(fresh, batches, mse_loss, 9, 1e-2, targets,
+                                                                        group_bytes=1)
+        lorasb.add_adapters(fresh, "lorasb", 4, targets, updates=updates)
+        adapted[kind] = {name: (m.B, m.R, m.A) for name, m in lorasb.adapters(fresh).items()}
+    assert all(torch.equal(u, v) for name in targets for u, v in zip(adapted["dict"][name], adapted["groups"][name]))
+
+
+def test_a_one_shot_iterator_cannot_feed_several_groups():
+    model = TinyBlock()
+    x, y = make_data()
+    with pytest.raises(ValueError, match=r"2 groups of layers take 2 passes.*one-shot iterator \(generator\).*list"):
+        lorasb.estimate_first_update(model, (b for b in batches_of(x, y, 4)), mse_loss, 8, 1.0,
+                                     targets=("up_proj", "down_proj"), group_bytes=1)
+
+
+def test_a_4_bit_model_takes_all_three_methods_and_refuses_to_merge(tmp_path):
+    """LoRA-SB and LoRA-XS on bitsandbytes Linear4bit layers: LoRA-XS's SVD is of Q(W0), the dequantized weight; the
+    adapted 4-bit model computes what the dequantized fp32 model with the same adapters does; merging is refused."""
+    model, dequantized = tiny_llama_in_4bit()
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    for method in ("lorasb", "loraxs", "lora"):
+        quantized, full = copy.deepcopy(model), copy.deepcopy(dequantized)
+        updates = lorasb.estimate_first_update(quantized, [ids], causal_lm_loss, 4, 1e-3) if method == "lorasb" \
+            else None
+        for m in (quantized, full):
+            lorasb.add_adapters(m, method, 4, updates=updates, lora_alpha=8)
+        for name, adapter in lorasb.adapters(quantized).items():
+            assert all(torch.equal(getattr(adapter, t), getattr(lorasb.adapters(full)[name], t)) for t in "BA")
+        with torch.no_grad():
+            torch.testing.assert_close(quantized(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cannot merge into a Linear4bit: its weight is quantized"):
+        lorasb.merge_adapters(quantized)
+
+
+def test_gpt2_conv1d_layers_are_adapted_as_peft_does(tmp_path):
+    """GPT-2's projections are transformers' Conv1D (y = x W + b, W stored in x out): they are targets, the update is
+    estimated and merged in the right orientation, and PEFT loads the export (its fan_in_fan_out) to the same logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    base = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+    targets = ("c_attn", "c_proj", "c_fc")
+    with pytest.raises(ValueError, match=r"no nn.Linear layer matches.*\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+        lorasb.find_targets(model)
+    updates = lorasb.estimate_first_update(model, [ids], causal_lm_loss, 4, 1e-3, targets=targets)
+    assert updates["transformer.h.0.attn.c_attn"].shape == (96, 32)  # out x in, as for an nn.Linear
+    report = lorasb.add_adapters(model, "lorasb", 4, targets, updates=updates)
+    assert len(report.modules) == 8
+    with torch.no_grad():
+        for m in lorasb.adapters(model).values():
+            m.R.mul_(30)
+        logits = model(input_ids=ids).logits
+        with lorasb.merged(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-5)
+    lorasb.export_peft(model, tmp_path / "peft")
+    with torch.no_grad():
+        peft_logits = peft.PeftModel.from_pretrained(base, tmp_path / "peft")(input_ids=ids).logits
+    torch.testing.assert_close(peft_logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_targets_that_match_nothing_name_the_linear_layers_the_model_has():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=48)
+    with pytest.raises(ValueError, match=r"no nn.Linear layer matches targets \['q_proj'.*end with \[.*'key', "
+                                         r"'query', 'value'\]: pass targets="):
+        lorasb.find_targets(transformers.BertModel(config))
 
 
 # --- safetensors files: a damaged one is refused by name (test_safetensors_file.py: the strict checks) -------------

@@ -546,6 +546,35 @@ def test_weights_that_do_not_fit_the_config_are_refused_before_the_model_is_allo
     assert devices == ["meta"]
 
 
+def test_load_model_checks_the_checkpoint_once_and_not_when_told_it_was_checked(tmp_path, monkeypatch):
+    """The trainer checks the checkpoint before it prepares --out_dir, then loads with checked=True: once per load."""
+    folder = write_checkpoint(tmp_path / "m")
+    calls, check = [], M.check_checkpoint
+    monkeypatch.setattr(M, "check_checkpoint", lambda *args: calls.append(1) or check(*args))
+    M.load_model(folder)
+    assert calls == [1]
+    M.load_model(folder, checked=True)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("links", [{"model.safetensors": "model.safetensors"},
+                                   {"model.safetensors": "other.safetensors", "other.safetensors": "model.safetensors"},
+                                   {"model-00001-of-00002.safetensors": "model-00001-of-00002.safetensors"}])
+def test_a_safetensors_symlink_loop_is_refused_naming_the_file(tiny, tmp_path, links):
+    """A symlink to itself, two pointing at each other, or a looping shard: one ValueError naming the file, not an
+    OSError (Errno 40) traceback nor "no model.safetensors"."""
+    folder = copy_checkpoint(tiny[0], tmp_path / "loop")
+    if "model.safetensors" not in links:  # a sharded checkpoint whose first shard loops
+        write_shards(folder, load_safetensors(folder / "model.safetensors")[0])
+    (folder / "model.safetensors").unlink()
+    for name, target in links.items():
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(target)
+    looping = folder / next(iter(links))
+    with deadline(20), pytest.raises(ValueError, match=f"{re.escape(str(looping))}: a symlink that loops"):
+        M.load_model(folder)
+
+
 def test_missing_config_or_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         M.load_model(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorasb
-from machinery.safetensors_file import check_safetensors, load_safetensors
+from machinery.safetensors_file import check_safetensors, load_safetensors_strict
 
 
 def write_raw(path, header: dict | bytes, data: bytes = b"", length: int | None = None):
@@ -41,8 +41,18 @@ def write_raw(path, header: dict | bytes, data: bytes = b"", length: int | None 
 def test_hostile_safetensors_files_are_refused_with_the_reason(tmp_path, header, data, length, message):
     path = write_raw(tmp_path / "bad.safetensors", header, data, length)
     with pytest.raises(ValueError, match=message) as refused:
-        load_safetensors(path)
+        load_safetensors_strict(path)
     assert str(path) in str(refused.value)
+
+
+def test_a_symlink_loop_is_refused_by_both_readers_naming_it(tmp_path):
+    (tmp_path / "self.safetensors").symlink_to("self.safetensors")
+    (tmp_path / "a.safetensors").symlink_to("b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to("a.safetensors")
+    for path in (tmp_path / "self.safetensors", tmp_path / "a.safetensors"):
+        for reader in (load_safetensors_strict, lorasb.load_safetensors):
+            with pytest.raises(ValueError, match=f"{re.escape(str(path))}: a symlink that loops"):
+                reader(path)
 
 
 def test_what_the_reference_library_accepts_loads(tmp_path):
@@ -57,7 +67,7 @@ def test_what_the_reference_library_accepts_loads(tmp_path):
     data = bytes(range(offset))
     path = write_raw(tmp_path / "valid.safetensors", b" \t\n" + json.dumps(header).encode() + b"\n  ", data)
     check_safetensors(path)
-    for reader in (load_safetensors, lorasb.load_safetensors):
+    for reader in (load_safetensors_strict, lorasb.load_safetensors):
         tensors, metadata = reader(path)
         assert metadata == {} and list(tensors) == list(body)
         assert b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values()) == data
@@ -144,7 +154,7 @@ def test_hostile_safetensors_fuzz_is_refused_with_a_value_error_and_agrees_with_
         path = tmp_path / f"{case}.safetensors"
         path.write_bytes(raw)
         try:
-            ours, error = load_safetensors(path)[0], None
+            ours, error = load_safetensors_strict(path)[0], None
         except ValueError as e:
             ours, error = None, str(e)
         try:
