@@ -203,7 +203,7 @@ class TrainedRun:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def train_run(folder: Path, examples: list[dict], pad_id: int, args: argparse.Namespace, desc: str,
+def run_training(folder: Path, examples: list[dict], pad_id: int, args: argparse.Namespace, desc: str,
               probe: Callable | None = None, probe_every: int = 0, adjust_init: Callable | None = None) -> TrainedRun:
     """One run of the trainer on `examples` (tokenized): initialize_adapters (then `adjust_init(model)`, which may
     rewrite the adapters), then train_gsm8k.train (the trainer's LR schedule, accumulation, clipping and AdamW), whose
@@ -260,7 +260,7 @@ def held_out_loss(model, tokenizer, pairs: list[tuple[str, str]], args, setup: t
         return trainer.held_out_loss(model, tokenizer, pairs, args, setup)
 
 
-def accuracy(model, tokenizer, records: list[dict], eos_ids: set[int], args, setup: trainer.Setup,
+def greedy_accuracy(model, tokenizer, records: list[dict], eos_ids: set[int], args, setup: trainer.Setup,
              eval_set: str) -> tuple[dict, list[float]]:
     """Greedy answers to `records` of `eval_set` (train_gsm8k.EVAL_TASKS: its prompt, stop strings and scorer):
     the metrics (accuracy, correct, invalid, total) and the accuracy's 95% Wilson interval."""

@@ -18,8 +18,8 @@ is the pooled accuracy of all the questions, and its interval is that proportion
 Every part (one training run with its validation loss, or one evaluation) is written to commonsense.json as soon as it
 exists, with the settings it was computed under: a rerun reuses a part only when its settings are the same (and says
 so), and recomputes it otherwise. The runs are the trainer's own phases and its own loop (train_gsm8k.load, then
-common.train_run: plan_training, initialize_adapters, make_optimizer, train), evaluated by its prepare_evaluation,
-held_out_loss and generate_answers: there is no second training loop.
+common.run_training: plan_training, initialize_adapters, make_optimizer, train), evaluated by its
+prepare_evaluation, held_out_loss and generate_answers: there is no second training loop.
 
 The budget (Budget below) was set for about 75 minutes on 2 quiet CPU cores, from a timing of its costs on
 SmolLM2-135M in fp32 (2 threads, nothing else running): an optimizer step of 8 examples (mean 87 tokens; at most 256)
@@ -151,11 +151,11 @@ class Experiment:
 
 def train_and_measure(exp: Experiment, method: str, lr: float, seed: int, evaluate: bool,
                       save_as: Path | None = None) -> dict:
-    """One run (common.train_run: initialize_adapters, then the trainer's own loop), then the validation loss and,
+    """One run (common.run_training: initialize_adapters, then the trainer's own loop), then the validation loss and,
     with `evaluate`, the test accuracy of every task (test_accuracy); `save_as` keeps the trained weights for
     evaluate_trained."""
     args = exp.trainer_args(method, common.method_ranks(exp.budget)[method], lr, seed)
-    run = common.train_run(exp.folder, exp.examples, exp.tokenizer.pad_id, args, f"{method} lr {lr:g} seed {seed}")
+    run = common.run_training(exp.folder, exp.examples, exp.tokenizer.pad_id, args, f"{method} lr {lr:g} seed {seed}")
     result = {"method": method, "lr": lr, "seed": seed, "steps": run.plan.total_steps,
               "final_loss": run.losses[-1], "trainable": run.trainable,
               "validation_loss": None if run.diverged else validation_loss(exp, run.model, args, run.setup)}
@@ -190,7 +190,7 @@ def test_accuracy(exp: Experiment, model, args, setup: trainer.Setup) -> dict:
     trainer.prepare_evaluation(model, args, setup)
     tasks = {}
     for task, records in exp.test.items():
-        metrics, interval = common.accuracy(model, exp.tokenizer, records, exp.eos_ids, args, setup, task)
+        metrics, interval = common.greedy_accuracy(model, exp.tokenizer, records, exp.eos_ids, args, setup, task)
         tasks[task] = {**metrics, "interval": interval}
     correct, total = sum(t["correct"] for t in tasks.values()), sum(t["total"] for t in tasks.values())
     return {"tasks": tasks, "mean": {"accuracy": correct / total, "correct": correct, "total": total,

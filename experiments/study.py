@@ -11,7 +11,7 @@ so an interrupted study continues where it stopped and never recomputes a finish
 one-screen summary come at the end. A part is reused only from a file made with the same settings (the budget, the
 model's weights by fingerprint, the data by sha256, seed, device, dtype), and a rerun says what it reused, at its start
 and at its end: to compute anew, pass another --out. The training runs are the trainer's own phases and its own loop
-(common.train_run: train_gsm8k.plan_training, initialize_adapters, make_optimizer, train), evaluated by its
+(common.run_training: train_gsm8k.plan_training, initialize_adapters, make_optimizer, train), evaluated by its
 held_out_loss and generate_answers: there is no second training loop.
 
 The claims:
@@ -211,12 +211,12 @@ def captured(grads: dict[str, torch.Tensor], spaces: dict[str, dict], rank: int)
 
 def train_run(study: Study, method: str, rank: int | None, lr: float, steps: int, probe=None, probe_every: int = 0,
               adjust_init=None, save_as: str | None = None, **options) -> dict:
-    """One run of the trainer on the study's training pool (common.train_run: initialize_adapters, then the trainer's
+    """One run of the trainer on the study's training pool (common.run_training: initialize_adapters, then the trainer's
     own loop for `steps` steps), then the validation loss. `probe(model, setup)` is called at step 0 and, with
     probe_every, every probe_every steps; `adjust_init(model)` may rewrite the adapters after the initialization;
     `save_as` keeps the trained weights for a later evaluation."""
     args = study.trainer_args(method, rank, lr, steps, **options)
-    run = common.train_run(study.folder, study.examples, study.pad_id, args, f"{method} lr {lr:g}", probe=probe,
+    run = common.run_training(study.folder, study.examples, study.pad_id, args, f"{method} lr {lr:g}", probe=probe,
                            probe_every=probe_every, adjust_init=adjust_init)
     validation = None
     if not run.diverged:
@@ -248,8 +248,8 @@ def evaluate_saved(study: Study, name: str, method: str, accuracy: bool = True) 
     held_out_loss = common.held_out_loss(model, study.tokenizer, pairs, args, setup)
     if not accuracy:
         return {"test_loss": held_out_loss}
-    metrics, interval = common.accuracy(model, study.tokenizer, study.test[:b.accuracy_questions], study.eos_ids, args,
-                                        setup, "gsm8k")
+    metrics, interval = common.greedy_accuracy(model, study.tokenizer, study.test[:b.accuracy_questions],
+                                               study.eos_ids, args, setup, "gsm8k")
     return {"test_loss": held_out_loss, **metrics, "accuracy_95ci": interval}
 
 
