@@ -108,6 +108,12 @@ class Setup:
         torch.manual_seed(args.seed)
         return cls(ddp, ddp_rank, ddp_world_size, device, compute_dtype, weights_dtype)
 
+    @classmethod
+    def one_process(cls, device: torch.device, dtype: torch.dtype) -> "Setup":
+        """One process computing and keeping its weights in `dtype`, without from_args' checks, process group and
+        seed: for a tool that calls the trainer's phases on its own model (experiments/bench.py)."""
+        return cls(False, 0, 1, device, dtype, dtype)
+
     @property
     def master_process(self) -> bool:
         return self.ddp_rank == 0

@@ -54,8 +54,8 @@ import train_gsm8k  # noqa: E402
 from machinery import reporting  # noqa: E402
 from machinery.tokenizer import Tokenizer  # noqa: E402
 
-DEFAULT_MODEL = os.environ.get("LORASB_SMOLLM2_DIR",
-                               str(Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
+DEFAULT_MODEL_DIR = os.environ.get("LORASB_SMOLLM2_DIR",
+                                   str(Path.home() / ".cache" / "lorasb-dev" / "SmolLM2-135M-Instruct"))
 GSM8K_DIR = os.environ.get("LORASB_GSM8K_DIR")  # a folder with GSM8K train.jsonl, for the tokenizer figures
 
 # config.json of real models (the shapes are all that matters here), and a tiny one for tests.
@@ -77,7 +77,7 @@ CONFIGS = {
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, hidden_act="silu",
                  tie_word_embeddings=True, eos_token_id=2),
 }
-METHODS = ("lorasb", "loraxs", "lora", "full", "frozen")  # + "peft" when transformers and peft are installed
+TIMED_METHODS = (*lorasb.METHODS, "full", "frozen")  # the rows of the tables, + "peft" with transformers and peft
 LORA_RANK, LORA_ALPHA = 32, 64.0  # the paper's LoRA baseline
 GSM8K_TRAIN_EXAMPLES = 7473
 PROMPT_LEN, NEW_TOKENS = 64, 64
@@ -93,7 +93,7 @@ LOAD_CHANGE_WARN = 0.5  # without /proc/stat: the change of the load average per
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", default=None, help=f"local Hugging Face model folder (default: {DEFAULT_MODEL})")
+    a("--model", default=None, help=f"local Hugging Face model folder (default: {DEFAULT_MODEL_DIR})")
     a("--config", default=None, help=f"instead of --model, random weights of these shapes: {', '.join(CONFIGS)}")
     a("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     a("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config and args.config not in CONFIGS:
         problems.append(f"--config {args.config!r}: choose one of {', '.join(CONFIGS)}")
     if not args.config:
-        args.model = args.model or DEFAULT_MODEL
+        args.model = args.model or DEFAULT_MODEL_DIR
         if not (Path(args.model) / "config.json").is_file():
             raise FileNotFoundError(f"--model {args.model}: no config.json there; pass a local model folder (set "
                                     f"LORASB_SMOLLM2_DIR for the default), or --config NAME for random weights")
@@ -320,11 +320,6 @@ def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -
             "labels": ids.to(device)}
 
 
-def trainer_setup(args) -> train_gsm8k.Setup:
-    """The trainer's setup of one process on --device, computing in --dtype (bf16 under autocast, as it trains)."""
-    return train_gsm8k.Setup(False, 0, 1, args.device, args.dtype, args.dtype)
-
-
 def trainer_plan() -> train_gsm8k.Plan:
     """The plan of train_gsm8k.py's default run on GSM8K: its lr_1 and its number of estimate samples."""
     return train_gsm8k.plan_training(train_gsm8k.parse_args([]), GSM8K_TRAIN_EXAMPLES, 1)
@@ -471,7 +466,7 @@ def method_step(args, method: str, base: model_lib.Transformer | None = None) ->
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch = random_batch(model.config.vocab_size, args.batch, args.seq, "cpu")  # moved per step, as data.Batches'
-    setup = trainer_setup(args)
+    setup = train_gsm8k.Setup.one_process(args.device, args.dtype)  # bf16 under autocast, as the trainer trains
     if trainable:
         defaults = train_gsm8k.parse_args([])
         optimizer = train_gsm8k.make_optimizer(model, defaults, args.device)
@@ -490,7 +485,7 @@ def method_step(args, method: str, base: model_lib.Transformer | None = None) ->
 
 
 def training_methods() -> list[str]:
-    return [*METHODS, *([] if hf_available() else ["peft"])]
+    return [*TIMED_METHODS, *([] if hf_available() else ["peft"])]
 
 
 def bench_memory(args, method: str) -> dict:
@@ -562,7 +557,7 @@ def bench_init(args, machine: Machine, log) -> dict:
     --batch) with its lr_1, the exact SVDs of all targets, their randomized SVDs. lorasb_factors is timed once per
     distinct target shape and multiplied by the number of targets of that shape (an SVD's time depends on its shape; a
     7B model has 224 targets of 4 shapes)."""
-    model, setup, plan = fresh_model(args), trainer_setup(args), trainer_plan()
+    model, setup, plan = fresh_model(args), train_gsm8k.Setup.one_process(args.device, args.dtype), trainer_plan()
     batches = [random_batch(model.config.vocab_size, args.batch, args.seq, args.device, seed=1 + i)
                for i in range(math.ceil(plan.num_init_samples / args.batch))]
 

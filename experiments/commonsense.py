@@ -17,9 +17,9 @@ is the pooled accuracy of all the questions, and its interval is that proportion
 
 Every part (one training run with its validation loss, or one evaluation) is written to commonsense.json as soon as it
 exists, with the settings it was computed under: a rerun reuses a part only when its settings are the same (and says
-so), and recomputes it otherwise. The runs are the trainer's own phases (train_gsm8k.load, plan_training,
-initialize_adapters, make_optimizer, train_step, response_loss, prepare_evaluation, generate_answers), not a second
-training loop.
+so), and recomputes it otherwise. The runs are the trainer's own phases and its own loop (train_gsm8k.load, then
+common.run_training: plan_training, initialize_adapters, make_optimizer, train), evaluated by its
+prepare_evaluation, held_out_loss and generate_answers: there is no second training loop.
 
 The budget (Budget below) was set for about 75 minutes on 2 quiet CPU cores, from a timing of its costs on
 SmolLM2-135M in fp32 (2 threads, nothing else running): an optimizer step of 8 examples (mean 87 tokens; at most 256)
@@ -34,28 +34,21 @@ stops before 32 tokens), all parts 147 minutes; about 1 h 45 min is the estimate
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a file (python experiments/commonsense.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import lorasb  # noqa: E402
-import model as model_lib  # noqa: E402
 import train_gsm8k as trainer  # noqa: E402
-from experiments import svg  # noqa: E402
-from experiments.study import METHOD_COLORS, METHOD_NAMES, wilson_interval  # noqa: E402
-from machinery import command, datasets, run_identity  # noqa: E402
+from experiments import common, svg  # noqa: E402
+from experiments.common import METHOD_COLORS, METHOD_NAMES, Results, wilson_interval  # noqa: E402
+from machinery import command, datasets  # noqa: E402
 from machinery import commonsense as commonsense_tasks  # noqa: E402
-from machinery.files import sha256_file  # noqa: E402
 
 TASKS = tuple(task for task in commonsense_tasks.TASKS if task != "hellaswag")  # HellaSwag's test set is not at hand
 CHANCE = {"boolq": 1 / 2, "piqa": 1 / 2, "social_i_qa": 1 / 3, "winogrande": 1 / 2, "ARC-Easy": 1 / 4,
@@ -95,8 +88,7 @@ QUICK = Budget(steps=2, batch_size=2, micro_batch_size=2, rank=4, lora_rank=2,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_model = os.environ.get("LORASB_SMOLLM2_DIR") or "HuggingFaceTB/SmolLM2-135M-Instruct"
-    p.add_argument("--model", default=default_model, help=f"model folder or hub name (default: {default_model})")
+    common.add_model_argument(p)
     p.add_argument("--commonsense_dir", default=os.environ.get("LORASB_COMMONSENSE_DIR"), help="the authors' layout: "
                    "<task>/train.json, <task>/test.json (default: $LORASB_COMMONSENSE_DIR, else LLM-Adapters' "
                    "commonsense_170k.json and test sets, downloaded as the trainer does)")
@@ -109,36 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.budget = QUICK if args.quick else Budget()
     args.out = Path(args.out or ("runs/commonsense-quick" if args.quick else "runs/commonsense"))
     return args
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Results: one JSON file, rewritten atomically after every part; a part is reused only under the same settings.
-# ---------------------------------------------------------------------------------------------------------------------
-
-class Results:
-    def __init__(self, path: Path):
-        self.path = path
-        self.parts = json.loads(path.read_text())["parts"] if path.is_file() else {}
-
-    def part(self, name: str, settings: dict, compute) -> dict:
-        """Part `name`: from the file when it was computed under `settings`, else computed now and saved at once."""
-        settings = json.loads(json.dumps(settings))  # as the file holds it
-        known = self.parts.get(name)
-        if known and known["settings"] == settings:
-            print(f"commonsense: {name}: reused (same settings)", flush=True)
-            return known
-        print(f"commonsense: {name}" + (": settings changed, recomputed" if known else ""), flush=True)
-        t0 = time.time()
-        value = {**compute(), "settings": settings}
-        value["seconds"] = round(time.time() - t0, 1)
-        self.parts[name] = json.loads(json.dumps(value))
-        self.save()
-        return self.parts[name]
-
-    def save(self, **extra) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({**extra, "parts": self.parts}, indent=1) + "\n"
-        lorasb.atomic_write(self.path, lambda f: f.write(text.encode()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,8 +119,7 @@ class Experiment:
         files = [*trainer.training_data_files(base),
                  *(datasets.commonsense_test_file(task, args.commonsense_dir) for task in TASKS)]
         # a part is reused only with the same weights and data, not merely the same folder names
-        self.fingerprints = {"model fingerprint": run_identity.model_fingerprint(self.folder),
-                             "data sha256": {f"{p.parent.name}/{p.name}": sha256_file(p) for p in files}}
+        self.fingerprints = common.fingerprints(self.folder, {f"{p.parent.name}/{p.name}": p for p in files})
         b = self.budget
         order = torch.randperm(len(loaded.pairs), generator=torch.Generator().manual_seed(0)).tolist()
         if len(order) < b.validation_examples + b.steps * b.batch_size:
@@ -185,48 +146,34 @@ class Experiment:
                     "eval_data": ",".join(TASKS), "eval_batch_size": b.eval_batch_size,
                     "commonsense_max_new_tokens": b.max_new_tokens, "device": self.args.device, "dtype": "float32",
                     "out_dir": self.args.out / "trainer"}
-        return trainer.parse_args([f"--{k}={v}" for k, v in settings.items() if v is not None] + ["--overwrite"])
-
-
-def ranks(b: Budget) -> dict:
-    return {"full": None, "lora": b.lora_rank, "loraxs": b.rank, "lorasb": b.rank}
+        return common.trainer_arguments(settings)
 
 
 def train_and_measure(exp: Experiment, method: str, lr: float, seed: int, evaluate: bool,
                       save_as: Path | None = None) -> dict:
-    """One run: initialize_adapters, the trainer's train_steps, then the validation loss and, with `evaluate`, the
-    test accuracy of every task (test_accuracy); `save_as` keeps the trained weights for evaluate_trained."""
-    args = exp.trainer_args(method, ranks(exp.budget)[method], lr, seed)
-    setup = trainer.Setup.from_args(args)
-    model = model_lib.load_model(exp.folder, device=setup.device, dtype=setup.weights_dtype)
-    plan = trainer.plan_training(args, len(exp.examples), 1)
-    trainer.initialize_adapters(model, exp.examples, exp.tokenizer.pad_id, args, plan, setup)
-    optimizer = trainer.make_optimizer(model, args, setup.device)
-    batches = data.Batches(exp.examples, args.micro_batch_size, args.seed, pad_id=exp.tokenizer.pad_id)
-    model.train()
-    losses = [trainer.train_step(model, optimizer, batches, step, args, plan, setup)["loss"].item()
-              for step in tqdm(range(1, plan.total_steps + 1), desc=f"{method} lr {lr:g} seed {seed}", leave=False)]
-    result = {"method": method, "lr": lr, "seed": seed, "steps": plan.total_steps, "final_loss": losses[-1],
-              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    result["validation_loss"] = validation_loss(exp, model, args, setup)
+    """One run (common.run_training: initialize_adapters, then the trainer's own loop), then the validation loss and,
+    with `evaluate`, the test accuracy of every task (test_accuracy); `save_as` keeps the trained weights for
+    evaluate_trained."""
+    args = exp.trainer_args(method, common.method_ranks(exp.budget)[method], lr, seed)
+    run = common.run_training(exp.folder, exp.examples, exp.tokenizer.pad_id, args, f"{method} lr {lr:g} seed {seed}")
+    result = {"method": method, "lr": lr, "seed": seed, "steps": run.plan.total_steps,
+              "final_loss": run.losses[-1], "trainable": run.trainable,
+              "validation_loss": None if run.diverged else validation_loss(exp, run.model, args, run.setup)}
     if save_as and result["validation_loss"] is not None:
         save_as.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_trainable(model, save_as, method, str(exp.args.model))
+        trainer.save_trainable(run.model, save_as, method, str(exp.args.model))
     if evaluate:
-        result["test"] = test_accuracy(exp, model, args, setup)
+        result["test"] = test_accuracy(exp, run.model, args, run.setup)
     return result
 
 
 def evaluate_trained(exp: Experiment, method: str, lr: float, seed: int, path: Path) -> dict:
     """A grid run's trained weights (saved by train_and_measure), evaluated as train_and_measure evaluates: the chosen
     lr at the first seed needs no second training."""
-    args = exp.trainer_args(method, ranks(exp.budget)[method], lr, seed)
+    args = exp.trainer_args(method, common.method_ranks(exp.budget)[method], lr, seed)
     setup = trainer.Setup.from_args(args)
-    model = model_lib.load_model(exp.folder, device=setup.device, dtype=setup.weights_dtype)
-    if method == "full":
-        model.load_state_dict(lorasb.load_safetensors(path)[0])
-    else:
-        lorasb.load_adapter(model, path)
+    model = common.base_model(exp.folder, setup)
+    common.load_trained(model, path, method)
     return {"method": method, "lr": lr, "seed": seed, "trained_weights": path.name,
             "validation_loss": validation_loss(exp, model, args, setup), "test": test_accuracy(exp, model, args, setup)}
 
@@ -234,8 +181,7 @@ def evaluate_trained(exp: Experiment, method: str, lr: float, seed: int, path: P
 def validation_loss(exp: Experiment, model, args, setup: trainer.Setup) -> float | None:
     """The loss on the validation records' answers, in the form the trainer evaluates the model; None if not finite."""
     trainer.prepare_evaluation(model, args, setup)
-    with torch.no_grad(), setup.autocast():
-        loss = trainer.held_out_loss(model, exp.tokenizer, exp.validation, args, setup)
+    loss = common.held_out_loss(model, exp.tokenizer, exp.validation, args, setup)
     return loss if loss == loss and abs(loss) != float("inf") else None
 
 
@@ -243,11 +189,9 @@ def test_accuracy(exp: Experiment, model, args, setup: trainer.Setup) -> dict:
     """Per task: accuracy, correct, invalid, total and the 95% Wilson interval; and the mean over the tasks."""
     trainer.prepare_evaluation(model, args, setup)
     tasks = {}
-    with torch.no_grad(), setup.autocast():
-        for task, records in exp.test.items():
-            rows = trainer.generate_answers(model, exp.tokenizer, records, exp.eos_ids, args, setup, eval_set=task)
-            metrics, _ = commonsense_tasks.TASKS[task].score(rows)
-            tasks[task] = {**metrics, "interval": wilson_interval(metrics["correct"], metrics["total"])}
+    for task, records in exp.test.items():
+        metrics, interval = common.greedy_accuracy(model, exp.tokenizer, records, exp.eos_ids, args, setup, task)
+        tasks[task] = {**metrics, "interval": interval}
     correct, total = sum(t["correct"] for t in tasks.values()), sum(t["total"] for t in tasks.values())
     return {"tasks": tasks, "mean": {"accuracy": correct / total, "correct": correct, "total": total,
                                      "interval": wilson_interval(correct, total)}}
@@ -256,7 +200,7 @@ def test_accuracy(exp: Experiment, model, args, setup: trainer.Setup) -> dict:
 def base_model_part(exp: Experiment) -> dict:
     args = exp.trainer_args("lorasb", exp.budget.rank, 1e-3, exp.budget.seeds[0])
     setup = trainer.Setup.from_args(args)
-    model = model_lib.load_model(exp.folder, device=setup.device, dtype=setup.weights_dtype)
+    model = common.base_model(exp.folder, setup)
     return {"method": "base", "validation_loss": validation_loss(exp, model, args, setup),
             "test": test_accuracy(exp, model, args, setup)}
 
@@ -281,9 +225,10 @@ def run_experiment(exp: Experiment, results: Results) -> dict:
     for method, grid in grids.items():
         losses = {}
         for lr in grid:
-            part = results.part(f"grid/{method}-lr{lr:g}", part_settings(exp, method=method, lr=lr, seed=b.seeds[0]),
+            part = results.part(f"grid/{method}-lr{lr:g}",
                                 lambda: train_and_measure(exp, method, lr, b.seeds[0], evaluate=False,
-                                                          save_as=trained_weights(exp, method, lr)))
+                                                          save_as=trained_weights(exp, method, lr)),
+                                settings=part_settings(exp, method=method, lr=lr, seed=b.seeds[0]))
             losses[lr] = part["validation_loss"]
         finite = {lr: loss for lr, loss in losses.items() if loss is not None}
         if not finite:
@@ -291,12 +236,11 @@ def run_experiment(exp: Experiment, results: Results) -> dict:
         lr = min(finite, key=finite.get)
         chosen[method] = {"lr": lr, "validation_losses": {f"{k:g}": v for k, v in losses.items()},
                           "at_grid_edge": lr in (min(grid), max(grid))}
-    base = results.part("eval/base", part_settings(exp, method="base"), lambda: base_model_part(exp))
+    base = results.part("eval/base", lambda: base_model_part(exp), settings=part_settings(exp, method="base"))
     summary = {"base": {"test": base["test"]}}
     for method, choice in chosen.items():
-        runs = {seed: results.part(f"eval/{method}-seed{seed}",
-                                   part_settings(exp, method=method, lr=choice["lr"], seed=seed),
-                                   lambda: evaluate_run(exp, method, choice["lr"], seed))
+        runs = {seed: results.part(f"eval/{method}-seed{seed}", lambda: evaluate_run(exp, method, choice["lr"], seed),
+                                   settings=part_settings(exp, method=method, lr=choice["lr"], seed=seed))
                 for seed in b.seeds}
         summary[method] = {**choice, "seeds": {str(seed): run["test"] for seed, run in runs.items()},
                            "across_seeds": across_seeds([run["test"] for run in runs.values()])}
@@ -363,12 +307,13 @@ def plot(summary: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results = Results(args.out / "commonsense.json")
+    results = Results(args.out / "commonsense.json", "commonsense")
     exp = Experiment(args)
     summary = run_experiment(exp, results)
     results.save(summary=summary)
     plot(summary, args.out)
     print(report(summary))
+    print(results.account())
     return {"summary": summary, "parts": results.parts}
 
 

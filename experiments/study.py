@@ -10,9 +10,9 @@ HuggingFaceTB/SmolLM2-135M-Instruct; GSM8K to $LORASB_GSM8K_DIR or else the down
 so an interrupted study continues where it stopped and never recomputes a finished part; the plots (SVG) and a
 one-screen summary come at the end. A part is reused only from a file made with the same settings (the budget, the
 model's weights by fingerprint, the data by sha256, seed, device, dtype), and a rerun says what it reused, at its start
-and at its end: to compute anew, pass another --out. The training runs are the trainer's own phases
-(train_gsm8k.plan_training, initialize_adapters, make_optimizer, train_step, held_out_loss, generate_answers), not a
-second training loop.
+and at its end: to compute anew, pass another --out. The training runs are the trainer's own phases and its own loop
+(common.run_training: train_gsm8k.plan_training, initialize_adapters, make_optimizer, train), evaluated by its
+held_out_loss and generate_answers: there is no second training loop.
 
 The claims:
   1. The initialization captures the full fine-tuning gradient (optimal approximation), and keeps capturing it during
@@ -28,32 +28,26 @@ The claims:
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a file (python experiments/study.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import lorasb  # noqa: E402
-import model as model_lib  # noqa: E402
 import train_gsm8k as trainer  # noqa: E402
-from experiments import svg  # noqa: E402
-from machinery import command, datasets, reporting, run_identity  # noqa: E402
-from machinery.files import sha256_file  # noqa: E402
+from experiments import common, svg  # noqa: E402
+from experiments.common import METHOD_COLORS, METHOD_NAMES, Results  # noqa: E402
+from machinery import command, datasets, reporting  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LAYER_TYPES = lorasb.DEFAULT_TARGETS
 PAPER_LR = 1e-4
-METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "loraxs": "LoRA-XS", "lorasb": "LoRA-SB"}
-METHOD_COLORS = dict(zip(METHOD_NAMES, svg.COLORS))  # one colour per method in every plot
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -94,8 +88,7 @@ QUICK = Budget(steps=4, batch_size=2, micro_batch_size=1, rank=4, lora_rank=2,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_model = os.environ.get("LORASB_SMOLLM2_DIR") or "HuggingFaceTB/SmolLM2-135M-Instruct"
-    p.add_argument("--model", default=default_model, help=f"model folder or hub name (default: {default_model})")
+    common.add_model_argument(p)
     p.add_argument("--data_dir", default=os.environ.get("LORASB_GSM8K_DIR"),
                    help="GSM8K folder (default: $LORASB_GSM8K_DIR, else downloaded)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -115,100 +108,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.budget = budget
     args.out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
     return args
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Results: one JSON file, rewritten atomically after every part; a part in it is reused when the settings match.
-# ---------------------------------------------------------------------------------------------------------------------
-
-class Results:
-    """The study's parts, reused from the file only when it was computed with the same settings (budget, model weights,
-    data, seed, device, dtype), and an account of what this run reused and what it computed."""
-
-    def __init__(self, path: Path, settings: dict):
-        self.path = path
-        self.data = {"settings": settings, "parts": {}}
-        self.reused, self.computed = [], []
-        if path.is_file():
-            existing = json.loads(path.read_text())
-            problem = reuse_problem(path, existing.get("settings", {}), settings)
-            if problem:
-                raise SystemExit(problem)
-            self.data = existing
-            if existing["parts"]:
-                print(f"study: {path} already holds {len(existing['parts'])} parts computed with these settings (the "
-                      f"same model weights, data and budget): they are reused, not computed again. To compute "
-                      f"everything anew, pass another --out (or delete the file).", flush=True)
-
-    def part(self, name: str, compute):
-        """The figures of part `name`: from the file when it is there, else computed now and saved at once."""
-        if name in self.data["parts"]:
-            self.reused.append(name)
-        else:
-            print(f"study: {name}", flush=True)
-            t0 = time.time()
-            value = compute()
-            value["seconds"] = round(time.time() - t0, 1)
-            self.data["parts"][name] = json.loads(json.dumps(value))  # exactly what the file holds (str keys)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lorasb.atomic_write(self.path, lambda f: f.write((json.dumps(self.data, indent=1) + "\n").encode()))
-            self.computed.append(name)
-        return self.data["parts"][name]
-
-    def get(self, name: str) -> dict:
-        return self.data["parts"][name]
-
-    def account(self) -> str:
-        """What this run reused and what it computed: said last, so that a replay is never read as a fresh result."""
-        if not self.reused:
-            return f"study: this run computed all {len(self.computed)} parts; they are in {self.path}."
-        text = (f"study: this run reused {len(self.reused)} of {len(self.reused) + len(self.computed)} parts from "
-                f"{self.path}, computed earlier with the same settings: {', '.join(self.reused)}. ")
-        if self.computed:
-            text += f"It computed {len(self.computed)}: {', '.join(self.computed)}. "
-        else:
-            text += ("It computed nothing new: every figure above was read from that file, and the compute time above "
-                     "is what its parts took when they were computed. ")
-        return text + f"To compute everything anew, pass another --out (or delete {self.path})."
-
-
-FINGERPRINTS = {"model fingerprint": "the model's weights", "data sha256": "the data"}
-
-
-def fingerprints(model_folder: Path, data_folder: Path) -> dict:
-    """What identifies the model and the data beyond their names: the model folder's fingerprint (config.json,
-    tokenizer.json and sampled blocks of the weights: machinery.run_identity.model_fingerprint) and the sha256 of
-    GSM8K's train.jsonl and test.jsonl."""
-    return {"model fingerprint": run_identity.model_fingerprint(model_folder),
-            "data sha256": {name: sha256_file(data_folder / name) for name in ("train.jsonl", "test.jsonl")}}
-
-
-def reuse_problem(path: Path, stored: dict, settings: dict) -> str | None:
-    """Why the parts stored in `path` (with `stored` settings) cannot be reused by a study with `settings`, or None.
-    A file that records no fingerprints (made before they were recorded) cannot be checked, so it is not reused."""
-    differences = []
-    for key in sorted(stored.keys() | settings.keys()):
-        old, new = stored.get(key), settings.get(key)
-        if key in FINGERPRINTS and old is None:
-            continue
-        if key == "model fingerprint" and old != new:
-            differences.append(f"{FINGERPRINTS[key]} (fingerprint {old[:12]}... there, {new[:12]}... here)")
-        elif key == "data sha256" and old != new:
-            changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
-            differences.append(f"{FINGERPRINTS[key]} (the sha256 of {' and '.join(changed)})")
-        elif old != new:
-            differences.append(f"{key} {json.dumps(old)} there, {json.dumps(new)} here")
-    unverifiable = [label for key, label in FINGERPRINTS.items() if key not in stored]
-    if unverifiable:
-        return (f"{path} records no fingerprint of {' or of '.join(unverifiable)} it was computed with (it was made "
-                f"before the study recorded them), so this run cannot check that its parts fit this model and data"
-                + (f"; its settings also differ: {'; '.join(differences)}" if differences else "")
-                + ". Pass another --out to compute the study anew (or delete the file).")
-    if differences:
-        return (f"{path} holds a study computed with other settings: {'; '.join(differences)}. Its parts cannot be "
-                f"reused: pass another --out to compute the study with these settings (or delete the file to replace "
-                f"it).")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,10 +144,10 @@ class Study:
                     "eval_batch_size": b.eval_batch_size, "max_new_tokens": b.max_new_tokens,
                     "data_dir": self.args.data_dir, "device": self.args.device, "dtype": self.args.dtype,
                     "out_dir": self.args.out / "trainer", **options}
-        return trainer.parse_args([f"--{k}={v}" for k, v in settings.items() if v is not None] + ["--overwrite"])
+        return common.trainer_arguments(settings)
 
     def base_model(self, setup: trainer.Setup) -> torch.nn.Module:
-        return model_lib.load_model(self.folder, device=setup.device, dtype=setup.weights_dtype)
+        return common.base_model(self.folder, setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,76 +211,46 @@ def captured(grads: dict[str, torch.Tensor], spaces: dict[str, dict], rank: int)
 
 def train_run(study: Study, method: str, rank: int | None, lr: float, steps: int, probe=None, probe_every: int = 0,
               adjust_init=None, save_as: str | None = None, **options) -> dict:
-    """One run of the trainer on the study's training pool: initialize_adapters, then `steps` train_steps (the
-    trainer's LR schedule, accumulation, clipping and AdamW), then the validation loss. `probe(model, setup)` is called
-    at step 0 and, with probe_every, every probe_every steps; `adjust_init(model)` may rewrite the adapters after the
-    initialization; `save_as` keeps the trained weights for a later evaluation."""
+    """One run of the trainer on the study's training pool (common.run_training: initialize_adapters, then the trainer's
+    own loop for `steps` steps), then the validation loss. `probe(model, setup)` is called at step 0 and, with
+    probe_every, every probe_every steps; `adjust_init(model)` may rewrite the adapters after the initialization;
+    `save_as` keeps the trained weights for a later evaluation."""
     args = study.trainer_args(method, rank, lr, steps, **options)
-    setup = trainer.Setup.from_args(args)
-    model = study.base_model(setup)
-    plan = trainer.plan_training(args, len(study.examples), 1)
-    t0 = time.time()
-    trainer.initialize_adapters(model, study.examples, study.pad_id, args, plan, setup)
-    if adjust_init:
-        adjust_init(model)
-    init_seconds = time.time() - t0
-    optimizer = trainer.make_optimizer(model, args, setup.device)
-    batches = data.Batches(study.examples, args.micro_batch_size, args.seed, pad_id=study.pad_id)
-    probes = {0: probe(model, setup)} if probe else {}
-    losses, t0 = [], time.time()
-    model.train()
-    for step in tqdm(range(1, plan.total_steps + 1), desc=f"{method} lr {lr:g}", leave=False):
-        losses.append(trainer.train_step(model, optimizer, batches, step, args, plan, setup)["loss"].item())
-        if not math.isfinite(losses[-1]):  # diverged: the rest of the run would be NaN too
-            break
-        if probe and probe_every and step % probe_every == 0:
-            probes[step] = probe(model, setup)
-    train_seconds = time.time() - t0
+    run = common.run_training(study.folder, study.examples, study.pad_id, args, f"{method} lr {lr:g}", probe=probe,
+                           probe_every=probe_every, adjust_init=adjust_init)
     validation = None
-    if math.isfinite(losses[-1]):
-        model.eval()
-        with torch.no_grad(), setup.autocast():
-            pairs = list(map(data.gsm8k_pair, study.validation))
-            validation = trainer.held_out_loss(model, study.tokenizer, pairs, args, setup)
+    if not run.diverged:
+        run.model.eval()
+        validation = common.held_out_loss(run.model, study.tokenizer, list(map(data.gsm8k_pair, study.validation)),
+                                          args, run.setup)
         if save_as:
             study.cache.mkdir(parents=True, exist_ok=True)
-            trainer.save_trainable(model, study.cache / f"{save_as}.safetensors", method, str(study.args.model))
-    return {"method": method, "rank": rank, "lr": lr, "lr_1": plan.lr_1, "steps": plan.total_steps,
-            "losses": [loss if math.isfinite(loss) else None for loss in losses], "validation_loss": validation,
-            "probes": probes, "init_seconds": round(init_seconds, 1), "train_seconds": round(train_seconds, 1),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            trainer.save_trainable(run.model, study.cache / f"{save_as}.safetensors", method, str(study.args.model))
+    return {"method": method, "rank": rank, "lr": lr, "lr_1": run.plan.lr_1, "steps": run.plan.total_steps,
+            "losses": run.losses, "validation_loss": validation, "probes": run.probes,
+            "init_seconds": round(run.init_seconds, 1), "train_seconds": round(run.train_seconds, 1),
+            "trainable": run.trainable}
 
 
 def evaluate_saved(study: Study, name: str, method: str, accuracy: bool = True) -> dict:
-    """Held-out loss on the first test_solutions GSM8K test solutions and, with `accuracy`, greedy accuracy on the
+    """The held-out loss on the first test_solutions GSM8K test solutions and, with `accuracy`, greedy accuracy on the
     first accuracy_questions (the authors' prompt, stop strings and scoring), for the trained weights of run `name`, or
-    for the base model when method is "base", prepared as the trainer evaluates (trainer.prepare_evaluation)."""
+    for the base model when method is "base", prepared as the trainer evaluates (trainer.prepare_evaluation). The
+    held-out loss is saved under "test_loss", the key the committed study.json has always used for it."""
     b = study.budget
     args = study.trainer_args("lorasb" if method == "base" else method, b.rank, PAPER_LR, b.steps)
     setup = trainer.Setup.from_args(args)
     model = study.base_model(setup)
-    if method == "full":
-        model.load_state_dict(lorasb.load_safetensors(study.cache / f"{name}.safetensors")[0])
-    elif method != "base":
-        lorasb.load_adapter(model, study.cache / f"{name}.safetensors")
+    if method != "base":
+        common.load_trained(model, study.cache / f"{name}.safetensors", method)
     trainer.prepare_evaluation(model, args, setup)
-    with torch.no_grad(), setup.autocast():
-        pairs = list(map(data.gsm8k_pair, study.test[:b.test_solutions]))
-        test_loss = trainer.held_out_loss(model, study.tokenizer, pairs, args, setup)
-        if not accuracy:
-            return {"test_loss": test_loss}
-        rows = trainer.generate_answers(model, study.tokenizer, study.test[:b.accuracy_questions], study.eos_ids,
-                                        args, setup)
-    metrics, _ = data.score_rows(data.score_gsm8k, rows)
-    return {"test_loss": test_loss, **metrics, "accuracy_95ci": wilson_interval(metrics["correct"], metrics["total"])}
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
-    """The 95% Wilson score interval of a binomial proportion (sensible at and near 0, unlike p +- z sqrt(pq/n))."""
-    p = successes / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, center - half), min(1.0, center + half)]
+    pairs = list(map(data.gsm8k_pair, study.test[:b.test_solutions]))
+    held_out_loss = common.held_out_loss(model, study.tokenizer, pairs, args, setup)
+    if not accuracy:
+        return {"test_loss": held_out_loss}
+    metrics, interval = common.greedy_accuracy(model, study.tokenizer, study.test[:b.accuracy_questions],
+                                               study.eos_ids, args, setup, "gsm8k")
+    return {"test_loss": held_out_loss, **metrics, "accuracy_95ci": interval}
 
 
 def smoothed(losses: list[float], window: int = 5) -> list[float]:
@@ -482,7 +351,7 @@ def claim3(study: Study, results: Results) -> dict:
     """Every method over its lr grid (with probes along the paper-lr runs of LoRA-SB, LoRA-XS and full fine-tuning:
     claim 1), the best lr of each on the validation split, then the test evaluation of the best and paper-lr runs."""
     b = study.budget
-    ranks = {"full": None, "lora": b.lora_rank, "loraxs": b.rank, "lorasb": b.rank}
+    ranks = common.method_ranks(b)
     chosen = {}
     for method, grid in b.lr_grid:
         for lr in grid:
@@ -563,9 +432,7 @@ def initial_jump(study: Study) -> dict:
     model.eval()
 
     def validation_loss() -> float:
-        with torch.no_grad(), setup.autocast():
-            return trainer.held_out_loss(model, study.tokenizer, list(map(data.gsm8k_pair, study.validation)), args,
-                                         setup)
+        return common.held_out_loss(model, study.tokenizer, list(map(data.gsm8k_pair, study.validation)), args, setup)
 
     full_rank, rank_r = [], []
     for lr_1 in b.lr_1_values:
@@ -612,7 +479,7 @@ def steps_to_reach(losses: list[float], level: float) -> int | None:
 
 
 def claim3_rows(results: Results, chosen: dict, b: Budget) -> list[str]:
-    ranks = {"full": None, "lora": b.lora_rank, "loraxs": b.rank, "lorasb": b.rank}
+    ranks = common.method_ranks(b)
     best = {m: results.get(f"claim3/{run_name(m, ranks[m], c['best_lr'])}") for m, c in chosen.items()}
     level = max(min(smoothed(r["losses"])) for r in best.values())  # a level every method reaches
     base = results.get("claim3/eval/base")
@@ -697,7 +564,7 @@ def summarize(results: Results, chosen: dict, b: Budget) -> str:
 
 
 def plot(results: Results, chosen: dict, b: Budget, out: Path) -> None:
-    ranks = {"full": None, "lora": b.lora_rank, "loraxs": b.rank, "lorasb": b.rank}
+    ranks = common.method_ranks(b)
     curves = []
     for method, choice in chosen.items():
         run = results.get(f"claim3/{run_name(method, ranks[method], choice['best_lr'])}")
@@ -743,14 +610,16 @@ def settings(args, study: Study) -> dict:
     return {**{k: (list(map(list, v)) if k == "lr_grid" else list(v) if isinstance(v, tuple) else v)
                for k, v in vars(study.budget).items()},
             "model": model, "seed": args.seed, "device": str(study.setup.device),
-            "dtype": str(study.setup.compute_dtype), **fingerprints(study.folder, datasets.gsm8k_dir(args.data_dir))}
+            "dtype": str(study.setup.compute_dtype),
+            **common.fingerprints(study.folder, {name: datasets.gsm8k_dir(args.data_dir) / name
+                                                 for name in ("train.jsonl", "test.jsonl")})}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     study = Study(args)
     print(f"study: {reporting.device_line(study.setup)}", flush=True)
-    results = Results(args.out / "study.json", json.loads(json.dumps(settings(args, study))))
+    results = Results(args.out / "study.json", "study", json.loads(json.dumps(settings(args, study))))
     results.part("setup", lambda: describe(study))
     results.part("claim1/at_init", lambda: claim1_at_init(study))
     results.part("claim2/at_init", lambda: claim2_at_init(study))

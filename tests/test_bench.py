@@ -8,6 +8,7 @@ import sys
 import torch
 
 import model as model_lib
+import train_gsm8k
 from conftest import REPO
 from experiments import bench
 
@@ -96,3 +97,14 @@ def test_runs_as_a_file_and_as_a_module_from_the_repository_root():
         done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("usage:")
+
+
+def test_the_trainer_setup_of_one_process_checks_starts_and_seeds_nothing(monkeypatch):
+    """bench.py's Setup (train_gsm8k.Setup.one_process): no argument checks, no process group even under torchrun's
+    environment, and torch's RNG left as it was."""
+    monkeypatch.setenv("RANK", "1")
+    state = torch.get_rng_state()
+    setup = train_gsm8k.Setup.one_process(torch.device("cpu"), torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert (setup.ddp, setup.ddp_rank, setup.ddp_world_size, setup.master_process) == (False, 0, 1, True)
+    assert setup.compute_dtype == setup.weights_dtype == torch.bfloat16 and setup.device == torch.device("cpu")

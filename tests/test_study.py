@@ -10,7 +10,7 @@ import types
 import pytest
 
 from conftest import REPO, write_tiny_llama
-from experiments import study
+from experiments import common, study
 
 
 def quick_argv(model_dir, data_dir, out, *extra) -> list[str]:
@@ -124,14 +124,14 @@ def test_a_file_without_fingerprints_is_not_reused(quick, tiny_model_dir, tiny_g
                                          r"study anew"):
         study.main(quick_argv(tiny_model_dir, tiny_gsm8k_dir, out))
     committed = json.loads((study.RESULTS_DIR / "study.json").read_text())["settings"]
-    assert "records no fingerprint" in study.reuse_problem(study.RESULTS_DIR / "study.json", committed,
-                                                            {**committed, "model fingerprint": "0", "data sha256": {}})
+    assert "records no fingerprint" in common.reuse_problem(study.RESULTS_DIR / "study.json", committed,
+                                                             {**committed, "model fingerprint": "0", "data sha256": {}})
 
 
 def test_the_committed_results_still_make_the_committed_report_and_plots(tmp_path):
     """The committed study.json stays readable by the summary and plot code: they remake study.md and the SVGs."""
     committed = json.loads((study.RESULTS_DIR / "study.json").read_text())
-    results = study.Results(tmp_path / "unused.json", committed["settings"])
+    results = common.Results(tmp_path / "unused.json", "study", committed["settings"])
     results.data = committed
     budget = study.Budget()
     chosen = study.claim3(types.SimpleNamespace(budget=budget), results)  # every part is there: nothing runs
