@@ -28,7 +28,7 @@ from experiments import bench  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", type=Path, required=True, help="the other lorasb.py (e.g. from git show)")
-    p.add_argument("--model", default=None, help=f"local model folder (default: {bench.DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"local model folder (default: {bench.DEFAULT_MODEL_DIR})")
     p.add_argument("--config", default=None, help=f"random weights of these shapes instead: {', '.join(bench.CONFIGS)}")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch", type=int, default=2)

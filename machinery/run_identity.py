@@ -10,7 +10,7 @@ import torch
 
 from machinery import run_folder
 from machinery.command import refuse
-from machinery.hub import sha256_file
+from machinery.files import sha256_file
 from machinery.input_files import regular_file
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
