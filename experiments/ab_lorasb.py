@@ -65,7 +65,8 @@ def report(name: str, times: dict[str, list[float]]) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     versions = {"old": load_module(args.old, "lorasb_old"), "new": lorasb}
-    model, setup, machine = bench.fresh_model(args), bench.trainer_setup(args), bench.Machine()
+    model, machine = bench.fresh_model(args), bench.Machine()
+    setup = train_gsm8k.Setup.one_process(args.device, args.dtype)
     batches = [bench.random_batch(model.config.vocab_size, args.batch, args.seq, args.device, seed=1 + i)
                for i in range(-(-args.samples // args.batch))]
 
