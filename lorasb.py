@@ -138,8 +138,7 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, base: nn.Module, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None, scale: float):
         super().__init__()
-        self.base = base
-        self.scale = scale
+        self.base, self.scale, self.rank = base, scale, a.shape[0]
         self.merged_base_weight: torch.Tensor | None = None  # W0, kept while merged so unmerge is exact
         b, a = b.float().to(_device(base)), a.float().to(_device(base))
         if r is None:  # LoRA: B and A train
@@ -149,9 +148,6 @@ class LowRankLinear(nn.Module):
             self.register_buffer("A", a)
             self.R = nn.Parameter(r.float().to(_device(base)))
 
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_base_weight is not None:  # the delta is already inside base.weight
@@ -159,12 +155,10 @@ class LowRankLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x = x.to(dtype)
-        b, a = self.B.to(dtype), self.A.to(dtype)
-        r = None if self.R is None else self.R.to(dtype)
-        h = F.linear(x, a)  # x A^T: tokens x r
-        if r is not None:
-            h = F.linear(h, r)  # (x A^T) R^T
-        return self.base(x) + F.linear(h, self.scale * b)  # s on B (m x r), not on the tokens x m output
+        h = F.linear(x, self.A.to(dtype))  # x A^T: tokens x r
+        if self.R is not None:
+            h = F.linear(h, self.R.to(dtype))  # (x A^T) R^T
+        return self.base(x) + F.linear(h, self.scale * self.B.to(dtype))  # s on B (m x r), not on the tokens x m output
 
     def delta_weight(self) -> torch.Tensor:
         """s * B R A in fp32 or wider (m x n): what merging adds to W0."""
@@ -242,7 +236,6 @@ def frozen_weight(layer: nn.Module) -> torch.Tensor:
 
 def _is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")  # transformers.pytorch_utils.Conv1D
-
 
 
 def _device(layer: nn.Module) -> torch.device:
@@ -472,8 +465,7 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def loraxs_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None,
                    svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-XS initialization (the authors' baseline): W0 ~= U_r S_r V_r^T gives B = U_r, A = S_r V_r^T (S folded into
-    A, so A A^T != I) and R ~ N(0, 1e-5^2). B R A is tiny, so the model starts at ~W0. `svd`: "exact" or
-    "randomized"."""
+    A, so A A^T != I), R ~ N(0, 1e-5^2): B R A is tiny, the model starts at ~W0. `svd`: "exact" or "randomized"."""
     if svd not in ("exact", "randomized"):
         raise ValueError(f"LoRA-XS's svd is 'exact' or 'randomized', not {svd!r}")
     u, s, vh = truncated_svd(weight, rank, randomized=svd == "randomized")
@@ -606,24 +598,26 @@ def _tensor_at(storage: torch.Tensor, data_start: int, name: str, info: Any) -> 
 def save_adapter(model: nn.Module, path: str | os.PathLike, method: str, base_model: str | None = None) -> None:
     """Save only the adapters: `<module>.B`, `<module>.A` (and `<module>.R`) in fp32, plus JSON metadata (method, rank,
     scale, targets, base model). B and A are saved too: they come from sampled data, so they cannot be re-derived."""
-    found = adapters(model)
-    if not found:
-        raise ValueError("the model has no adapters to save (call add_adapters or load_adapter first)")
+    found, rank, scale = _adapters_of_one_rank_and_scale(model)
     tensors = {}
     for name, m in found.items():
         tensors[f"{name}.B"], tensors[f"{name}.A"] = m.B.detach(), m.A.detach()
         if m.R is not None:
             tensors[f"{name}.R"] = m.R.detach()
-    info = {"method": method, "rank": _common(found, "rank"), "scale": _common(found, "scale"),
-            "targets": sorted({name.split(".")[-1] for name in found}), "base_model": base_model}
+    info = {"method": method, "rank": rank, "scale": scale, "targets": sorted({name.split(".")[-1] for name in found}),
+            "base_model": base_model}
     save_safetensors(path, tensors, {"lorasb": json.dumps(info, allow_nan=False)})
 
 
-def _common(found: dict[str, LowRankLinear], attribute: str) -> Any:
-    values = {getattr(m, attribute) for m in found.values()}
-    if len(values) != 1:
-        raise ValueError(f"the adapters have different {attribute}s {sorted(values)}; one file holds one {attribute}")
-    return values.pop()
+def _adapters_of_one_rank_and_scale(model: nn.Module) -> tuple[dict[str, LowRankLinear], int, float]:
+    """The model's adapters, and their rank and scale: one of each, as an adapter file holds."""
+    found = adapters(model)
+    if not found:
+        raise ValueError("the model has no adapters (call add_adapters or load_adapter first)")
+    ranks, scales = {m.rank for m in found.values()}, {m.scale for m in found.values()}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise ValueError(f"the adapters have ranks {sorted(ranks)} and scales {sorted(scales)}; a file holds one each")
+    return found, ranks.pop(), scales.pop()
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
@@ -709,10 +703,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | 
     adapter_model.safetensors): lora_A = A, lora_B = B R (fp32), r = rank and lora_alpha = s * rank, so PEFT's
     W0 + (lora_alpha / r) lora_B lora_A equals W0 + s B R A exactly (LoRA-SB never changes W0).
     vLLM serves it with --enable-lora and a --max-lora-rank of at least r (e.g. 128 for r = 96)."""
-    found = adapters(model)
-    if not found:
-        raise ValueError("the model has no adapters to export")
-    rank, scale = _common(found, "rank"), _common(found, "scale")
+    found, rank, scale = _adapters_of_one_rank_and_scale(model)
     tensors = {}
     for name, m in found.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.detach().float()
