@@ -69,10 +69,9 @@ def sgd_first_step(grad_mean: torch.Tensor, lr: float) -> torch.Tensor:
 def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False, oversample: int = 10,
                   power_iters: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`rank` singular triplets of `matrix` in fp32: M ~= U_r diag(S_r) V_r^T (Eckart-Young: the best rank-r
-    approximation in Frobenius norm, with error^2 = sum_{i>r} S_i^2). Returns U (m x r), S (r,), Vh (r x n).
-    Exact (torch.linalg.svd) by default. `randomized=True`: torch.svd_lowrank with `oversample` extra columns (without
-    them part of the top subspace of a sign matrix's slowly decaying spectrum is missed) and `power_iters` power
-    iterations, under a forked RNG (the caller's random state is untouched)."""
+    approximation in Frobenius norm, error^2 = sum_{i>r} S_i^2): U (m x r), S (r,), Vh (r x n). Exact by default;
+    `randomized=True`: torch.svd_lowrank under a forked RNG with `power_iters` power iterations and `oversample` extra
+    columns (without them part of the top subspace of a sign matrix's slowly decaying spectrum is missed)."""
     m = matrix.float()
     if not randomized:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
@@ -89,7 +88,7 @@ def authors_svd(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     (in x out) in fp32, torch.manual_seed(42), an unused torch.randn(out, rank) draw, then torch.svd_lowrank(M,
     q=rank, niter=10): a randomized SVD with 10 power iterations and no oversampling. dW = M^T = V S U^T, so the left
     singular vectors of dW are V and the right ones U. Their values (same device and torch version), but under a
-    forked RNG and without their cast to bf16. Returns U_r, S_r, Vh_r of dW, as truncated_svd."""
+    forked RNG and without their cast to bf16; returns U_r, S_r, Vh_r of dW, as truncated_svd."""
     m = update.float().T
     with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
         torch.manual_seed(42)
