@@ -1,7 +1,5 @@
 """LoRA-SB: low-rank fine-tuning where only an r x r matrix trains, initialized from an estimate of the first full
-fine-tuning update (Ponkshe, Singhal et al., arXiv 2411.19557).
-
-Each adapted linear layer computes
+fine-tuning update (Ponkshe, Singhal et al., arXiv 2411.19557). Each adapted linear layer computes
 
     y = W0 x + b + s * B R A x          W0: m x n   B: m x r   R: r x r   A: r x n
 
@@ -28,8 +26,7 @@ Usage on any torch.nn.Module whose target layers are nn.Linear (a Hugging Face m
     load_adapter(fresh_model, "adapter.safetensors")
     export_peft(model, "peft_adapter/", base_model="org/name")         # loads in PEFT and vLLM
 
-Read top to bottom: the equations, the layer, adding adapters, the estimate of the first update; then the LoRA-XS and
-LoRA baselines; then saving, loading and exporting. torch and the standard library only: copy it into your project.
+torch and the standard library only: copy this file into your project.
 """
 
 from __future__ import annotations
@@ -56,14 +53,11 @@ SVDS = ("exact", "randomized", "authors")  # how the initialization's SVD is com
 DEFAULT_GROUP_BYTES = 4 * 2**30  # estimate_by_group's fp32 gradient sums: 1G weights, one pass for models up to ~1B
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The equations of the method: tensor in, tensor out.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- The equations of the method: tensor in, tensor out. ------------------------------------------------------------
 
 def adamw_first_step(grad_sum: torch.Tensor, lr: float) -> torch.Tensor:
-    """dW = -lr * sign(G): Adam's first update, since m_1 = g and v_1 = g^2 give m/sqrt(v) = sign(g).
-
-    (eps and AdamW's decoupled weight decay are ignored; sign(0) = 0.)"""
+    """dW = -lr * sign(G): Adam's first update, since m_1 = g and v_1 = g^2 give m/sqrt(v) = sign(g) (eps and AdamW's
+    decoupled weight decay are ignored; sign(0) = 0)."""
     return -lr * torch.sign(grad_sum)
 
 
@@ -75,11 +69,9 @@ def sgd_first_step(grad_mean: torch.Tensor, lr: float) -> torch.Tensor:
 def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False, oversample: int = 10,
                   power_iters: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`rank` singular triplets of `matrix` in fp32: M ~= U_r diag(S_r) V_r^T (Eckart-Young: the best rank-r
-    approximation in Frobenius norm, with error^2 = sum_{i>r} S_i^2).
-
-    Exact (torch.linalg.svd) by default. `randomized=True`: torch.svd_lowrank with `oversample` extra columns (without
-    them part of the top subspace of a sign matrix's slowly decaying spectrum is missed) and `power_iters` power
-    iterations, under a forked RNG (the caller's random state is untouched). Returns U (m x r), S (r,), Vh (r x n)."""
+    approximation in Frobenius norm, error^2 = sum_{i>r} S_i^2): U (m x r), S (r,), Vh (r x n). Exact by default;
+    `randomized=True`: torch.svd_lowrank under a forked RNG with `power_iters` power iterations and `oversample` extra
+    columns (without them part of the top subspace of a sign matrix's slowly decaying spectrum is missed)."""
     m = matrix.float()
     if not randomized:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
@@ -95,10 +87,8 @@ def authors_svd(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     """The authors' SVD of dW (utils/svd_utils.py::get_svd_grad), to reproduce their initialization: on M = dW^T
     (in x out) in fp32, torch.manual_seed(42), an unused torch.randn(out, rank) draw, then torch.svd_lowrank(M,
     q=rank, niter=10): a randomized SVD with 10 power iterations and no oversampling. dW = M^T = V S U^T, so the left
-    singular vectors of dW are V and the right ones U.
-
-    The same seed and draws give their values (same device and torch version), but under a forked RNG (the caller's
-    random state is untouched) and without their cast to bf16. Returns U_r, S_r, Vh_r of dW, as truncated_svd."""
+    singular vectors of dW are V and the right ones U. Their values (same device and torch version), but under a
+    forked RNG and without their cast to bf16; returns U_r, S_r, Vh_r of dW, as truncated_svd."""
     m = update.float().T
     with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
         torch.manual_seed(42)
@@ -131,30 +121,23 @@ def equivalent_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) 
 
 def optimal_r_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """argmin_X ||s B X A - G||_F = (1/s) (B^T B)^-1 B^T G A^T (A A^T)^-1 for any full-rank B, A (Thm 3).
-
     With orthonormal B, A and s = 1 it equals r_gradient: the plain gradient is already optimal (Thm 5)."""
     left = torch.linalg.solve(b.T @ b, b.T @ grad_w @ a.T)
     return torch.linalg.solve(a @ a.T, left.T).T / scale
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The adapter layer.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- The adapter layer. ---------------------------------------------------------------------------------------------
 
 class LowRankLinear(nn.Module):
-    """y = base(x) + s * ((x A^T) R^T) B^T, wrapping a target layer y = x W0^T + b (find_targets: an nn.Linear, a
-    Conv1D, a 4-bit layer), whose W0 and b stay frozen.
-
+    """y = base(x) + s * ((x A^T) R^T) B^T around a target layer y = x W0^T + b (find_targets), W0 and b frozen.
     LoRA-SB and LoRA-XS: B (m x r) and A (r x n) are frozen buffers, R (r x r) the only parameter, s = 1.
     LoRA: B and A are parameters, there is no R, s = alpha / r.
     The three thin matmuls never build an m x n matrix. B, A and R are kept in fp32 (B and A stay orthonormal to fp32
-    precision, R's small updates are not rounded away) and cast to the compute dtype at use: the activations' dtype,
-    or autocast's."""
+    precision, R's small updates are not rounded away) and cast at use to the input's (or autocast's) dtype."""
 
     def __init__(self, base: nn.Module, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None, scale: float):
         super().__init__()
-        self.base = base
-        self.scale = scale
+        self.base, self.scale, self.rank = base, scale, a.shape[0]
         self.merged_base_weight: torch.Tensor | None = None  # W0, kept while merged so unmerge is exact
         b, a = b.float().to(_device(base)), a.float().to(_device(base))
         if r is None:  # LoRA: B and A train
@@ -164,9 +147,6 @@ class LowRankLinear(nn.Module):
             self.register_buffer("A", a)
             self.R = nn.Parameter(r.float().to(_device(base)))
 
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_base_weight is not None:  # the delta is already inside base.weight
@@ -174,12 +154,10 @@ class LowRankLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x = x.to(dtype)
-        b, a = self.B.to(dtype), self.A.to(dtype)
-        r = None if self.R is None else self.R.to(dtype)
-        h = F.linear(x, a)  # x A^T: tokens x r
-        if r is not None:
-            h = F.linear(h, r)  # (x A^T) R^T
-        return self.base(x) + F.linear(h, self.scale * b)  # s on B (m x r), not on the tokens x m output
+        h = F.linear(x, self.A.to(dtype))  # x A^T: tokens x r
+        if self.R is not None:
+            h = F.linear(h, self.R.to(dtype))  # (x A^T) R^T
+        return self.base(x) + F.linear(h, self.scale * self.B.to(dtype))  # s on B (m x r), not on the tokens x m output
 
     def delta_weight(self) -> torch.Tensor:
         """s * B R A in fp32 or wider (m x n): what merging adds to W0."""
@@ -190,7 +168,7 @@ class LowRankLinear(nn.Module):
     def merge(self) -> None:
         """W <- W0 + s B R A, computed in fp32 and cast once; W0 is kept so unmerge restores it exactly. A 4-bit W0 is
         refused: requantizing W0 + s B R A would lose most of the update (run the 4-bit model unmerged)."""
-        if _is_quantized(self.base):
+        if callable(getattr(self.base, "dequantize", None)) or not self.base.weight.is_floating_point():
             raise ValueError(f"cannot merge into a {type(self.base).__name__}: its weight is quantized (4-bit), and "
                              f"requantizing W0 + B R A would round most of the update away; run the model unmerged")
         if self.merged_base_weight is None:
@@ -208,9 +186,7 @@ class LowRankLinear(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}, trains={'R' if self.R is not None else 'B, A'}"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Putting adapters into a model.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Putting adapters into a model. ---------------------------------------------------------------------------------
 
 @dataclass
 class AdapterReport:
@@ -227,10 +203,9 @@ class AdapterReport:
 
 
 def find_targets(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, nn.Module]:
-    """The layers y = x W^T + b whose name ends with one of `targets` (whole name components, as PEFT matches), in the
-    model's order: nn.Linear (bitsandbytes' 4-bit Linear4bit is one), transformers' Conv1D (GPT-2's layers, which
-    store W transposed, in x out, as PEFT's fan_in_fan_out), and any module with in_features, out_features and a
-    dequantize() returning W (out x in), the protocol of a 4-bit layer of one's own."""
+    """The layers y = x W^T + b whose name ends with one of `targets` (whole name components, as PEFT matches), in
+    model order: nn.Linear (bitsandbytes' Linear4bit is one), transformers' Conv1D (GPT-2's: W stored in x out, PEFT's
+    fan_in_fan_out), and any module with in_features, out_features and a dequantize() giving W (out x in)."""
     targets = tuple(targets)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)
               or hasattr(m, "in_features") and hasattr(m, "out_features") and callable(getattr(m, "dequantize", None))}
@@ -262,10 +237,6 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")  # transformers.pytorch_utils.Conv1D
 
 
-def _is_quantized(layer: nn.Module) -> bool:
-    return callable(getattr(layer, "dequantize", None)) or not layer.weight.is_floating_point()
-
-
 def _device(layer: nn.Module) -> torch.device:
     return next(iter([*layer.parameters(), *layer.buffers()])).device
 
@@ -283,15 +254,12 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
                  lora_alpha: float | None = None, seed: int = 0, svd: str = "exact",
                  progress: Callable[[Iterable], Iterable] | None = None) -> AdapterReport:
     """Replace every target layer by a LowRankLinear and freeze everything else; one code path for three methods:
-
     - "lorasb": B, R, A = lorasb_factors(updates[name]), s = 1, R trains. `updates` is estimate_first_update's dict,
-      or estimate_by_group(...) itself: each group's dW then become B, R, A (and are freed) before the next group is
-      estimated, so the dW of all layers never exist at once.
+      or estimate_by_group(...) itself, whose groups become B, R, A (and are freed) one at a time.
     - "loraxs": B, R, A = loraxs_factors(W0), s = 1, R trains.
     - "lora":   B = 0, A Kaiming, s = lora_alpha / rank, B and A train.
-
     `svd` is "exact", "randomized" or (LoRA-SB only) "authors": see lorasb_factors. `progress` wraps each loop over
-    the layers that computes SVDs, e.g. tqdm, to show how far it is."""
+    the layers that computes SVDs, e.g. tqdm."""
     problems = [problem for bad, problem in [
         (method not in METHODS, f"unknown method {method!r}; choose one of {METHODS}"),
         (method == "lorasb" and updates is None, "method 'lorasb' needs updates=estimate_first_update(...)"),
@@ -342,12 +310,6 @@ def merge_adapters(model: nn.Module) -> None:
         module.merge()
 
 
-def unmerge_adapters(model: nn.Module) -> None:
-    """Restore the exact W0 of every merged adapter."""
-    for module in adapters(model).values():
-        module.unmerge()
-
-
 @contextlib.contextmanager
 def merged(model: nn.Module):
     """Run a block with the adapters merged (e.g. for generation), then restore W0 exactly."""
@@ -355,19 +317,17 @@ def merged(model: nn.Module):
     try:
         yield model
     finally:
-        unmerge_adapters(model)
+        for module in adapters(model).values():
+            module.unmerge()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Estimating the first full fine-tuning update from a few samples.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Estimating the first full fine-tuning update from a few samples. -----------------------------------------------
 
 def estimate_first_update(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                           num_samples: int, lr: float, targets: Iterable[str] = DEFAULT_TARGETS,
                           **options: Any) -> dict[str, torch.Tensor]:
-    """{module name: dW (fp32)} of every target layer: estimate_by_group's groups (same arguments; one group unless
-    `group_bytes` is given) in one dict. For a model whose dW do not fit in memory at once, pass estimate_by_group(...)
-    itself to add_adapters: it turns each group into B, R, A before the next group is estimated."""
+    """{module name: dW (fp32)} of every target layer: estimate_by_group's groups in one dict (same arguments; one group
+    unless `group_bytes` is given). When all dW do not fit in memory, pass estimate_by_group(...) to add_adapters."""
     groups = estimate_by_group(model, batches, loss_fn, num_samples, lr, targets, **{"group_bytes": None, **options})
     return {name: update for group in groups for name, update in group.items()}
 
@@ -376,8 +336,8 @@ def estimate_by_group(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
                       num_samples: int, lr: float, targets: Iterable[str] = DEFAULT_TARGETS, rule: str = "adamw",
                       accumulate_on: str | torch.device | None = None,
                       group_bytes: int | None = DEFAULT_GROUP_BYTES) -> Iterator[dict[str, torch.Tensor]]:
-    """Estimate the first full fine-tuning update dW of every target layer from exactly `num_samples` examples, one
-    group of layers at a time (target_groups): yields {module name: dW (fp32)} for each group.
+    """Estimate the first full fine-tuning update dW of every target layer from exactly `num_samples` examples; yields
+    {module name: dW (fp32)} for each group of layers (target_groups).
 
     `loss_fn(model, batch)` returns the batch's mean loss L_b; the batches are read until `num_samples` examples are
     seen (the last one is cut). With n_b examples in batch b and N = num_samples:
@@ -385,26 +345,26 @@ def estimate_by_group(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
         rule "adamw" (default):  G = sum_b grad(L_b / n_b),      dW = -lr * sign(G)   (the authors' weighting)
         rule "sgd":              G = sum_b (n_b / N) grad(L_b),  dW = -lr * G         (the mean-loss gradient)
 
-    G is dL/dW at the weights the model computes with, Q(W0) for a 4-bit layer, taken from each layer's input and
-    output gradient (gradient_sums), so it needs no gradient of the weight, however it is stored. `lr` is lr_1, the
-    learning rate of the schedule's first optimizer step. Memory: the fp32 sums of one group, at most `group_bytes`
-    (4 bytes per weight; None: all layers in one group), on the layer's device or on `accumulate_on` (e.g. "cpu").
-    Each group takes one pass over the samples, each pass from the same random state, so the groups change nothing
-    but the memory: the same dW, bit for bit. Under torch.distributed each rank passes its own batches and
-    num_samples counts this rank's examples; the sums are all-reduced so every rank gets the same dW."""
+    G is dL/dW at the weights the model computes with (Q(W0) for a 4-bit layer), taken from each layer's input and
+    output gradient (gradient_sums), however the weight is stored. `lr` is lr_1, the schedule's first learning rate.
+    Memory: the fp32 sums of one group, at most `group_bytes` (4 bytes per weight; None: one group), on the layer's
+    device or on `accumulate_on` (e.g. "cpu"). Each group takes one pass over the samples from the same random state,
+    so grouping changes the memory, not dW (bit for bit). Under torch.distributed, num_samples counts this rank's
+    examples and the sums are all-reduced, so every rank gets the same dW."""
     if rule not in ("adamw", "sgd"):
         raise ValueError(f"unknown rule {rule!r}; choose 'adamw' (sign of the gradient) or 'sgd'")
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    groups = target_groups(find_targets(model, targets), group_bytes)
-    if iter(batches) is batches and len(groups) > 1:
-        raise ValueError(f"{len(groups)} groups of layers take {len(groups)} passes over the batches, but a one-shot "
-                         f"iterator ({type(batches).__name__}) gives one: pass a list")
-    if iter(batches) is batches:
-        warnings.warn(f"a one-shot iterator ({type(batches).__name__}) is used up here: a training loop over it then "
-                      f"trains zero steps; pass a list", stacklevel=2)
+    found = find_targets(model, targets)
+    groups = target_groups(found, group_bytes)
+    if iter(batches) is batches:  # a one-shot iterator: one pass, none left for more groups or for training
+        if len(groups) > 1:
+            raise ValueError(f"{len(groups)} groups of layers take {len(groups)} passes over the batches, but a "
+                             f"one-shot iterator ({type(batches).__name__}) gives one: pass a list")
+        warnings.warn(f"a one-shot iterator ({type(batches).__name__}) is used up here, so training over it trains "
+                      f"zero steps; pass a list", stacklevel=2)
     total = _all_reduce_sum(torch.tensor(float(num_samples))).item()
-    devices = sorted({str(_device(m)) for m in find_targets(model, targets).values() if _device(m).type == "cuda"})
+    devices = sorted({str(_device(m)) for m in found.values() if _device(m).type == "cuda"})
     for i, layers in enumerate(groups):
         sums = {name: torch.zeros(layer_shape(m), dtype=torch.float32, device=accumulate_on or _device(m))
                 for name, m in layers.items()}
@@ -499,15 +459,12 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The baselines: LoRA-XS and LoRA (add_adapters' other two methods).
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- The baselines: LoRA-XS and LoRA (add_adapters' other two methods). ---------------------------------------------
 
 def loraxs_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None,
                    svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-XS initialization (the authors' baseline): W0 ~= U_r S_r V_r^T gives B = U_r, A = S_r V_r^T (S folded into
-    A, so A A^T != I) and R ~ N(0, 1e-5^2). B R A is tiny, so the model starts at ~W0. `svd`: "exact" or
-    "randomized"."""
+    A, so A A^T != I), R ~ N(0, 1e-5^2): B R A is tiny, the model starts at ~W0. `svd`: "exact" or "randomized"."""
     if svd not in ("exact", "randomized"):
         raise ValueError(f"LoRA-XS's svd is 'exact' or 'randomized', not {svd!r}")
     u, s, vh = truncated_svd(weight, rank, randomized=svd == "randomized")
@@ -524,11 +481,7 @@ def lora_factors(out_features: int, in_features: int, rank: int,
     return torch.zeros(out_features, rank), a
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Files: safetensors written and read by hand (torch + json, no pickle), then the adapter's own files. The reader
-# checks what reading needs, so a damaged file is refused by name; in the project, machinery/safetensors_file.py adds
-# the strict checks that untrusted third-party checkpoints need.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Files: safetensors written and read by hand (torch and json, no pickle); a damaged file is refused by name. ----
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
@@ -540,8 +493,8 @@ MAX_HEADER_BYTES = 100_000_000
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     """Write a file so it is either complete or absent: a temp file in the same folder, fsync, then os.replace."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; give the permissions a plain open() would
@@ -573,13 +526,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-
-    def write(f):
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for blob in blobs:
-            f.write(memoryview(blob))
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.writelines([len(raw).to_bytes(8, "little"), raw, *blobs]))
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -645,41 +592,38 @@ def _tensor_at(storage: torch.Tensor, data_start: int, name: str, info: Any) -> 
     return data.view(dtype).reshape(info["shape"])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Saving, loading and exporting adapters.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Saving, loading and exporting adapters. ------------------------------------------------------------------------
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, method: str, base_model: str | None = None) -> None:
     """Save only the adapters: `<module>.B`, `<module>.A` (and `<module>.R`) in fp32, plus JSON metadata (method, rank,
     scale, targets, base model). B and A are saved too: they come from sampled data, so they cannot be re-derived."""
-    found = adapters(model)
-    if not found:
-        raise ValueError("the model has no adapters to save (call add_adapters or load_adapter first)")
+    found, rank, scale = _adapters_of_one_rank_and_scale(model)
     tensors = {}
     for name, m in found.items():
         tensors[f"{name}.B"], tensors[f"{name}.A"] = m.B.detach(), m.A.detach()
         if m.R is not None:
             tensors[f"{name}.R"] = m.R.detach()
-    info = {"method": method, "rank": _common(found, "rank"), "scale": _common(found, "scale"),
-            "targets": sorted({name.split(".")[-1] for name in found}), "base_model": base_model}
+    info = {"method": method, "rank": rank, "scale": scale, "targets": sorted({name.split(".")[-1] for name in found}),
+            "base_model": base_model}
     save_safetensors(path, tensors, {"lorasb": json.dumps(info, allow_nan=False)})
 
 
-def _common(found: dict[str, LowRankLinear], attribute: str) -> Any:
-    values = {getattr(m, attribute) for m in found.values()}
-    if len(values) != 1:
-        raise ValueError(f"the adapters have different {attribute}s {sorted(values)}; one file holds one {attribute}")
-    return values.pop()
+def _adapters_of_one_rank_and_scale(model: nn.Module) -> tuple[dict[str, LowRankLinear], int, float]:
+    """The model's adapters, and their rank and scale: one of each, as an adapter file holds."""
+    found = adapters(model)
+    if not found:
+        raise ValueError("the model has no adapters (call add_adapters or load_adapter first)")
+    ranks, scales = {m.rank for m in found.values()}, {m.scale for m in found.values()}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise ValueError(f"the adapters have ranks {sorted(ranks)} and scales {sorted(scales)}; a file holds one each")
+    return found, ranks.pop(), scales.pop()
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load an adapter saved by save_adapter into `model`, a model without adapters, and return its metadata: the
-    target linears are wrapped and everything else is frozen.
-
-    The whole file is checked against the model first (_adapter_problem), so a refused file raises one ValueError
-    naming the file and what is wrong, and leaves the model as it was. A model that already has adapters is refused:
-    LoRA-SB and LoRA-XS adapters have the same form, so replacing them could silently mix two methods or scales; load
-    into a freshly loaded base model instead."""
+    """Load an adapter saved by save_adapter into `model` and return its metadata: the target layers are wrapped and
+    everything else is frozen. The whole file is checked first, so a refused file raises one ValueError naming it and
+    leaves the model as it was. A model that already has adapters is refused: LoRA-SB and LoRA-XS adapters have the
+    same form, so replacing them could silently mix two methods or scales."""
     tensors, metadata = load_safetensors(path)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -717,9 +661,11 @@ def _adapter_problem(model: nn.Module, metadata: dict[str, str],
         info = json.loads(metadata["lorasb"])
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting is a RecursionError
         return f"its 'lorasb' metadata is not JSON ({str(e)[:200]})"
-    if not isinstance(info, dict) or any(field not in info for field in ADAPTER_FIELDS):
-        return (f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object" if not isinstance(info, dict)
-                else f"its metadata lacks {[f for f in ADAPTER_FIELDS if f not in info]} (it has {sorted(info)})")
+    if not isinstance(info, dict):
+        return f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object"
+    missing = [field for field in ADAPTER_FIELDS if field not in info]
+    if missing:
+        return f"its metadata lacks {missing} (it has {sorted(info)})"
     for field, (ok, what) in ADAPTER_FIELDS.items():
         if not ok(info[field]):
             return f"its metadata's {field} {info[field]!r} is not {what}"
@@ -728,22 +674,26 @@ def _adapter_problem(model: nn.Module, metadata: dict[str, str],
     except ValueError as e:
         return str(e)
     missing, extra = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
-    if missing or extra:
-        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching {info['targets']}, "
-                f"e.g. {missing[:3]}" if missing else f"it has adapters for modules that are not layers of this model "
-                f"matching {info['targets']}, e.g. {extra[:3]} (is this adapter for another model?)")
+    if missing:
+        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching "
+                f"{info['targets']}, e.g. {missing[:3]}")
+    if extra:
+        return (f"it has adapters for modules that are not layers of this model matching {info['targets']}, e.g. "
+                f"{extra[:3]} (is this adapter for another model?)")
     rank, needed = info["rank"], ["A", "B"] if info["method"] == "lora" else ["A", "B", "R"]
     for name, parts in modules.items():
-        out, inp = layer_shape(layers[name])
         if sorted(parts) != needed:
             return f"module {name} has tensors {sorted(parts)}; a {info['method']} adapter has {needed}"
+        out, inp = layer_shape(layers[name])
         for part, t in sorted(parts.items()):
             needs = {"A": (rank, inp), "B": (out, rank), "R": (rank, rank)}[part]
-            if not t.is_floating_point() or not torch.isfinite(t.float()).all() or tuple(t.shape) != needs:
-                return (f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype" if not t.is_floating_point()
-                        else f"{name}.{part} has NaN or inf values" if tuple(t.shape) == needs else
-                        f"module {name} has shapes {{'{part}': {tuple(t.shape)}}} but its layer ({out} x {inp}) at "
-                        f"the metadata's rank {rank} needs {needs}")
+            if not t.is_floating_point():
+                return f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype"
+            if tuple(t.shape) != needs:
+                return (f"module {name} has shapes {{'{part}': {tuple(t.shape)}}} but its layer ({out} x {inp}) at the "
+                        f"metadata's rank {rank} needs {needs}")
+            if not torch.isfinite(t.float()).all():
+                return f"{name}.{part} has NaN or inf values"
     return None
 
 
@@ -752,10 +702,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | 
     adapter_model.safetensors): lora_A = A, lora_B = B R (fp32), r = rank and lora_alpha = s * rank, so PEFT's
     W0 + (lora_alpha / r) lora_B lora_A equals W0 + s B R A exactly (LoRA-SB never changes W0).
     vLLM serves it with --enable-lora and a --max-lora-rank of at least r (e.g. 128 for r = 96)."""
-    found = adapters(model)
-    if not found:
-        raise ValueError("the model has no adapters to export")
-    rank, scale = _common(found, "rank"), _common(found, "scale")
+    found, rank, scale = _adapters_of_one_rank_and_scale(model)
     tensors = {}
     for name, m in found.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.detach().float()
