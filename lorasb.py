@@ -147,7 +147,6 @@ class LowRankLinear(nn.Module):
             self.register_buffer("A", a)
             self.R = nn.Parameter(r.float().to(_device(base)))
 
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_base_weight is not None:  # the delta is already inside base.weight
             return self.base(x)
@@ -650,22 +649,20 @@ ADAPTER_FIELDS = {  # what each field of an adapter file's metadata must be: (te
 
 
 def _adapter_problem(model: nn.Module, metadata: dict[str, str],
-                    modules: dict[str, dict[str, torch.Tensor]]) -> str | None:
+                     modules: dict[str, dict[str, torch.Tensor]]) -> str | None:
     """What keeps an adapter file (its metadata, its tensors grouped by module) from loading into `model`, or None."""
     if adapters(model):
-        return (f"the model already has adapters (on {len(adapters(model))} layers); load the file into a model "
-                f"without adapters, such as a freshly loaded base model")
-    if not isinstance(metadata.get("lorasb"), str):
-        return "not an adapter saved by lorasb.save_adapter (no 'lorasb' metadata string)"
+        return "the model already has adapters; load the file into a model without them, such as a fresh base model"
     try:
         info = json.loads(metadata["lorasb"])
+    except (KeyError, TypeError):
+        return "not an adapter saved by lorasb.save_adapter (no 'lorasb' metadata string)"
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting is a RecursionError
         return f"its 'lorasb' metadata is not JSON ({str(e)[:200]})"
     if not isinstance(info, dict):
         return f"its 'lorasb' metadata is a JSON {type(info).__name__}, not an object"
-    missing = [field for field in ADAPTER_FIELDS if field not in info]
-    if missing:
-        return f"its metadata lacks {missing} (it has {sorted(info)})"
+    if any(field not in info for field in ADAPTER_FIELDS):
+        return f"its metadata lacks {[f for f in ADAPTER_FIELDS if f not in info]} (it has {sorted(info)})"
     for field, (ok, what) in ADAPTER_FIELDS.items():
         if not ok(info[field]):
             return f"its metadata's {field} {info[field]!r} is not {what}"
@@ -673,25 +670,23 @@ def _adapter_problem(model: nn.Module, metadata: dict[str, str],
         layers = find_targets(model, info["targets"])
     except ValueError as e:
         return str(e)
-    missing, extra = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
-    if missing:
-        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching "
-                f"{info['targets']}, e.g. {missing[:3]}")
-    if extra:
-        return (f"it has adapters for modules that are not layers of this model matching {info['targets']}, e.g. "
-                f"{extra[:3]} (is this adapter for another model?)")
+    if set(modules) != set(layers):
+        missing, extra = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
+        return (f"it has no adapter for {len(missing)} of the model's {len(layers)} layers matching {info['targets']}, "
+                f"e.g. {missing[:3]}" if missing else f"it has adapters for modules that are not layers of this model "
+                f"matching {info['targets']}, e.g. {extra[:3]} (is this adapter for another model?)")
     rank, needed = info["rank"], ["A", "B"] if info["method"] == "lora" else ["A", "B", "R"]
     for name, parts in modules.items():
+        out, inp = layer_shape(layers[name])
+        needs = {"A": (rank, inp), "B": (out, rank), "R": (rank, rank)}
         if sorted(parts) != needed:
             return f"module {name} has tensors {sorted(parts)}; a {info['method']} adapter has {needed}"
-        out, inp = layer_shape(layers[name])
         for part, t in sorted(parts.items()):
-            needs = {"A": (rank, inp), "B": (out, rank), "R": (rank, rank)}[part]
             if not t.is_floating_point():
                 return f"{name}.{part} has dtype {t.dtype}, not a floating-point dtype"
-            if tuple(t.shape) != needs:
+            if tuple(t.shape) != needs[part]:
                 return (f"module {name} has shapes {{'{part}': {tuple(t.shape)}}} but its layer ({out} x {inp}) at the "
-                        f"metadata's rank {rank} needs {needs}")
+                        f"metadata's rank {rank} needs {needs[part]}")
             if not torch.isfinite(t.float()).all():
                 return f"{name}.{part} has NaN or inf values"
     return None
