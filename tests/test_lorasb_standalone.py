@@ -143,3 +143,10 @@ def test_lorasb_py_alone_on_a_hugging_face_model_with_bitsandbytes_4_bit_linears
     stdout = run_with_lorasb_py_alone(tmp_path, FOUR_BIT)
     assert "lorasb: rank 8 on 14 linear layers" in stdout
     assert "PEFT over the 4-bit base: the same logits" in stdout or not importlib.util.find_spec("peft")
+
+
+def test_the_readme_says_how_to_choose_the_layers_of_other_models():
+    """A model whose layers are not named q_proj ... down_proj (BERT, GPT-2) needs targets=: the section says so, and
+    names GPT-2's Conv1D."""
+    section = (REPO / "README.md").read_text().split("## Use lorasb.py in your own project", 1)[1].split("\n## ", 1)[0]
+    assert "targets=" in section and "Conv1D" in section and "BERT" in section
