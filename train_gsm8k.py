@@ -31,6 +31,7 @@ What a real run needs beyond that (checkpoints and resume, the out_dir, torchrun
 """
 
 import argparse
+import itertools
 import math
 import os
 import shutil
@@ -40,7 +41,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,8 @@ from tqdm import tqdm
 import data
 import lorasb
 import model as model_lib
-from machinery import arguments, command, commonsense, datasets, distributed, hub, math_task, reporting, run_folder
+from machinery import (arguments, command, commonsense, datasets, distributed, hub, math_task, nf4, reporting,
+                       run_folder)
 from machinery.checkpointer import Checkpointer, resume_command
 from machinery.command import refuse
 from machinery.run_identity import canonical_model, run_identity
@@ -211,6 +213,15 @@ def load(args, setup: Setup) -> Loaded:
     return Loaded(folder, config, Tokenizer.from_dir(folder), test_sets, pairs)
 
 
+def load_base_model(folder: Path, setup: Setup, quantize: str = "none"):
+    """The pretrained model on the setup's device, its frozen weights in setup.weights_dtype; with --quantize nf4 its
+    linear layers but lm_head in NF4, quantized tensor by tensor as they are read (no full-precision copy of them is
+    ever made: machinery/nf4.py)."""
+    if quantize == "nf4":
+        return nf4.load_nf4_model(folder, device=setup.device, dtype=setup.weights_dtype, checked=True)
+    return model_lib.load_model(folder, device=setup.device, dtype=setup.weights_dtype, checked=True)
+
+
 def training_examples(loaded: Loaded, args, setup: Setup) -> list[dict]:
     """The training pairs tokenized (data.tokenize_dataset), less those that --max_length leaves without a response
     token: they would train nothing, and a micro-batch of only such examples has a loss of 0/0 = NaN."""
@@ -311,20 +322,28 @@ def to_device(batch: dict, device) -> dict:
 
 
 def estimate_update_from_examples(model, examples: list[dict], pad_id: int, args, plan: Plan,
-                                  setup: Setup) -> dict[str, torch.Tensor]:
+                                  setup: Setup) -> Iterator[dict[str, torch.Tensor]]:
     """dW = -lr_1 * sign(G) for every target weight, G summed over plan.num_init_samples training examples in an order
     of their own (seed + 1), in batches of --init_batch_size (the batching sets the weights of G's terms), split over
-    the processes; see lorasb.estimate_first_update."""
+    the processes; yielded one group of target layers at a time, each group's fp32 sums within --init_group_gib
+    (lorasb.estimate_by_group: one pass over the same batches per group, the same dW as one pass over all)."""
     local_samples = len(setup.my_share(plan.num_init_samples))
     init_batches = data.Batches(examples, args.init_batch_size, args.seed + 1, rank=setup.ddp_rank,
                                 world_size=setup.ddp_world_size, pad_id=pad_id)
+    # every pass reads the same batches: a list of them (iterating data.Batches moves it on)
+    batches = list(itertools.islice(init_batches, math.ceil(local_samples / args.init_batch_size)))
+    group_bytes = round(args.init_group_gib * 2**30)
+    groups = lorasb.target_groups(lorasb.find_targets(model, args.targets), group_bytes)
+    largest = max(sum(4 * math.prod(lorasb.layer_shape(m)) for m in group.values()) for group in groups)
     setup.log(f"estimating the first update from {plan.num_init_samples} examples (lr_1 = {plan.lr_1:.3g}, "
-              f"rule {args.init_rule})")
+              f"rule {args.init_rule}): {len(groups)} pass(es) over them, {largest / 2**30:.2f} GiB of fp32 gradient "
+              f"sums at most (--init_group_gib {args.init_group_gib:g})")
     if warning := arguments.lr_1_warning(args, plan.lr_1, plan.warmup_steps, plan.total_steps):
         setup.warn(warning)
     # A batch counts once its backward pass is done (when the next one comes, or the estimate returns), so the bar
     # reaches 100% when the estimate has, not one batch's forward and backward before.
-    bar = tqdm(desc="estimating", total=local_samples, unit="example", disable=not setup.master_process)
+    bar = tqdm(desc="estimating", total=local_samples * len(groups), unit="example",
+               disable=not setup.master_process)
     previous = 0
 
     def loss_fn(m, batch):
@@ -334,12 +353,15 @@ def estimate_update_from_examples(model, examples: list[dict], pad_id: int, args
         with setup.autocast():
             return causal_lm_loss(m, to_device(batch, setup.device))
 
-    updates = lorasb.estimate_first_update(model, init_batches, loss_fn, local_samples, plan.lr_1, args.targets,
-                                           rule=args.init_rule,
-                                           accumulate_on="cpu" if args.init_accumulate_on == "cpu" else None)
-    bar.update(previous)
-    bar.close()
-    return updates
+    estimate = lorasb.estimate_by_group(model, batches, loss_fn, local_samples, plan.lr_1, args.targets,
+                                        rule=args.init_rule, group_bytes=group_bytes,
+                                        accumulate_on="cpu" if args.init_accumulate_on == "cpu" else None)
+    for i, group in enumerate(estimate):
+        bar.update(previous)  # the pass is done: its last batch counts
+        previous = 0
+        if i == len(groups) - 1:
+            bar.close()
+        yield group
 
 
 def initialize_adapters(model, examples: list[dict], pad_id: int, args, plan: Plan,
@@ -347,6 +369,7 @@ def initialize_adapters(model, examples: list[dict], pad_id: int, args, plan: Pl
     """Turn the pretrained model into what --method trains, freezing everything else:
 
         lorasb  estimate dW (above), then B, R, A = U_r, S_r, V_r^T of its SVD: the model starts at W0 + [dW]_r
+                (each group of layers turned into B, R, A before the next group is estimated)
         loraxs  B, A from the SVD of W0, R ~ N(0, 1e-5^2): the model starts at ~W0
         lora    B = 0, A Kaiming, scale alpha / r: the model starts at W0
         full    nothing to add: every weight trains
@@ -364,9 +387,11 @@ def initialize_adapters(model, examples: list[dict], pad_id: int, args, plan: Pl
 
 def parameter_counts(model, targets: tuple[str, ...]) -> dict[str, int]:
     """The sizes trainable parameter counts are compared with: the whole model (full fine-tuning) and LoRA r=32 on the
-    targets. Count them before the adapters are added."""
+    targets. Count them before the adapters are added. An NF4 layer's weight (4-bit codes, a buffer) counts as its
+    out x in weights."""
     lora32 = sum(32 * (m.out_features + m.in_features) for m in lorasb.find_targets(model, targets).values())
-    return {"full": sum(p.numel() for p in model.parameters()), "lora32": lora32}
+    quantized = sum(m.out_features * m.in_features for m in nf4.nf4_layers(model).values())
+    return {"full": sum(p.numel() for p in model.parameters()) + quantized, "lora32": lora32}
 
 
 def describe_trainable(model, reference_counts: dict[str, int], setup: Setup) -> int:
@@ -492,8 +517,12 @@ def prepare_evaluation(model, args, setup: Setup) -> None:
     (about 3 significant digits of W0) loses much of the small trained delta: three thin matmuls a layer instead.
     --eval_merge bf16 is the model the authors evaluated (PEFT's merge_and_unload, then vLLM, in bf16): the adapters
     merged, then every weight in bf16, so the trained delta is rounded together with W0. (Their merge also computed
-    B R A in bf16; here it is computed in fp32 and the sum is rounded once.)"""
+    B R A in bf16; here it is computed in fp32 and the sum is rounded once.)
+    On a 4-bit base (--quantize nf4) the adapters run unmerged: the model as trained, Q(W0) + B R A. Merging would
+    requantize W0 + B R A to 4 bits, rounding most of the update away (lorasb refuses; so does --eval_merge bf16)."""
     model.eval()
+    if nf4.nf4_layers(model):
+        return
     if args.eval_merge == "bf16" or setup.weights_dtype == torch.float32:
         lorasb.merge_adapters(model)
     if args.eval_merge == "bf16":
@@ -563,7 +592,7 @@ def report(model, loaded: Loaded, args, setup: Setup, out: Path, described: dict
     summary.json and print the summary (process 0); returns the summary. `described` names what was evaluated
     (method, rank, trainable parameters, timings)."""
     metrics, predictions = evaluate(model, loaded, args, setup)
-    summary = {**metrics, **described, "model": args.model, "eval_merge": args.eval_merge,
+    summary = {**metrics, **described, "model": args.model, "quantize": args.quantize, "eval_merge": args.eval_merge,
                "peak_memory_bytes": reporting.peak_memory_bytes(setup.device)}
     if setup.master_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -595,7 +624,7 @@ def run(args, setup: Setup, argv) -> dict:
     loaded = load(args, setup)
     if args.eval_only:
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
-        model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype, checked=True)
+        model = load_base_model(loaded.folder, setup, args.quantize)
         described = load_adapter_to_evaluate(model, args, setup)
     else:
         # the data, the schedule and the checkpoint to resume from are checked before anything is deleted or loaded
@@ -604,7 +633,7 @@ def run(args, setup: Setup, argv) -> dict:
         checkpointer = Checkpointer(args, setup, run_identity(args, setup.ddp_world_size, setup.compute_dtype,
                                                               training_data_files(args), loaded.folder))
         out = run_folder.prepare(args.out_dir, args.overwrite, OUTPUTS, writer=setup.master_process)
-        model = model_lib.load_model(loaded.folder, device=setup.device, dtype=setup.weights_dtype, checked=True)
+        model = load_base_model(loaded.folder, setup, args.quantize)
         reference_counts = parameter_counts(model, args.targets)
         t0 = time.time()
         if not checkpointer.restore(model):

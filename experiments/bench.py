@@ -20,6 +20,9 @@ How it measures:
   - frozen: every weight frozen, the embedding output requiring grad: forward + the activation gradients of every
     layer. A method's FLOP-adjusted floor is frozen's step x the method's FLOPs / frozen's FLOPs (step_flops).
   - Peak memory: one method at a time on a fresh model, before the timed rounds.
+  - --quantize nf4: the training rounds time the adapter methods and frozen on the base and on the same weights in NF4
+    (machinery/nf4.quantize_model: every linear layer but lm_head), in the same rounds; the ratio NF4 / unquantized of
+    each method is the median of its per-round ratios. Full fine-tuning and PEFT are left out (nothing of NF4 there).
   - Initialization: --init_rounds rounds of (estimate_first_update, the exact SVDs, the randomized SVDs).
   - Generation: model.generate and transformers' generate, interleaved, --gen_rounds rounds at batch 1 and 16.
   - The machine: load averages at start and end, and the CPU other processes used in each phase (Linux's /proc/stat),
@@ -51,7 +54,7 @@ import data  # noqa: E402
 import lorasb  # noqa: E402
 import model as model_lib  # noqa: E402
 import train_gsm8k  # noqa: E402
-from machinery import reporting  # noqa: E402
+from machinery import nf4, reporting  # noqa: E402
 from machinery.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_MODEL_DIR = os.environ.get("LORASB_SMOLLM2_DIR",
@@ -78,6 +81,7 @@ CONFIGS = {
                  tie_word_embeddings=True, eos_token_id=2),
 }
 TIMED_METHODS = (*lorasb.METHODS, "full", "frozen")  # the rows of the tables, + "peft" with transformers and peft
+NF4_METHODS = (*lorasb.METHODS, "frozen")  # timed on both bases with --quantize nf4 (as "<method> nf4" on the NF4 one)
 LORA_RANK, LORA_ALPHA = 32, 64.0  # the paper's LoRA baseline
 GSM8K_TRAIN_EXAMPLES = 7473
 PROMPT_LEN, NEW_TOKENS = 64, 64
@@ -111,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       "takes minutes on a CPU)")
     a("--phases", default=",".join(PHASES), help=f"what to measure, comma-separated (default: {','.join(PHASES)})")
     a("--json", default=None, help="also write every figure, and every round's time, to this JSON file")
+    a("--quantize", default="none", choices=("none", "nf4"), help="nf4: the training phase times the adapter methods "
+      "and frozen on the base and on the same weights in NF4, for the step-time ratio NF4 / unquantized")
     args = p.parse_args(argv)
     problems = []
     if args.model and args.config:
@@ -304,13 +310,21 @@ def fresh_model(args) -> model_lib.Transformer:
 
 def twin(model: model_lib.Transformer) -> model_lib.Transformer:
     """A second model on the same weight tensors (nothing copied), for a method that never changes the base weights:
-    the adapter methods and frozen share one set of weights, so that all methods fit in memory at once."""
-    other = model_lib.build_model(model.config)  # on "meta": no memory
+    the adapter methods and frozen share one set of weights, so that all methods fit in memory at once. The twin of an
+    NF4 model (nf4_base) has the NF4 layers too, on the same codes."""
+    other = nf4.build_nf4_model(model.config, "meta") if nf4.nf4_layers(model) else model_lib.build_model(model.config)
     other.load_state_dict(model.state_dict(), assign=True)
     if model.config.tie_word_embeddings:
         other.lm_head.weight = other.model.embed_tokens.weight
     other.inv_freq = model.inv_freq  # not in the state dict
     return other.eval()
+
+
+def nf4_base(model: model_lib.Transformer) -> model_lib.Transformer:
+    """A twin of the model with its linear layers but lm_head quantized to NF4 (the model itself is unchanged)."""
+    quantized = twin(model)
+    nf4.quantize_model(quantized)
+    return quantized
 
 
 def random_batch(vocab_size: int, batch: int, seq: int, device, seed: int = 0) -> dict:
@@ -410,7 +424,7 @@ def step_flops(config: model_lib.ModelConfig, method: str, seq: int, rank: int) 
 def random_updates(model: torch.nn.Module, lr: float) -> dict[str, torch.Tensor]:
     """An `updates` dict of the right shapes for add_adapters("lorasb"): -lr * sign(noise), fp32, on the model's
     device (the values change what B, R, A hold, not how fast they run)."""
-    return {name: lorasb.adamw_first_step(torch.randn(m.weight.shape, device=m.weight.device), lr)
+    return {name: lorasb.adamw_first_step(torch.randn(lorasb.layer_shape(m), device=m.weight.device), lr)
             for name, m in lorasb.find_targets(model).items()}
 
 
@@ -505,44 +519,45 @@ def bench_memory(args, method: str) -> dict:
 def bench_training(args, machine: Machine, log) -> dict:
     """Every method's model built once (adapters and frozen on one shared set of weights), then the interleaved rounds;
     per method the step's spread, its FLOPs, its FLOP-adjusted floor and its ratios to the floor, frozen and full."""
-    methods = training_methods()
     base, runs, trainable = fresh_model(args), {}, {}
-    for method in methods:
-        log(f"building {method}")
-        try:
-            built = method_step(args, method, base)
-            runs[method], trainable[method] = built["step"], built["trainable"]
-            del built
-        except torch.OutOfMemoryError:
-            runs[method] = None
-            release_memory()
-    del base  # its weights live on in the twins
+    bases = {"": base} if args.quantize == "none" else {"": base, " nf4": nf4_base(base)}
+    for suffix, weights in bases.items():
+        for method in training_methods() if args.quantize == "none" else NF4_METHODS:
+            log(f"building {method}{suffix}")
+            try:
+                built = method_step(args, method, weights)
+                runs[method + suffix], trainable[method + suffix] = built["step"], built["trainable"]
+                del built
+            except torch.OutOfMemoryError:
+                runs[method + suffix] = None
+                release_memory()
+    del base, bases  # their weights live on in the twins
     times = interleaved({m: step for m, step in runs.items() if step is not None}, args.rounds, args.warmup,
                         args.device, machine, log)
     times.update({m: "out of memory" for m, step in runs.items() if step is None})
+    names = list(runs)
     del runs
     release_memory()
     config = model_lib.ModelConfig.from_hf(hf_config(args))
-    flops = {m: step_flops(config, m, args.seq, args.rank) for m in methods}
     tokens, peak = args.batch * args.seq, peak_flops(args)
     rows = {}
-    for method in methods:
-        t = times[method]
+    for name, t in ((name, times[name]) for name in names):
+        method, _, quantized = name.partition(" ")  # "lorasb", or "lorasb nf4" on the NF4 base
         if isinstance(t, str):
-            rows[method] = {"error": t}
+            rows[name] = {"error": t}
             continue
-        step = spread(t)
-        row = {"step_s": step, "times_s": t, "trainable": trainable[method], "flops_per_token": flops[method],
-               "tokens_per_s": tokens / step["median"],
-               "mfu": flops[method] * tokens / step["median"] / peak if peak else None}
-        for other in ("frozen", "full"):
-            if not isinstance(times.get(other), str):
-                row[f"x_{other}"] = paired(t, times[other])
-        if not isinstance(times["frozen"], str):
-            factor = flops[method] / flops["frozen"]
-            row["floor_s"] = {k: v * factor if k != "n" else v for k, v in spread(times["frozen"]).items()}
-            row["x_floor"] = paired(t, times["frozen"], factor)
-        rows[method] = row
+        step, flops = spread(t), step_flops(config, method, args.seq, args.rank)
+        row = {"step_s": step, "times_s": t, "trainable": trainable[name], "flops_per_token": flops,
+               "tokens_per_s": tokens / step["median"], "mfu": flops * tokens / step["median"] / peak if peak else None}
+        frozen = "frozen" + (" " + quantized if quantized else "")  # the floor on the same base
+        for key, other in (("x_frozen", frozen), ("x_full", "full"), ("x_unquantized", method if quantized else "")):
+            if isinstance(times.get(other), list):
+                row[key] = paired(t, times[other])
+        if isinstance(times.get(frozen), list):
+            factor = flops / step_flops(config, "frozen", args.seq, args.rank)
+            row["floor_s"] = {k: v * factor if k != "n" else v for k, v in spread(times[frozen]).items()}
+            row["x_floor"] = paired(t, times[frozen], factor)
+        rows[name] = row
     gauge = (paired(times["lorasb"], times["loraxs"])
              if not any(isinstance(times[m], str) for m in ("lorasb", "loraxs")) else None)
     return {"rows": rows, "gauge": gauge}
@@ -683,9 +698,10 @@ def fmt(s: dict | None, scale: float = 1.0, spec: str = ".0f", suffix: str = "")
 
 
 def labels(rank: int) -> dict[str, str]:
-    return {"lorasb": f"lorasb r={rank}", "loraxs": f"loraxs r={rank}",
-            "lora": f"lora r={LORA_RANK}, alpha {LORA_ALPHA:g}", "full": "full", "frozen": "frozen (the floor)",
-            "peft": f"PEFT lora r={LORA_RANK}, alpha {LORA_ALPHA:g} (transformers)"}
+    names = {"lorasb": f"lorasb r={rank}", "loraxs": f"loraxs r={rank}",
+             "lora": f"lora r={LORA_RANK}, alpha {LORA_ALPHA:g}", "full": "full", "frozen": "frozen (the floor)",
+             "peft": f"PEFT lora r={LORA_RANK}, alpha {LORA_ALPHA:g} (transformers)"}
+    return names | {f"{method} nf4": f"{names[method]}, NF4 base" for method in NF4_METHODS}
 
 
 def training_table(results: dict, args) -> list[str]:
@@ -704,6 +720,18 @@ def training_table(results: dict, args) -> list[str]:
                      f"{fmt(row.get('floor_s'), 1e3)} | {fmt(row.get('x_floor'), spec='.2f')} | "
                      f"{fmt(row.get('x_frozen'), spec='.2f')} | {fmt(row.get('x_full'), spec='.2f')} | "
                      f"{row['tokens_per_s']:,.0f} | {mem_text} | {mfu} |")
+    return lines
+
+
+def nf4_table(results: dict, args) -> list[str]:
+    """The NF4 base against the unquantized one, per method: the step on each and their per-round ratio."""
+    rows, names, dtype = results["training"]["rows"], labels(args.rank), str(args.dtype).removeprefix("torch.")
+    step = lambda row: fmt(row["step_s"], 1e3) if "step_s" in row else row.get("error", "n/a")  # noqa: E731
+    lines = [f"| method | step ms, NF4 base | step ms, {dtype} base | NF4 / {dtype} |", "|---|---:|---:|---:|"]
+    for method in NF4_METHODS:
+        quantized, plain = rows.get(f"{method} nf4", {}), rows.get(method, {})
+        lines.append(f"| {names[method]} | {step(quantized)} | {step(plain)} | "
+                     f"{fmt(quantized.get('x_unquantized'), spec='.2f')} |")
     return lines
 
 
@@ -779,6 +807,10 @@ def notes(results: dict, args) -> list[str]:
                 "optimizer). FLOP-adjusted floor = frozen's step x the method's FLOPs / frozen's (bench.step_flops: "
                 "4N + attention; + 2N for full; + 4r(m+n) + 6r^2 per target for lorasb/loraxs; + 6r(m+n) for "
                 "lora/PEFT).",
+                *(["NF4: the same weights with every linear layer but lm_head in NF4 (dequantized at each use, in "
+                   "the compute dtype), timed in the same rounds; on it, x frozen and the floor are against frozen on "
+                   "NF4; NF4 / unquantized is the median of the per-round ratios of the same method."]
+                  if args.quantize == "nf4" else []),
                 "MFU = FLOPs per token x tokens/s / peak, "
                 + (f"peak {peak_flops(args):.3g} FLOP/s (bf16 dense)." if peak_flops(args)
                    else "n/a on CPU, in fp32, or on a GPU missing from PEAK_BF16_FLOPS.")]
@@ -820,6 +852,8 @@ def report(results: dict, args) -> str:
                   f"distance from 1.00 is this run's noise)" if gauge else
                   "**Noise gauge: n/a** (lorasb or loraxs failed)", ""]
     lines += [*machine_lines(results), ""]
+    if "training" in results and args.quantize == "nf4":
+        lines += [*nf4_table(results, args), ""]
     sections = {"training": training_table, "memory": training_table, "init": init_table,
                 "generation": generation_table, "tokenizers": tokenizer_table}
     done = set()

@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 import data
 import lorasb
-import model as model_lib
 import train_gsm8k as trainer
 from experiments import svg
 from machinery import run_identity
@@ -175,9 +174,10 @@ def trainer_arguments(settings: dict) -> argparse.Namespace:
     return trainer.parse_args([f"--{k}={v}" for k, v in settings.items() if v is not None] + ["--overwrite"])
 
 
-def base_model(folder: Path, setup: trainer.Setup) -> torch.nn.Module:
-    """The pretrained model, on the setup's device with its weights dtype, as the trainer loads it."""
-    return model_lib.load_model(folder, device=setup.device, dtype=setup.weights_dtype)
+def base_model(folder: Path, setup: trainer.Setup, quantize: str = "none") -> torch.nn.Module:
+    """The pretrained model, on the setup's device with its weights dtype (its linear layers in NF4 with quantize
+    "nf4"), as the trainer loads it."""
+    return trainer.load_base_model(folder, setup, quantize)
 
 
 class Diverged(Exception):
@@ -210,7 +210,7 @@ def run_training(folder: Path, examples: list[dict], pad_id: int, args: argparse
     after_step records each step's loss and, every probe_every steps, `probe(model, setup)` (also called at step 0).
     A non-finite loss ends the run."""
     setup = trainer.Setup.from_args(args)
-    model = base_model(folder, setup)
+    model = base_model(folder, setup, args.quantize)
     plan = trainer.plan_training(args, len(examples), 1)
     t0 = time.time()
     trainer.initialize_adapters(model, examples, pad_id, args, plan, setup)

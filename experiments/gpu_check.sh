@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: bench.py (interleaved rounds, medians and IQRs, the lorasb / loraxs noise gauge, FLOP-adjusted
 # floors) on random-weight models of the Qwen2.5-0.5B and Mistral-7B shapes (no download, no network), bf16, then the
-# compiled decode step (model.generate(compile_decode=True)) on the Qwen shapes: at most 12 minutes on one
-# H100/H200-class GPU (each run has its own timeout). Writes each table (markdown), its figures (JSON) and its log to
+# compiled decode step (model.generate(compile_decode=True)) on the Qwen shapes, then the training step of the adapter
+# methods on an NF4 base beside the bf16 one (--quantize nf4: the step-time ratio NF4 / bf16, same weights, same
+# rounds): at most 20 minutes on one H100/H200-class GPU (each run has its own timeout). Writes each table (markdown), its figures (JSON) and its log to
 # $OUT (default ./gpu_results), and prints the tables.
 #
 #     bash experiments/gpu_check.sh
@@ -46,4 +47,7 @@ run() {  # run NAME TIMEOUT_S BENCH_ARGS...
 run qwen2.5-0.5b 180 --config qwen2.5-0.5b --batch 8 --seq 512
 run mistral-7b 360 --config mistral-7b --batch 4 --seq 512 --rounds 20 --gen_rounds 3 --init_rounds 2
 run qwen2.5-0.5b-compiled-decode 180 --config qwen2.5-0.5b --phases generation --gen_rounds 5 --compile_decode
+# NF4: the adapter methods and frozen on the bf16 base and on its NF4 copy (no full fine-tuning, no PEFT), training only.
+run qwen2.5-0.5b-nf4 180 --config qwen2.5-0.5b --batch 8 --seq 512 --phases training --quantize nf4
+run mistral-7b-nf4 300 --config mistral-7b --batch 4 --seq 512 --phases training --quantize nf4 --rounds 10
 exit "$status"

@@ -1,14 +1,16 @@
 """LoRA-SB of a 7B model on a 4-bit (NF4) frozen base, on a CPU: the memory and time of each part, measured.
 
 Mistral-7B's shapes (experiments/bench.py's CONFIGS, random weights, no download) are built and quantized layer by
-layer (machinery/nf4.py: no full-precision copy of the projections ever exists), then: the grouped first-update
-estimate of LoRA-SB on a few short samples, the adapters at rank 96 (randomized SVD) and one training step (forward,
-backward, AdamW on R). Each part's time and peak resident memory (VmHWM of /proc/self/status, reset before each part;
-ru_maxrss for the whole process) go to a JSON file, beside the analytic memory of the same run on fp32 and bf16 bases
-and the GPU memory to expect on one GPU (derived, labelled as an estimate).
+layer (machinery/nf4.py: no full-precision copy of the projections ever exists), then: LoRA-SB's first-update estimate
+on a few short samples in groups of target layers (lorasb.estimate_by_group under --group_gib: one pass over the
+samples per group, each group's dW turned into B, R, A by add_adapters before the next group is estimated), the
+adapters at rank 96 (randomized SVD), and one training step (forward, backward, AdamW on R). Each part's time and peak
+resident memory (VmHWM of /proc/self/status, reset before each part; ru_maxrss for the whole process) go to a JSON
+file, beside the analytic memory of the same run on fp32 and bf16 bases and the GPU memory to expect on one GPU
+(derived, labelled as an estimate).
 
 The real measurement (needs a quiet machine and ~16 GiB free; about half an hour on 2 cores):
-    python experiments/quantized.py --config mistral-7b --group 28 --json experiments/results/quantized_mistral-7b.json
+    python experiments/quantized.py --config mistral-7b --json experiments/results/quantized_mistral-7b.json
 A check that the script works (seconds):
     python experiments/quantized.py --config tiny --json /tmp/quantized_tiny.json
 
@@ -19,7 +21,6 @@ memory the machine has available. Re-running with the same settings prints the s
 """
 
 import argparse
-import inspect
 import json
 import resource
 import sys
@@ -27,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a file (python experiments/quantized.py): make the repository importable
@@ -38,10 +38,6 @@ from experiments import bench  # noqa: E402
 from machinery import command, nf4  # noqa: E402
 
 GiB = 2**30
-# The keyword of lorasb.estimate_first_update's group option (issue 28 item 3: the target layers are processed in
-# groups, one pass over the samples each, each group's gradient sums turned into B, R, A and freed before the next).
-# >>> If lorasb.py names it otherwise, change it here: the script checks that the keyword exists before it starts.
-GROUP_KEYWORD = "group_size"
 GPU_BATCH, GPU_SEQ = 8, 512  # the trainer's batch on a GPU (experiments/bench.py's DEFAULTS["cuda"])
 CUDA_CONTEXT = 0.5 * GiB  # the CUDA context and kernels, beside the tensors (a rough figure)
 
@@ -56,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--samples", type=int, default=2, help="examples of the first-update estimate")
     a("--seq", type=int, default=64, help="tokens per example")
     a("--rank", type=int, default=96, help="LoRA-SB rank")
-    a("--group", type=int, default=None, help="target layers per pass of the estimate (default: all in one pass, "
-      "which holds an fp32 gradient sum of every target weight at once)")
+    a("--group_gib", type=float, default=lorasb.DEFAULT_GROUP_BYTES / GiB, help="GiB of fp32 gradient sums per pass "
+      "of the estimate (lorasb.estimate_by_group's group_bytes; default %(default)g: 7 passes for Mistral-7B)")
     a("--lr", type=float, default=1e-4, help="lr_1 of the estimate, and the learning rate of the training step")
     a("--memory_limit", type=float, default=16.0, help="GiB the run may need, estimated before it starts")
     a("--json", type=Path, required=True, help="where the results go")
@@ -65,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     problems = [] if args.config in bench.CONFIGS else [f"--config {args.config!r}: choose one of "
                                                         f"{', '.join(bench.CONFIGS)}"]
-    problems += [f"--{k} must be positive" for k in ("samples", "seq", "rank", "group", "memory_limit")
+    problems += [f"--{k} must be positive" for k in ("samples", "seq", "rank", "group_gib", "memory_limit")
                  if getattr(args, k) is not None and getattr(args, k) <= 0]
     if problems:
         raise ValueError("quantized.py: " + "; ".join(problems))
@@ -80,34 +76,33 @@ def settings(args) -> dict:
 # Memory, derived before the run
 # ---------------------------------------------------------------------------------------------------------------------
 
-def target_shapes(config: model_lib.ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of every target layer, from the skeleton on "meta"."""
-    return [(m.out_features, m.in_features) for m in lorasb.find_targets(model_lib.build_model(config)).values()]
+def group_bytes(args) -> int:
+    return round(args.group_gib * GiB)
 
 
-def expected_memory(config: model_lib.ModelConfig, base: str, dtype: torch.dtype, rank: int, group: int | None,
+def expected_memory(config: model_lib.ModelConfig, base: str, dtype: torch.dtype, rank: int, group_bytes: int,
                     tokens: int) -> dict[str, int]:
     """Bytes of each part of the run's memory at its peak, derived (an upper bound: the last group of the estimate,
     with every adapter made but its own):
-    the frozen weights; the estimate's fp32 gradient sums of one group of targets and the dense fp32 updates
-    estimate_first_update returns (today all targets' at once; grouped, one group's); the adapters (B, A fp32, R with
-    its gradient and AdamW's two states); the largest weight dequantized twice (forward and backward's copies);
-    the activations kept for backward (~16 hidden-size and 3 intermediate-size vectors a token and layer, in the compute
-    dtype) and the logits (fp32, three copies: logits, softmax, gradient)."""
-    shapes = target_shapes(config)
-    target_weights = sum(m * n for m, n in shapes)
+    the frozen weights; the estimate's fp32 gradient sums of its largest group of targets (lorasb.target_groups), each
+    turned into its dW in turn (one layer's sum and dW alive at once: the largest layer's extra 4 bytes a weight);
+    the adapters (B, A fp32, R with its gradient and AdamW's two states); the largest weight dequantized twice (forward
+    and backward's copies); the activations kept for backward (~16 hidden-size and 3 intermediate-size vectors a token
+    and layer, in the compute dtype) and the logits (fp32, three copies: logits, softmax, gradient)."""
+    targets = lorasb.find_targets(model_lib.build_model(config))  # the skeleton on "meta"
+    shapes = [lorasb.layer_shape(m) for m in targets.values()]
     compute = dtype.itemsize
     if base == "nf4":  # the 4-bit layers' codes and scales, the other weights in the compute dtype
         skeleton = nf4.build_nf4_model(config, "meta")
         frozen = nf4.nf4_bytes(skeleton) + sum(p.numel() for p in skeleton.parameters()) * compute
     else:
         frozen = sum(p.numel() for p in model_lib.build_model(config).parameters()) * getattr(torch, base).itemsize
-    per_pass = target_weights if group is None else max(
-        sum(m * n for m, n in shapes[i:i + group]) for i in range(0, len(shapes), group))
+    per_pass = max(sum(m.out_features * m.in_features for m in group.values())
+                   for group in lorasb.target_groups(targets, group_bytes))
     largest = max(m * n for m, n in shapes)
     return {"frozen_weights": frozen,
             "estimate_sums": 4 * per_pass,
-            "estimate_updates": 4 * (target_weights if group is None else per_pass),
+            "estimate_updates": 4 * largest,
             "adapters": sum(4 * rank * (m + n) for m, n in shapes) + 4 * 4 * rank * rank * len(shapes),
             "dequantized_weight": 2 * largest * compute if base == "nf4" else 0,
             "activations": tokens * config.num_hidden_layers * (16 * config.hidden_size
@@ -134,27 +129,8 @@ def check_memory(expected: dict[str, int], limit_gib: float) -> None:
     if need > limit_gib * GiB or (available is not None and need > available):
         free = f"; the machine has {available / GiB:.1f} GiB available" if available is not None else ""
         raise ValueError(f"this run would need about {need / GiB:.1f} GiB ({parts} GiB), more than --memory_limit "
-                         f"{limit_gib:g} GiB{free}: pass --group (fewer target layers per pass of the estimate), or a "
-                         f"smaller --config")
-
-
-def check_estimate_api(group: int | None) -> None:
-    """Fail at once, not after building a 7B model, when lorasb.estimate_first_update cannot serve this run: the
-    group keyword must exist, and it must take the gradient of an NF4 layer (from hooks: issue 28 item 2)."""
-    if group is not None and GROUP_KEYWORD not in inspect.signature(lorasb.estimate_first_update).parameters:
-        raise ValueError(f"--group: this lorasb.estimate_first_update has no {GROUP_KEYWORD!r} option (issue 28 item "
-                         f"3); change GROUP_KEYWORD in experiments/quantized.py to its name, or leave --group out")
-    probe = nn.Sequential(nf4.NF4Linear.from_linear(nn.Linear(64, 64)))
-    try:
-        lorasb.estimate_first_update(probe, [torch.randn(1, 64)], lambda m, x: m(x).square().mean(), 1, 1e-3,
-                                     targets=["0"], **group_option(group))
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"this lorasb.estimate_first_update cannot estimate the update of an NF4 layer ({e}); it "
-                         f"needs the gradient from forward and backward hooks (issue 28 item 2), or run --base float32")
-
-
-def group_option(group: int | None) -> dict:
-    return {} if group is None else {GROUP_KEYWORD: group}
+                         f"{limit_gib:g} GiB{free}: pass a smaller --group_gib (fewer target layers per pass of the "
+                         f"estimate), or a smaller --config")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,6 +156,20 @@ def causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def timed_passes(groups, record: dict):
+    """The groups of lorasb.estimate_by_group, one by one, counting the passes and the seconds spent computing them
+    in record (the rest of the time add_adapters spends on their SVDs)."""
+    groups = iter(groups)
+    while True:
+        start = time.perf_counter()
+        group = next(groups, None)
+        if group is None:
+            return
+        record["passes"] += 1
+        record["estimate_seconds"] += time.perf_counter() - start
+        yield group
+
+
 def measure(name: str, part, results: dict):
     """Run part(), recording its time and the peak resident memory while it ran (VmHWM, reset first)."""
     print(f"quantized.py: {name} ...", flush=True)
@@ -201,12 +191,13 @@ def run(args, config: model_lib.ModelConfig) -> dict:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (1, args.seq), generator=g) for _ in range(args.samples)]
 
-    # >>> The grouped estimate (issue 28 item 3): GROUP_KEYWORD carries --group.
-    updates = measure("estimate", lambda: lorasb.estimate_first_update(model, batches, causal_lm_loss, args.samples,
-                                                                       args.lr, **group_option(args.group)), results)
-    measure("adapters", lambda: lorasb.add_adapters(model, "lorasb", args.rank, updates=updates, svd="randomized"),
-            results)
-    updates.clear()  # the dense updates are in B, R, A now
+    # each group of layers: one pass over the samples, then the SVDs of its dW, before the next group is estimated
+    record = {"passes": 0, "estimate_seconds": 0.0}
+    groups = timed_passes(lorasb.estimate_by_group(model, batches, causal_lm_loss, args.samples, args.lr,
+                                                   group_bytes=group_bytes(args)), record)
+    measure("estimate_and_adapters", lambda: lorasb.add_adapters(model, "lorasb", args.rank, updates=groups,
+                                                                 svd="randomized"), results)
+    results["parts"]["estimate_and_adapters"].update(record)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
@@ -226,11 +217,11 @@ def analytic(args, config: model_lib.ModelConfig) -> dict:
     dtype = getattr(torch, args.dtype)
     out = {}
     for base in ("nf4", "float32", "bfloat16"):
-        parts = expected_memory(config, base, dtype, args.rank, args.group, args.samples * args.seq)
+        parts = expected_memory(config, base, dtype, args.rank, group_bytes(args), args.samples * args.seq)
         out[f"cpu_{base}_base"] = {**parts, "total": sum(parts.values())}
     for base in ("nf4", "bfloat16"):
         for batch, seq in ((args.samples, args.seq), (GPU_BATCH, GPU_SEQ)):
-            parts = expected_memory(config, base, torch.bfloat16, args.rank, args.group, batch * seq)
+            parts = expected_memory(config, base, torch.bfloat16, args.rank, group_bytes(args), batch * seq)
             out[f"gpu_{base}_base_batch{batch}x{seq}_estimate"] = {**parts, "cuda_context": CUDA_CONTEXT,
                                                                    "total": sum(parts.values()) + CUDA_CONTEXT}
     return out
@@ -238,7 +229,8 @@ def analytic(args, config: model_lib.ModelConfig) -> dict:
 
 def report(results: dict) -> str:
     lines = [f"{name}: {p['seconds']:.1f} s, peak resident {p['peak_rss_bytes'] / GiB:.3f} GiB"
-             for name, p in results["parts"].items()]
+             + (f" ({p['passes']} passes of the estimate: {p['estimate_seconds']:.1f} s; the SVDs the rest)"
+                if "passes" in p else "") for name, p in results["parts"].items()]
     lines.append(f"whole run: peak resident (ru_maxrss) {results['ru_maxrss_bytes'] / GiB:.3f} GiB; frozen weights "
                  f"{results['frozen_bytes'] / GiB:.3f} GiB")
     lines += [f"derived, {name}: {parts['total'] / GiB:.3f} GiB" for name, parts in results["analytic"].items()]
@@ -253,10 +245,8 @@ def main(argv=None) -> dict:
             print(f"{args.json} already holds this measurement (pass --redo to measure again):\n{report(stored)}")
             return stored
     config = model_lib.ModelConfig.from_hf(bench.CONFIGS[args.config])
-    check_memory(expected_memory(config, args.base, getattr(torch, args.dtype), args.rank, args.group,
+    check_memory(expected_memory(config, args.base, getattr(torch, args.dtype), args.rank, group_bytes(args),
                                  args.samples * args.seq), args.memory_limit)
-    if args.base == "nf4":
-        check_estimate_api(args.group)
     torch.manual_seed(0)
     results = run(args, config)
     results["analytic"] = analytic(args, config)

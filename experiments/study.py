@@ -425,8 +425,9 @@ def initial_jump(study: Study) -> dict:
     setup = trainer.Setup.from_args(args)
     plan = trainer.plan_training(args, len(study.examples), 1)
     model = study.base_model(setup)
-    unit_step = trainer.estimate_update_from_examples(model, study.examples, study.pad_id, args,
-                                                      dataclasses.replace(plan, lr_1=1.0), setup)  # -sign(G)
+    groups = trainer.estimate_update_from_examples(model, study.examples, study.pad_id, args,
+                                                   dataclasses.replace(plan, lr_1=1.0), setup)
+    unit_step = {name: update for group in groups for name, update in group.items()}  # -sign(G)
     targets = lorasb.find_targets(model)
     w0 = {n: m.weight.detach().clone() for n, m in targets.items()}
     model.eval()

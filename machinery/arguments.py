@@ -13,7 +13,7 @@ import torch
 
 import lorasb
 import model as model_lib
-from machinery import commonsense, datasets, run_folder
+from machinery import commonsense, datasets, nf4, run_folder
 
 TRAINING_METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
 DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
@@ -100,6 +100,11 @@ def parse_args(argv, description: str, eval_sets: tuple[str, ...]) -> argparse.N
     a("--lr_1", type=positive, help="the step size of the first-update estimate, which sets the size of R at init "
       "(default: the LR of the first optimizer step; the authors' run used 1e-4 / 333.34 = 2.99994e-7)")
     a("--init_accumulate_on", default="device", choices=("device", "cpu"), help="where the fp32 gradient sums live")
+    a("--init_group_gib", type=positive, default=lorasb.DEFAULT_GROUP_BYTES / 2**30, help="GiB of fp32 gradient sums "
+      "the estimate holds at once: the target layers are estimated in groups that fit, one pass over the init samples "
+      "each (the same B, R, A bit for bit; default %(default)g)")
+    a("--quantize", default="none", choices=("none", "nf4"), help="nf4: the frozen linear layers (all but lm_head) in "
+      "4-bit NormalFloat, QLoRA's format (machinery/nf4.py), for lorasb, loraxs and lora")
     a("--eval_data", type=eval_set_parser(eval_sets), default="gsm8k", help="test sets to answer: gsm8k (1319), math "
       "(5000), the commonsense tasks boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, "
       "openbookqa, or commonsense for all eight")
@@ -156,6 +161,13 @@ def check_args(args, ddp_world_size: int) -> list[str]:
     if args.num_init_samples is not None and args.num_init_samples < ddp_world_size:
         errors.append(f"--num_init_samples {args.num_init_samples} is fewer than the {ddp_world_size} processes: "
                       "every process needs at least one example for the estimate")
+    if args.quantize == "nf4" and args.method == "full" and not args.eval_only:
+        errors.append("--method full --quantize nf4: full fine-tuning trains every weight, and a 4-bit base is frozen; "
+                      "train an adapter (--method lorasb, loraxs or lora) on it, or fine-tune without --quantize")
+    if args.quantize == "nf4" and args.eval_merge == "bf16":
+        errors.append("--eval_merge bf16 with --quantize nf4: a 4-bit base has no bf16 weights to merge into, and "
+                      "W0 + B R A requantized to 4 bits would round most of the update away; evaluate the adapter "
+                      "unmerged (--eval_merge exact), or the saved adapter on a bf16 base with --eval_only --adapter")
     if args.adapter and not args.eval_only:
         errors.append("--adapter is for --eval_only (training writes its own adapter)")
     if args.adapter and args.method == "full":
@@ -178,11 +190,18 @@ def check_model(args, config: model_lib.ModelConfig) -> list[str]:
     """Problems that need the model's shapes (read from config.json alone, before any weight is loaded)."""
     if args.method == "full" or args.eval_only:
         return []
+    skeleton = nf4.build_nf4_model(config, "meta") if args.quantize == "nf4" else model_lib.build_model(config)
     try:
-        targets = lorasb.find_targets(model_lib.build_model(config), args.targets)
+        targets = lorasb.find_targets(skeleton, args.targets)
     except ValueError as e:
         return [f"--targets: {e}"]
-    return [f"--{error}" for error in lorasb.rank_problems(targets, args.rank)][:3]
+    problems = [f"--{error}" for error in lorasb.rank_problems(targets, args.rank)][:3]
+    unquantized = [name for name, layer in targets.items() if not isinstance(layer, nf4.NF4Linear)]
+    if args.quantize == "nf4" and unquantized:
+        problems.append(f"--targets with --quantize nf4: {len(unquantized)} target layer(s) cannot be quantized, e.g. "
+                        f"{unquantized[:3]} (nf4 keeps {', '.join(nf4.KEEP)} in the model's dtype, as QLoRA does); "
+                        f"leave them out of --targets, or train without --quantize")
+    return problems
 
 
 def too_many_init_samples(args, num_init: int, most: int, num_examples: int, ddp_world_size: int) -> str:

@@ -230,15 +230,17 @@ def read_tensor(file, data_start: int, info: dict, path) -> torch.Tensor:
     return buffer.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def load_nf4_model(folder, device="cpu", dtype: torch.dtype | None = None, keep: Iterable[str] = KEEP
-                   ) -> Transformer:
+def load_nf4_model(folder, device="cpu", dtype: torch.dtype | None = None, keep: Iterable[str] = KEEP,
+                   checked: bool = False) -> Transformer:
     """model.load_model with the frozen linear layers in NF4 (quantize_model's), and no full-precision copy of the
     model ever in memory: every check of load_model first (on a skeleton, reading no weights), then the model built
     empty in NF4 (build_nf4_model) and the checkpoint read one tensor at a time, each projection weight quantized on
     `device` and dropped before the next is read. dtype (of the unquantized weights: embedding, lm_head, norms, biases)
-    defaults to bf16 on CUDA and fp32 elsewhere. The result equals load_model followed by quantize_model."""
+    defaults to bf16 on CUDA and fp32 elsewhere. The result equals load_model followed by quantize_model. checked=True:
+    the caller has run check_checkpoint already (as load_model's)."""
     config = load_config(folder)
-    check_checkpoint(folder, config)
+    if not checked:
+        check_checkpoint(folder, config)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_nf4_model(config, device, dtype, keep)

@@ -17,7 +17,7 @@ from machinery.input_files import regular_file
 RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
                "lr", "warmup_ratio", "weight_decay", "grad_clip", "batch_size", "micro_batch_size", "max_length",
                "seed", "num_init_samples", "init_rule", "init_svd", "init_batch_size", "lr_1", "schedule",
-               "commonsense_prompt")
+               "commonsense_prompt", "quantize")
 # The files of a model folder besides its weights whose content changes what is trained: the architecture, and the
 # tokenizer with its special tokens (the EOS that ends every training response, the padding).
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

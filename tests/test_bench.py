@@ -57,6 +57,19 @@ def test_bench_reports_every_method_with_spreads_gauge_and_floors(tmp_path, monk
     assert json.loads(out.read_text())["training"]["rows"]["full"]["trainable"] == rows["full"]["trainable"]
 
 
+def test_bench_times_each_adapter_method_on_an_nf4_base_beside_the_unquantized_one(capsys):
+    results = bench.main(["--config", "tiny", "--device", "cpu", "--dtype", "float32", "--batch", "2", "--seq", "16",
+                          "--rounds", "2", "--warmup", "0", "--rank", "8", "--threads", "1", "--phases", "training",
+                          "--quantize", "nf4"])
+    rows, table = results["training"]["rows"], capsys.readouterr().out
+    assert list(rows) == [*bench.NF4_METHODS, *(f"{m} nf4" for m in bench.NF4_METHODS)]  # no full, no PEFT
+    for method in bench.NF4_METHODS:
+        quantized = rows[f"{method} nf4"]
+        assert quantized["trainable"] == rows[method]["trainable"] and quantized["x_unquantized"]["median"] > 0
+        assert quantized["x_frozen"] == bench.paired(quantized["times_s"], rows["frozen nf4"]["times_s"])
+    assert "| method | step ms, NF4 base | step ms, float32 base | NF4 / float32 |" in table
+
+
 def test_step_flops_counts_the_adapters_exactly():
     """lorasb/loraxs add 4r(m+n) + 6r^2 per target over frozen, lora 6r(m+n), full 2N (SmolLM2: about a quarter at
     r = 96, as the issue says; Mistral-7B: about 4%)."""
