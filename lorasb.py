@@ -167,7 +167,7 @@ class LowRankLinear(nn.Module):
     def merge(self) -> None:
         """W <- W0 + s B R A, computed in fp32 and cast once; W0 is kept so unmerge restores it exactly. A 4-bit W0 is
         refused: requantizing W0 + s B R A would lose most of the update (run the 4-bit model unmerged)."""
-        if callable(getattr(self.base, "dequantize", None)) or not self.base.weight.is_floating_point():
+        if _is_quantized(self.base):
             raise ValueError(f"cannot merge into a {type(self.base).__name__}: its weight is quantized (4-bit), and "
                              f"requantizing W0 + B R A would round most of the update away; run the model unmerged")
         if self.merged_base_weight is None:
@@ -236,6 +236,13 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")  # transformers.pytorch_utils.Conv1D
 
 
+def _is_quantized(layer: nn.Module) -> bool:
+    """A 4-bit layer: one with a dequantize(), or a bitsandbytes Linear4bit (its weight is packed, not floating)."""
+    weight = getattr(layer, "weight", None)
+    return hasattr(layer, "in_features") and (callable(getattr(layer, "dequantize", None)) or (
+        isinstance(weight, torch.Tensor) and not weight.is_floating_point()))
+
+
 def _device(layer: nn.Module) -> torch.device:
     return next(iter([*layer.parameters(), *layer.buffers()])).device
 
@@ -290,7 +297,8 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
             (b, a), r = lora_factors(*layer_shape(layer), rank, generator), None
         _set_submodule(model, name, LowRankLinear(layer, b, a, r, lora_alpha / rank if method == "lora" else 1.0))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters() if p.is_floating_point()) + sum(  # a 4-bit W counts out x in
+        math.prod(layer_shape(m)) for m in model.modules() if _is_quantized(m))
     return AdapterReport(method, rank, sorted(found), trainable, total)
 
 

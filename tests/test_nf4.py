@@ -302,3 +302,16 @@ def test_loading_in_nf4_keeps_every_check_of_load_model(tmp_path):
     lorasb.save_safetensors(folder / "model.safetensors", tensors)
     with pytest.raises(ValueError, match="missing tensors.*layers.3.mlp.up_proj.weight"):
         nf4.load_nf4_model(folder)
+
+
+def test_add_adapters_counts_a_4bit_weight_as_out_x_in(tmp_path):
+    """The report's total is the model's weights whether they are stored in fp32 or as packed 4-bit codes (buffers,
+    not parameters): the trainable share printed for an NF4 base is the unquantized model's."""
+    folder = write_checkpoint(tmp_path)
+    reports = []
+    for quantize in (False, True):
+        model = model_lib.load_model(folder)
+        if quantize:
+            nf4.quantize_model(model)
+        reports.append(lorasb.add_adapters(model, "loraxs", 4))
+    assert reports[0].total == reports[1].total and reports[0].trainable == reports[1].trainable
