@@ -11,7 +11,6 @@ What makes a resumed run the same run is machinery/run_identity.py; when checkpo
 a signal or a divergence) is machinery/checkpointer.py.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ import lorasb
 from machinery import run_folder
 from machinery.command import refuse, remedy, why_not_written
 from machinery.hub import sha256_file
+from machinery.input_files import read_json_object
 from machinery.run_identity import check_same_run
 
 CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
@@ -94,9 +94,9 @@ def rng_states(device: torch.device) -> dict:
 
 def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a checkpoint folder, or None: its manifest.json must list its files and run.json, each with
-    the sha256 it has now."""
+    the sha256 it has now. Only regular files are read (a FIFO put there would block the run forever)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = read_json_object(folder / "manifest.json")
         listed = manifest["sha256"]
         expected = {f"{folder.name}/{file}" for file in CHECKPOINT_FILES} | {"run.json"}
         if not isinstance(listed, dict) or set(listed) != expected:

@@ -1,0 +1,41 @@
+"""The trainer under a hostile or careless user, end to end on the tiny model (issue 27): files in its own folder that
+are no regular files, sizes the model or the memory cannot hold, signals outside the training loop, a full disk
+before the first step, and what a short run shows its user."""
+
+import os
+import shutil
+
+import pytest
+
+import train_gsm8k
+from conftest import deadline
+
+
+def b_argv(out, model_dir, data_dir, *extra) -> list[str]:
+    """B: a 6-step LoRA-SB run of rank 4 on the tiny model, checkpointed every 2 steps, evaluated on 2 questions."""
+    return ["--model", str(model_dir), "--data_dir", str(data_dir), "--out_dir", str(out), "--device", "cpu",
+            "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "6", "--rank", "4", "--lr", "1e-2",
+            "--num_init_samples", "4", "--eval_limit", "2", "--max_new_tokens", "4", "--save_every", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, tiny_gsm8k_dir):
+    """A finished run of B (checkpoints of steps 4 and 6). Tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train_gsm8k.main(b_argv(out, tiny_model_dir, tiny_gsm8k_dir))
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_resume_skips_a_checkpoint_whose_manifest_is_a_fifo_without_waiting(finished_run, tmp_path, tiny_model_dir,
+                                                                           tiny_gsm8k_dir, capsys):
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    manifest = out / "checkpoints" / "step-0000006" / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    with deadline(60):  # TimeoutError is an OSError: a read that blocks ends as a "damaged" manifest, not this one
+        train_gsm8k.main(b_argv(out, tiny_model_dir, tiny_gsm8k_dir, "--resume"))
+    printed = capsys.readouterr().out
+    assert f"skipping damaged checkpoints (step-0000006: no readable manifest.json (ValueError: {manifest} is a FIFO" \
+           in printed
+    assert f"resumed from {out / 'checkpoints' / 'step-0000004'} at step 4" in printed
