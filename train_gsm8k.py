@@ -613,8 +613,9 @@ def run(args, setup: Setup, argv) -> dict:
         optimizer = make_optimizer(model, args, setup.device)
         start_step = checkpointer.restore_position(optimizer, batches)
         if setup.master_process:
-            write_config(out, args, plan, loaded, num_trainable, setup)
-            run_folder.cut_metrics(out / "metrics.jsonl", start_step)
+            with command.stop_if_a_write_fails(out, resumable=start_step > 0, what="config.json or metrics.jsonl"):
+                write_config(out, args, plan, loaded, num_trainable, setup)
+                run_folder.cut_metrics(out / "metrics.jsonl", start_step)
         # SIGTERM or SIGINT: the step in progress ends with a checkpoint, then the run stops
         resume = resume_command(__file__, argv, setup.ddp_world_size)
         with checkpointer.training(out, model, optimizer, batches, plan.total_steps, start_step, resume) as after_step:

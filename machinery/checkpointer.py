@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from machinery import checkpoints, distributed, run_folder
+from machinery import checkpoints, command, distributed, run_folder
 
 
 class Checkpointer:
@@ -42,7 +42,9 @@ class Checkpointer:
     def start(self, out: Path, model) -> None:
         """Before the first step of a new run: run.json and the adapter as initialized (process 0)."""
         if self.setup.master_process:
-            checkpoints.write_run_record(out, model, self.identity, self.args.method, self.args.model)
+            with command.stop_if_a_write_fails(out, resumable=False, what="the run record (checkpoints/run.json and "
+                                               "the adapter as initialized), before the first step,"):
+                checkpoints.write_run_record(out, model, self.identity, self.args.method, self.args.model)
 
     def restore_position(self, optimizer, batches) -> int:
         """The step the run continues from (0 for a new run), the optimizer, data order and RNGs put back there."""

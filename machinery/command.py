@@ -58,16 +58,17 @@ def remedy(e: BaseException) -> str:
 
 
 @contextmanager
-def stop_if_a_write_fails(out: Path, resumable: bool) -> Iterator[None]:
-    """The outputs written after training (the adapter, its PEFT export or the model folder, the predictions,
-    summary.json): a write that fails (a full disk) stops the run with one message, not a traceback. The checkpoints
-    stay as they are, so --resume redoes the end; an --eval_only run is run again."""
+def stop_if_a_write_fails(out: Path, resumable: bool, what: str = "the outputs") -> Iterator[None]:
+    """What a run writes besides its checkpoints (the run record before the first step; after training the adapter,
+    its PEFT export or the model folder, the predictions, summary.json): a write that fails (a full disk) stops the
+    run with one message, not a traceback. The checkpoints stay as they are, so --resume redoes the end; a run
+    without one (an --eval_only run, or one stopped before its first step) is run again."""
     try:
         yield
     except OSError as e:
         again = ("run again with --resume: it writes them from the last checkpoint (which is intact)" if resumable
                  else "run again with --overwrite")
-        sys.exit(f"Stopped: the outputs could not be written to {out}: {why_not_written(e, out)}. "
+        sys.exit(f"Stopped: {what} could not be written to {out}: {why_not_written(e, out)}. "
                  f"{remedy(e).capitalize()}, then {again}.")
 
 

@@ -2,13 +2,16 @@
 are no regular files, sizes the model or the memory cannot hold, signals outside the training loop, a full disk
 before the first step, and what a short run shows its user."""
 
+import errno
 import os
 import shutil
 
 import pytest
 
+import lorasb
 import train_gsm8k
 from conftest import deadline
+from machinery import checkpoints
 
 
 def b_argv(out, model_dir, data_dir, *extra) -> list[str]:
@@ -39,3 +42,26 @@ def test_resume_skips_a_checkpoint_whose_manifest_is_a_fifo_without_waiting(fini
     assert f"skipping damaged checkpoints (step-0000006: no readable manifest.json (ValueError: {manifest} is a FIFO" \
            in printed
     assert f"resumed from {out / 'checkpoints' / 'step-0000004'} at step 4" in printed
+
+
+def test_a_full_disk_before_the_first_step_says_so_in_one_message(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                                  monkeypatch):
+    real_write_run_record, real_fdopen = checkpoints.write_run_record, os.fdopen
+
+    def no_space(fd, mode):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_on_a_full_disk(*args):
+        monkeypatch.setattr(lorasb.os, "fdopen", no_space)
+        real_write_run_record(*args)
+
+    monkeypatch.setattr(checkpoints, "write_run_record", write_on_a_full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"^Stopped: the run record \(checkpoints/run.json and the adapter as "
+                                         r"initialized\), before the first step, could not be written to .*: the disk "
+                                         r"is full \(.* MiB free there\)\. Make room, then run again with --overwrite"):
+        train_gsm8k.main(b_argv(out, tiny_model_dir, tiny_gsm8k_dir))
+    monkeypatch.undo()
+    train_gsm8k.main(b_argv(out, tiny_model_dir, tiny_gsm8k_dir, "--overwrite"))
+    assert (out / "summary.json").is_file()
