@@ -46,7 +46,7 @@ def test_resume_skips_a_checkpoint_whose_manifest_is_a_fifo_without_waiting(fini
 
 def test_a_full_disk_before_the_first_step_says_so_in_one_message(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
                                                                   monkeypatch):
-    real_write_run_record, real_fdopen = checkpoints.write_run_record, os.fdopen
+    real_write_run_record = checkpoints.write_run_record
 
     def no_space(fd, mode):
         os.close(fd)
