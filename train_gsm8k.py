@@ -182,8 +182,8 @@ class Loaded:
 
 def load(args, setup: Setup) -> Loaded:
     """Resolve the model folder (local, HF cache or download) and the data, read config.json, check that the weights
-    fit it and what depends on the model's shapes, then load the tokenizer. Under torchrun process 0 downloads first;
-    the others then find the files in the cache."""
+    fit it, load the tokenizer, and check what depends on the model's shapes and context length (every problem at
+    once). Under torchrun process 0 downloads first; the others then find the files in the cache."""
     if setup.ddp and not setup.master_process:
         dist.barrier()
     folder = hub.resolve_model(args.model)
@@ -195,14 +195,18 @@ def load(args, setup: Setup) -> Loaded:
         dist.barrier()
     config = model_lib.load_config(folder)
     model_lib.check_checkpoint(folder, config)  # the weights fit config.json, before check_model builds its skeleton
+    tokenizer = Tokenizer.from_dir(folder)
     problems = arguments.check_model(args, config)
     problems += [f"{test_files[name]} holds no test question: evaluation needs one"
                  for name, records in test_sets.items() if not records]
+    prompt_lengths = {name: [len(tokenizer.encode(EVAL_TASKS[name].prompt(r))) for r in test_sets[name]]
+                      for name in args.eval_data if test_sets[name]}
+    problems += arguments.check_sizes(args, folder, config, prompt_lengths, EVAL_TASKS, setup)
     if pairs == []:  # else training_examples would blame --max_length for leaving no response token
         problems.append(f"no training example in {', '.join(map(str, training_data_files(args)))}: training needs one")
     if problems:
         refuse(problems)
-    return Loaded(folder, config, Tokenizer.from_dir(folder), test_sets, pairs)
+    return Loaded(folder, config, tokenizer, test_sets, pairs)
 
 
 def training_examples(loaded: Loaded, args, setup: Setup) -> list[dict]:

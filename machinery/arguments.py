@@ -14,6 +14,7 @@ import torch
 import lorasb
 import model as model_lib
 from machinery import commonsense, datasets, run_folder
+from machinery.input_files import read_json_object
 
 TRAINING_METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
 DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
@@ -183,6 +184,61 @@ def check_model(args, config: model_lib.ModelConfig) -> list[str]:
     except ValueError as e:
         return [f"--targets: {e}"]
     return [f"--{error}" for error in lorasb.rank_problems(targets, args.rank)][:3]
+
+
+def context_length(folder: Path, config: model_lib.ModelConfig) -> tuple[int, str] | None:
+    """The most tokens (prompt and new tokens together) the model takes, and where config.json says so: its
+    max_position_embeddings (the positions it was trained on), or its sliding window when that is shorter (model.py
+    computes no longer input); None when config.json says neither."""
+    positions = read_json_object(folder / "config.json").get("max_position_embeddings")
+    said = ((positions, "max_position_embeddings"), (config.sliding_window, "sliding_window"))
+    limits = [(n, what) for n, what in said if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    return min(limits, default=None)
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of the device the run computes on (all of it: a bound no allocation can pass), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_sizes(args, folder: Path, config: model_lib.ModelConfig, prompt_lengths: dict[str, list[int]],
+                tasks: dict, setup) -> list[str]:
+    """The sizes the model and the memory bound, checked before anything trains: --max_length, and for each test set
+    evaluated (`tasks`: its EvalTask by name) its longest prompt (`prompt_lengths`: in tokens) with its new-token
+    budget within the model's context length, and generation's KV cache (preallocated: --eval_batch_size prompts of
+    that many tokens) within the device's memory."""
+    memory, problems = memory_bytes(setup.device), []
+    context, whence = context_length(folder, config) or (None, "")
+    whence = f"its config.json's {whence}"
+    if context and args.max_length > context and not args.eval_only:
+        problems.append(f"--max_length {args.max_length} exceeds the {context} tokens the model takes ({whence}): "
+                        f"pass --max_length {context} or less")
+    cache_bytes_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                             * setup.compute_dtype.itemsize)  # keys and values of every layer
+    for name, lengths in prompt_lengths.items():
+        prompt = max(lengths)
+        option, budget, title = tasks[name].max_new_tokens, getattr(args, tasks[name].max_new_tokens), tasks[name].title
+        if context and prompt + budget > context:
+            problems.append(f"--{option} {budget}: {title}'s longest prompt ({prompt} tokens) and {budget} new tokens "
+                            f"exceed the {context} tokens the model takes ({whence}): pass --{option} "
+                            f"{max(context - prompt, 1)} or less" + (" (and a shorter prompt)" if prompt >= context
+                                                                      else ""))
+            continue
+        rows = min(args.eval_batch_size, math.ceil(len(lengths) / setup.ddp_world_size))
+        cache = rows * (prompt + budget) * cache_bytes_per_token
+        if memory and cache > memory:
+            problems.append(f"--eval_batch_size {args.eval_batch_size} with --{option} {budget}: generation's KV cache "
+                            f"({rows} prompts of up to {prompt + budget} tokens) takes {size(cache)}, more than the "
+                            f"{size(memory)} of {setup.device}: lower either")
+    return problems
+
+
+def size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def too_many_init_samples(args, num_init: int, most: int, num_examples: int, ddp_world_size: int) -> str:

@@ -65,3 +65,41 @@ def test_a_full_disk_before_the_first_step_says_so_in_one_message(tmp_path, tiny
     monkeypatch.undo()
     train_gsm8k.main(b_argv(out, tiny_model_dir, tiny_gsm8k_dir, "--overwrite"))
     assert (out / "summary.json").is_file()
+
+
+def never_loaded(*args, **kwargs):
+    raise AssertionError("the model was loaded before the problem was found")
+
+
+@pytest.mark.parametrize("option, value, title, prompt", [("max_new_tokens", 10**9, "GSM8K", 195),
+                                                          ("max_new_tokens", 2**63, "GSM8K", 195),
+                                                          ("math_max_new_tokens", 10**9, "MATH", 180)])
+def test_a_generation_budget_past_the_model_s_context_is_refused_before_training(tmp_path, tiny_model_dir,
+                                                                                 tiny_gsm8k_dir, tiny_math_file,
+                                                                                 monkeypatch, option, value, title,
+                                                                                 prompt):
+    """Before: --max_new_tokens 1000000000 trained, saved, then failed at evaluation with a raw RuntimeError (a 256 GB
+    KV cache); 2**63, a raw TypeError in model.py."""
+    monkeypatch.setattr(train_gsm8k.model_lib, "load_model", never_loaded)
+    argv = b_argv(tmp_path / "run", tiny_model_dir, tiny_gsm8k_dir, "--eval_data", "gsm8k,math", "--math_path",
+                  str(tiny_math_file), f"--{option}", str(value), "--max_length", "2000")
+    with pytest.raises(SystemExit) as refused:
+        train_gsm8k.main(argv)
+    message = str(refused.value)
+    assert f"--{option} {value}: {title}'s longest prompt ({prompt} tokens) and {value} new tokens exceed the 1024 " \
+           f"tokens the model takes (its config.json's max_position_embeddings): pass --{option} {1024 - prompt} " \
+           f"or less" in message
+    assert "--max_length 2000 exceeds the 1024 tokens the model takes" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_kv_cache_larger_than_the_memory_is_refused_before_training(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                                      monkeypatch):
+    monkeypatch.setattr(train_gsm8k.model_lib, "load_model", never_loaded)
+    monkeypatch.setattr(train_gsm8k.arguments, "memory_bytes", lambda device: 2**20)  # a device of 1 MiB
+    argv = b_argv(tmp_path / "run", tiny_model_dir, tiny_gsm8k_dir, "--eval_limit", "6", "--max_new_tokens", "800")
+    # 6 prompts (of 6 questions) of up to 195 + 800 tokens x 2 layers x 2 (k, v) x 2 KV heads x 8 dims x 4 bytes
+    with pytest.raises(SystemExit, match=r"--eval_batch_size 64 with --max_new_tokens 800: generation's KV cache "
+                                         r"\(6 prompts of up to 995 tokens\) takes 1\.5 MiB, more than the 1\.0 MiB "
+                                         r"of cpu"):
+        train_gsm8k.main(argv)
