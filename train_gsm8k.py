@@ -51,7 +51,7 @@ import data
 import lorasb
 import model as model_lib
 from machinery import arguments, command, commonsense, datasets, distributed, hub, math_task, reporting, run_folder
-from machinery.checkpointer import Checkpointer, resume_command
+from machinery.checkpointer import Checkpointer, RunCommand, StopOnSignal
 from machinery.command import refuse
 from machinery.run_identity import canonical_model, run_identity
 from machinery.tokenizer import Tokenizer
@@ -238,6 +238,7 @@ class Plan:
     warmup_steps: int
     lr_1: float  # the step size of LoRA-SB's first-update estimate: the LR of the first optimizer step, or --lr_1
     num_init_samples: int | None  # examples of the LoRA-SB estimate (None for the other methods)
+    log_every: int = 10  # --log_every, by default a twentieth of the steps (1 to 10): even a short run shows a curve
 
 
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
@@ -279,7 +280,8 @@ def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
         most = max_init_samples(num_examples, args.init_batch_size, ddp_world_size)
         if num_init > most:
             refuse([arguments.too_many_init_samples(args, num_init, most, num_examples, ddp_world_size)])
-    return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init)
+    log_every = args.log_every or min(10, max(1, total_steps // 20))
+    return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init, log_every)
 
 
 def max_init_samples(num_examples: int, batch_size: int, world_size: int) -> int:
@@ -580,14 +582,16 @@ def report(model, loaded: Loaded, args, setup: Setup, out: Path, described: dict
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup = Setup.from_args(args)
-    with run_folder.lock(args.out_dir, writer=setup.master_process):  # one run per --out_dir, before it is touched
-        summary = run(args, setup, argv)
+    # one run per --out_dir, before it is touched; a signal stops the run saying what was kept and how to go on
+    signals = StopOnSignal(RunCommand(__file__, argv, setup.ddp_world_size, args), setup.master_process)
+    with run_folder.lock(args.out_dir, writer=setup.master_process), signals:
+        summary = run(args, setup, signals)
     if setup.ddp:
         distributed.finish()
     return summary
 
 
-def run(args, setup: Setup, argv) -> dict:
+def run(args, setup: Setup, signals: StopOnSignal) -> dict:
     """The phases of a run (or of an --eval_only evaluation), in an --out_dir that no other run writes."""
     setup.log(reporting.device_line(setup))
     loaded = load(args, setup)
@@ -620,15 +624,15 @@ def run(args, setup: Setup, argv) -> dict:
             with command.stop_if_a_write_fails(out, resumable=start_step > 0, what="config.json or metrics.jsonl"):
                 write_config(out, args, plan, loaded, num_trainable, setup)
                 run_folder.cut_metrics(out / "metrics.jsonl", start_step)
-        # SIGTERM or SIGINT: the step in progress ends with a checkpoint, then the run stops
-        resume = resume_command(__file__, argv, setup.ddp_world_size)
-        with checkpointer.training(out, model, optimizer, batches, plan.total_steps, start_step, resume) as after_step:
-            train_seconds = train(model, optimizer, batches, args, plan, setup, start_step, after_step)
+        # a signal: the step in progress ends with a checkpoint, then the run stops
+        with checkpointer.training(out, model, optimizer, batches, plan.total_steps, plan.log_every,
+                                   signals) as after_step:
+            train(model, optimizer, batches, args, plan, setup, start_step, after_step)
         if setup.master_process:
             with command.stop_if_a_write_fails(out, resumable=True):
                 save_outputs(model, out, args, loaded.folder)
         described = {"method": args.method, "rank": args.rank, "trainable_parameters": num_trainable,
-                     "init_seconds": init_seconds, "train_seconds": train_seconds}
+                     "init_seconds": init_seconds, **checkpointer.timings()}
 
     with command.stop_if_a_write_fails(out, resumable=not args.eval_only):
         return report(model, loaded, args, setup, out, described)

@@ -119,7 +119,8 @@ def parse_args(argv, description: str, eval_sets: tuple[str, ...]) -> argparse.N
     one_of("--overwrite", action="store_true", help="start over in an existing out_dir (deleting its checkpoints)")
     one_of("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     a("--save_every", type=positive_int, default=200, help="checkpoint every N optimizer steps (and at the end)")
-    a("--log_every", type=positive_int, default=10, help="print and log metrics every N optimizer steps")
+    a("--log_every", type=positive_int, help="print and log metrics every N optimizer steps (default: a twentieth of "
+      "the steps, 1 to 10: every step of a run of up to 39 steps, every 10th from 200 steps)")
     a("--seed", type=int, default=42)
     a("--device", help="cuda, cpu, ... (default: cuda when available)")
     a("--dtype", choices=("bfloat16", "float32"), help="model weights (default: bf16 on GPU, fp32 on CPU)")

@@ -3,14 +3,20 @@ are no regular files, sizes the model or the memory cannot hold, signals outside
 before the first step, and what a short run shows its user."""
 
 import errno
+import json
 import os
+import re
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
 import lorasb
 import train_gsm8k
-from conftest import deadline
+from conftest import REPO, deadline
 from machinery import checkpoints
 
 
@@ -103,3 +109,103 @@ def test_a_kv_cache_larger_than_the_memory_is_refused_before_training(tmp_path, 
                                          r"\(6 prompts of up to 995 tokens\) takes 1\.5 MiB, more than the 1\.0 MiB "
                                          r"of cpu"):
         train_gsm8k.main(argv)
+
+
+def signalled_trainer(out, model_dir, data_dir, target: str, signum: int, *extra) -> subprocess.CompletedProcess:
+    """The trainer (B) in a process of its own that sends itself `signum` as it calls `target` (a function of
+    train_gsm8k, or of a module it imports, e.g. "model_lib.load_model") for the first time; 120 s at most."""
+    *owner, name = target.split(".")
+    code = "\n".join(["import os, sys", "import train_gsm8k", "owner = train_gsm8k",
+                      *[f"owner = owner.{part}" for part in owner], f"real = owner.{name}", "sent = []",
+                      "def hooked(*args, **kwargs):", "    if not sent:", f"        os.kill(os.getpid(), {signum})",
+                      "        sent.append(1)", "    return real(*args, **kwargs)", f"owner.{name} = hooked",
+                      "train_gsm8k.main(sys.argv[1:])"])
+    return subprocess.run([sys.executable, "-c", code, *b_argv(out, model_dir, data_dir, *extra)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def printed_command(stderr: str, after: str) -> list[str]:
+    """The arguments of the command a stopped run printed on the line after `after`."""
+    command = shlex.split(stderr.split(after, 1)[1].splitlines()[1])
+    assert command[:2] == ["python", "train_gsm8k.py"], command
+    return command[2:]
+
+
+@pytest.mark.parametrize("target, name", [("model_lib.load_model", "SIGTERM"),
+                                          ("estimate_update_from_examples", "SIGINT"),
+                                          ("estimate_update_from_examples", "SIGHUP")])
+def test_a_signal_before_training_stops_with_one_message_and_the_command_that_starts_again(
+        tmp_path, tiny_model_dir, tiny_gsm8k_dir, target, name):
+    """Before: SIGTERM ended the run at once with no message (rc -15), SIGINT with a KeyboardInterrupt traceback,
+    SIGHUP with no message (rc -1)."""
+    out, signum = tmp_path / "run", signal.Signals[name]
+    stopped = signalled_trainer(out, tiny_model_dir, tiny_gsm8k_dir, target, signum)
+    assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
+    said = f"Stopped by {name} before training began: nothing of this run is kept. To start it again:"
+    assert said in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert not out.exists()  # the run had written nothing: no folder is left behind
+    argv = printed_command(stopped.stderr, said)
+    assert argv == b_argv(out, tiny_model_dir, tiny_gsm8k_dir)
+    train_gsm8k.main(argv)
+    assert (out / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("target, name", [("held_out_loss", "SIGTERM"), ("generate_answers", "SIGHUP"),
+                                          ("save_outputs", "SIGINT")])
+def test_a_signal_after_training_stops_with_one_message_and_resume_writes_the_outputs(
+        finished_run, tmp_path, tiny_model_dir, tiny_gsm8k_dir, target, name):
+    out, signum = tmp_path / "run", signal.Signals[name]
+    stopped = signalled_trainer(out, tiny_model_dir, tiny_gsm8k_dir, target, signum)
+    assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
+    said = f"Stopped by {name} after training, before its outputs were all written: the checkpoint of its last " \
+           f"step is in {out / 'checkpoints'}. To write them (the run resumes at its end):"
+    assert said in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000006" and not (out / "summary.json").exists()
+    argv = printed_command(stopped.stderr, said)
+    assert argv == b_argv(out, tiny_model_dir, tiny_gsm8k_dir, "--resume")
+    train_gsm8k.main(argv)
+    assert (out / "adapter.safetensors").read_bytes() == (finished_run / "adapter.safetensors").read_bytes()
+    assert (out / "predictions.jsonl").read_text() == (finished_run / "predictions.jsonl").read_text()
+
+
+def test_a_signal_during_an_evaluation_says_so_and_how_to_run_it_again(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
+    out = tmp_path / "eval"
+    stopped = signalled_trainer(out, tiny_model_dir, tiny_gsm8k_dir, "generate_answers", signal.SIGTERM, "--eval_only")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    said = "Stopped by SIGTERM before the evaluation ended: nothing of it is kept. To run it again:"
+    assert said in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert printed_command(stopped.stderr, said) == b_argv(out, tiny_model_dir, tiny_gsm8k_dir, "--eval_only")
+
+
+def test_sighup_in_training_stops_at_the_step_boundary_with_a_checkpoint(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
+                                                                         capsys):
+    """Before: SIGHUP (a closed terminal or ssh session) killed the run mid-step (rc -1), its steps since the last
+    checkpoint lost. The bar shows the step the message names."""
+    out = tmp_path / "run"
+    stopped = signalled_trainer(out, tiny_model_dir, tiny_gsm8k_dir, "train_step", signal.SIGHUP, "--max_steps", "8",
+                                "--save_every", "100")
+    assert stopped.returncode == 129, stopped.stderr[-3000:]
+    said = f"Stopped at step 1 by SIGHUP: its checkpoint is in {out / 'checkpoints'}. To continue the run:"
+    assert said in stopped.stderr, stopped.stderr[-3000:]
+    bars = re.findall(r"training:.*?\| (\d+)/8 ", stopped.stderr.split(said)[0])
+    assert bars[-1] == "1"
+    summary = train_gsm8k.main(printed_command(stopped.stderr, said))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))  # every step: the default log_every of a short run
+    # the summary times the whole run, and the part since it resumed (before: only that part)
+    assert summary["resumed_at_step"] == 1 and 0 < summary["resumed_train_seconds"] < summary["train_seconds"]
+    assert rows[0]["elapsed_s"] < rows[1]["elapsed_s"]  # the whole run's time, not the resumed part's
+    printed = capsys.readouterr().out
+    assert re.search(r"\| training \d+\.\d s \(\d+\.\d s since it resumed at step 1\) \|", printed)
+
+
+@pytest.mark.parametrize("steps, log_every", [(6, 1), (39, 1), (100, 5), (200, 10), (5000, 10)])
+def test_a_short_run_logs_every_step_and_a_long_one_every_tenth(steps, log_every):
+    """The default --log_every is a twentieth of the steps, 1 to 10 (before: 10, so that the README's 20-step CPU
+    run logged two points)."""
+    args = train_gsm8k.parse_args(["--method", "lora", "--batch_size", "4", "--micro_batch_size", "4", "--max_steps",
+                                   str(steps)])
+    assert train_gsm8k.plan_training(args, 4 * steps, 1).log_every == log_every
+    args = train_gsm8k.parse_args(["--method", "lora", "--batch_size", "4", "--micro_batch_size", "4", "--max_steps",
+                                   str(steps), "--log_every", "3"])
+    assert train_gsm8k.plan_training(args, 4 * steps, 1).log_every == 3
