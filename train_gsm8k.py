@@ -123,8 +123,8 @@ class Setup:
             print(*message, flush=True)
 
     def warn(self, message: str) -> None:
-        if self.master_process:
-            warnings.warn(message, stacklevel=2)
+        """A warning in the run's own voice: one log line (warnings.warn would add its source line)."""
+        self.log(f"warning: {message}")
 
     def my_share(self, n: int) -> list[int]:
         """The indices of n items that this process handles: every ddp_world_size-th one from ddp_rank."""
@@ -212,7 +212,11 @@ def load(args, setup: Setup) -> Loaded:
 def training_examples(loaded: Loaded, args, setup: Setup) -> list[dict]:
     """The training pairs tokenized (data.tokenize_dataset), less those that --max_length leaves without a response
     token: they would train nothing, and a micro-batch of only such examples has a loss of 0/0 = NaN."""
-    examples, num_truncated = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, said once in plain words
+        warnings.simplefilter("always")
+        examples, num_truncated = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    for warning in caught:
+        setup.warn(reporting.plainly(str(warning.message)))
     kept = [e for e in examples if any(label != -100 for label in e["labels"][1:])]  # position 0 predicts nothing
     num_empty = len(examples) - len(kept)
     setup.log(f"training examples: {len(kept)} ({num_truncated} truncated to {args.max_length} tokens, {num_empty} "
@@ -504,7 +508,10 @@ def prepare_evaluation(model, args, setup: Setup) -> None:
 def held_out_loss(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], args, setup: Setup) -> float:
     """Mean next-token loss per response token of (prompt, response) pairs in the training format (teacher forcing),
     over all processes: a smoother measure than accuracy for comparing methods on the same budget."""
-    examples, _ = data.tokenize_dataset(tokenizer, [pairs[i] for i in setup.my_share(len(pairs))], args.max_length)
+    with warnings.catch_warnings():  # the same rule as the training examples', said there
+        warnings.simplefilter("ignore")
+        examples, _ = data.tokenize_dataset(tokenizer, [pairs[i] for i in setup.my_share(len(pairs))],
+                                            args.max_length)
     sums = torch.zeros(2, dtype=torch.float64, device=setup.device)  # (loss * tokens, tokens)
     for start in tqdm(range(0, len(examples), args.micro_batch_size), desc="held-out loss", unit="batch",
                       disable=not setup.master_process):

@@ -251,11 +251,11 @@ def too_many_init_samples(args, num_init: int, most: int, num_examples: int, ddp
 
 
 def lr_1_warning(args, lr_1: float, warmup_steps: int, total_steps: int) -> str | None:
-    """A warning when lr_1 defaults to the peak learning rate (a schedule with at most one warmup step)."""
+    """A warning, in plain words, when lr_1 defaults to the peak learning rate (a schedule with at most one warmup
+    step)."""
     if args.lr_1 is not None or warmup_steps > 1:
         return None
     return (f"lr_1 = {lr_1:.3g} is the peak learning rate: a schedule of {total_steps} steps has {warmup_steps} "
-            f"warmup step(s), so LoRA-SB starts from a full fine-tuning step of the adapter's peak learning rate on "
-            f"every weight (truncated to rank {args.rank}), a large jump that can hurt (README: 'lr_1 sets the size "
-            f"of the initialization'). More steps or a larger --warmup_ratio make lr_1 = --lr / warmup_steps a full "
-            f"fine-tuning step of sensible size.")
+            f"warmup step(s), so LoRA-SB starts from a full fine-tuning step at the peak learning rate (lr_1 is the "
+            f"size of that step, which it keeps in rank {args.rank}): a large jump that can hurt. More steps or a "
+            f"larger --warmup_ratio make lr_1 = --lr / warmup steps smaller; --lr_1 sets it.")

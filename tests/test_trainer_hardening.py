@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -209,3 +210,28 @@ def test_a_short_run_logs_every_step_and_a_long_one_every_tenth(steps, log_every
     args = train_gsm8k.parse_args(["--method", "lora", "--batch_size", "4", "--micro_batch_size", "4", "--max_steps",
                                    str(steps), "--log_every", "3"])
     assert train_gsm8k.plan_training(args, 4 * steps, 1).log_every == 3
+
+
+def test_the_run_s_warnings_are_log_lines_said_once_in_plain_words(tmp_path, tiny_model_dir, tiny_gsm8k_dir, capsys,
+                                                                     monkeypatch):
+    """Before: two raw UserWarnings with their source lines, one in data.py's words ("2 of 7473 prompts tokenize
+    differently alone than inside prompt + response"), in every run (the tiny tokenizer merges too little to show
+    it: data.py's warning is raised here as data.py words it)."""
+    real_tokenize = train_gsm8k.data.tokenize_dataset
+
+    def tokenize_dataset(tokenizer, pairs, max_length):
+        warnings.warn(f"2 of {len(pairs)} prompts tokenize differently alone than inside prompt + response: their "
+                      f"first response token is masked or their last prompt token is trained (the authors' rule, kept)")
+        return real_tokenize(tokenizer, pairs, max_length)
+
+    monkeypatch.setattr(train_gsm8k.data, "tokenize_dataset", tokenize_dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning leaves the run as a UserWarning
+        train_gsm8k.main(b_argv(tmp_path / "run", tiny_model_dir, tiny_gsm8k_dir))
+    printed = capsys.readouterr()
+    said = [line for line in printed.out.splitlines() if line.startswith("warning: ")]
+    assert len(said) == 2, said
+    assert said[0].startswith("warning: in 2 of 48 training examples the tokenizer joins the last character of the "
+                              "prompt and the first of the answer into one token")
+    assert said[1].startswith("warning: lr_1 = 0.01 is the peak learning rate: a schedule of 6 steps has 1 warmup")
+    assert "UserWarning" not in printed.err and "tokenize differently" not in printed.out + printed.err
