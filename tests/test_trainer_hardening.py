@@ -18,7 +18,7 @@ import pytest
 import lorasb
 import train_gsm8k
 from conftest import REPO, deadline
-from machinery import checkpoints
+from machinery import checkpoints, hub
 
 
 def b_argv(out, model_dir, data_dir, *extra) -> list[str]:
@@ -235,3 +235,18 @@ def test_the_run_s_warnings_are_log_lines_said_once_in_plain_words(tmp_path, tin
                               "prompt and the first of the answer into one token")
     assert said[1].startswith("warning: lr_1 = 0.01 is the peak learning rate: a schedule of 6 steps has 1 warmup")
     assert "UserWarning" not in printed.err and "tokenize differently" not in printed.out + printed.err
+
+
+def test_offline_every_missing_input_is_reported_in_one_run(tmp_path, monkeypatch):
+    """Before: the missing model was reported, then (once given) the missing data, one run at a time."""
+    monkeypatch.setenv("LORASB_GSM8K_URL", "http://127.0.0.1:9")  # the discard port: nobody answers, offline
+    monkeypatch.setattr(hub, "CACHE_DIR", tmp_path / "cache")
+    out = tmp_path / "run"
+    with deadline(120), pytest.raises(SystemExit) as refused:
+        train_gsm8k.main(["--model", str(tmp_path / "no_model"), "--out_dir", str(out), "--device", "cpu"])
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "Cannot start:"
+    assert lines[-1] == "  - check the connection, or pass local files as each line says"
+    assert lines[1] == f"  - {tmp_path / 'no_model'}: no such folder, and not a hub model name of the form ORG/NAME"
+    assert lines[2].startswith("  - could not download http://127.0.0.1:9/") and "--data_dir" in lines[3]
+    assert not out.exists()
