@@ -186,16 +186,7 @@ def load(args, setup: Setup) -> Loaded:
     once). Under torchrun process 0 downloads first; the others then find the files in the cache."""
     if setup.ddp and not setup.master_process:
         dist.barrier()
-    missing = []  # every input that is missing (offline, or no such file), reported at once
-
-    def fetched(get: Callable):
-        try:
-            return get()
-        except (hub.DownloadError, FileNotFoundError) as e:
-            if os.environ.get("LORASB_TRACEBACK") == "1":
-                raise
-            missing.append(str(e))
-
+    fetched = command.MissingInputs()  # every input that is missing (offline, or no such file), reported at once
     folder = fetched(lambda: hub.resolve_model(args.model))
     test_files = {name: fetched(partial(EVAL_TASKS[name].test_file, args))
                   for name in dict.fromkeys([*args.eval_data, *held_out_sets(args.eval_data)])}
@@ -203,8 +194,7 @@ def load(args, setup: Setup) -> Loaded:
     pairs = None if args.eval_only else fetched(partial(training_pairs, args))
     if setup.ddp and setup.master_process:
         dist.barrier()
-    if missing:
-        refuse([*dict.fromkeys(missing), "check the connection, or pass local files as each line says"])
+    fetched.refuse_if_any()
     config = model_lib.load_config(folder)
     model_lib.check_checkpoint(folder, config)  # the weights fit config.json, before check_model builds its skeleton
     tokenizer = Tokenizer.from_dir(folder)

@@ -46,6 +46,27 @@ def refuse(problems: list[str]) -> None:
     sys.exit("Cannot start:\n" + "\n".join(f"  - {p}" for p in problems) if os.environ.get("RANK", "0") == "0" else 1)
 
 
+class MissingInputs:
+    """Call it with a function that fetches an input (the model folder, a data file): its result, or None once the
+    input is found missing (offline: a DownloadError; a path that does not exist), noted so that refuse_if_any
+    reports every missing input in one run. $LORASB_TRACEBACK=1 shows the first one's traceback instead."""
+
+    def __init__(self):
+        self.missing = []
+
+    def __call__(self, fetch: Callable[[], object]):
+        try:
+            return fetch()
+        except (DownloadError, FileNotFoundError) as e:
+            if os.environ.get("LORASB_TRACEBACK") == "1":
+                raise
+            self.missing.append(str(e))
+
+    def refuse_if_any(self) -> None:
+        if self.missing:
+            refuse([*dict.fromkeys(self.missing), "check the connection, or pass local files as each line says"])
+
+
 def why_not_written(e: BaseException, folder: Path) -> str:
     """A failed write, said plainly: the disk is full (with the free space), or the error."""
     free = shutil.disk_usage(folder).free / 2**20
