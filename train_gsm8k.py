@@ -53,7 +53,7 @@ import lorasb
 import model as model_lib
 from machinery import (arguments, command, commonsense, datasets, distributed, hub, math_task, nf4, reporting,
                        run_folder)
-from machinery.checkpointer import Checkpointer, resume_command
+from machinery.checkpointer import Checkpointer, RunCommand, StopOnSignal
 from machinery.command import refuse
 from machinery.run_identity import canonical_model, run_identity
 from machinery.tokenizer import Tokenizer
@@ -131,8 +131,8 @@ class Setup:
             print(*message, flush=True)
 
     def warn(self, message: str) -> None:
-        if self.master_process:
-            warnings.warn(message, stacklevel=2)
+        """A warning in the run's own voice: one log line (warnings.warn would add its source line)."""
+        self.log(f"warning: {message}")
 
     def my_share(self, n: int) -> list[int]:
         """The indices of n items that this process handles: every ddp_world_size-th one from ddp_rank."""
@@ -190,27 +190,33 @@ class Loaded:
 
 def load(args, setup: Setup) -> Loaded:
     """Resolve the model folder (local, HF cache or download) and the data, read config.json, check that the weights
-    fit it and what depends on the model's shapes, then load the tokenizer. Under torchrun process 0 downloads first;
-    the others then find the files in the cache."""
+    fit it, load the tokenizer, and check what depends on the model's shapes and context length (every problem at
+    once). Under torchrun process 0 downloads first; the others then find the files in the cache."""
     if setup.ddp and not setup.master_process:
         dist.barrier()
-    folder = hub.resolve_model(args.model)
-    test_files = {name: EVAL_TASKS[name].test_file(args)
+    fetched = command.MissingInputs()  # every input that is missing (offline, or no such file), reported at once
+    folder = fetched(lambda: hub.resolve_model(args.model))
+    test_files = {name: fetched(partial(EVAL_TASKS[name].test_file, args))
                   for name in dict.fromkeys([*args.eval_data, *held_out_sets(args.eval_data)])}
-    test_sets = {name: EVAL_TASKS[name].load(path)[:args.eval_limit] for name, path in test_files.items()}
-    pairs = None if args.eval_only else training_pairs(args)
+    test_sets = {name: EVAL_TASKS[name].load(path)[:args.eval_limit] for name, path in test_files.items() if path}
+    pairs = None if args.eval_only else fetched(partial(training_pairs, args))
     if setup.ddp and setup.master_process:
         dist.barrier()
+    fetched.refuse_if_any()
     config = model_lib.load_config(folder)
     model_lib.check_checkpoint(folder, config)  # the weights fit config.json, before check_model builds its skeleton
+    tokenizer = Tokenizer.from_dir(folder)
     problems = arguments.check_model(args, config)
     problems += [f"{test_files[name]} holds no test question: evaluation needs one"
                  for name, records in test_sets.items() if not records]
+    prompt_lengths = {name: [len(tokenizer.encode(EVAL_TASKS[name].prompt(r))) for r in test_sets[name]]
+                      for name in args.eval_data if test_sets[name]}
+    problems += arguments.check_sizes(args, folder, config, prompt_lengths, EVAL_TASKS, setup)
     if pairs == []:  # else training_examples would blame --max_length for leaving no response token
         problems.append(f"no training example in {', '.join(map(str, training_data_files(args)))}: training needs one")
     if problems:
         refuse(problems)
-    return Loaded(folder, config, Tokenizer.from_dir(folder), test_sets, pairs)
+    return Loaded(folder, config, tokenizer, test_sets, pairs)
 
 
 def load_base_model(folder: Path, setup: Setup, quantize: str = "none"):
@@ -225,7 +231,11 @@ def load_base_model(folder: Path, setup: Setup, quantize: str = "none"):
 def training_examples(loaded: Loaded, args, setup: Setup) -> list[dict]:
     """The training pairs tokenized (data.tokenize_dataset), less those that --max_length leaves without a response
     token: they would train nothing, and a micro-batch of only such examples has a loss of 0/0 = NaN."""
-    examples, num_truncated = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    with warnings.catch_warnings(record=True) as caught:  # data.py's warnings, said once in plain words
+        warnings.simplefilter("always")
+        examples, num_truncated = data.tokenize_dataset(loaded.tokenizer, loaded.pairs, args.max_length)
+    for warning in caught:
+        setup.warn(reporting.plainly(str(warning.message)))
     kept = [e for e in examples if any(label != -100 for label in e["labels"][1:])]  # position 0 predicts nothing
     num_empty = len(examples) - len(kept)
     setup.log(f"training examples: {len(kept)} ({num_truncated} truncated to {args.max_length} tokens, {num_empty} "
@@ -251,6 +261,7 @@ class Plan:
     warmup_steps: int
     lr_1: float  # the step size of LoRA-SB's first-update estimate: the LR of the first optimizer step, or --lr_1
     num_init_samples: int | None  # examples of the LoRA-SB estimate (None for the other methods)
+    log_every: int = 10  # --log_every, by default a twentieth of the steps (1 to 10): even a short run shows a curve
 
 
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
@@ -292,7 +303,8 @@ def plan_training(args, num_examples: int, ddp_world_size: int) -> Plan:
         most = max_init_samples(num_examples, args.init_batch_size, ddp_world_size)
         if num_init > most:
             refuse([arguments.too_many_init_samples(args, num_init, most, num_examples, ddp_world_size)])
-    return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init)
+    log_every = args.log_every or min(10, max(1, total_steps // 20))
+    return Plan(grad_accum, total_steps, warmup_steps, lr_1, num_init, log_every)
 
 
 def max_init_samples(num_examples: int, batch_size: int, world_size: int) -> int:
@@ -533,7 +545,10 @@ def prepare_evaluation(model, args, setup: Setup) -> None:
 def held_out_loss(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], args, setup: Setup) -> float:
     """Mean next-token loss per response token of (prompt, response) pairs in the training format (teacher forcing),
     over all processes: a smoother measure than accuracy for comparing methods on the same budget."""
-    examples, _ = data.tokenize_dataset(tokenizer, [pairs[i] for i in setup.my_share(len(pairs))], args.max_length)
+    with warnings.catch_warnings():  # the same rule as the training examples', said there
+        warnings.simplefilter("ignore")
+        examples, _ = data.tokenize_dataset(tokenizer, [pairs[i] for i in setup.my_share(len(pairs))],
+                                            args.max_length)
     sums = torch.zeros(2, dtype=torch.float64, device=setup.device)  # (loss * tokens, tokens)
     for start in tqdm(range(0, len(examples), args.micro_batch_size), desc="held-out loss", unit="batch",
                       disable=not setup.master_process):
@@ -611,14 +626,16 @@ def report(model, loaded: Loaded, args, setup: Setup, out: Path, described: dict
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup = Setup.from_args(args)
-    with run_folder.lock(args.out_dir, writer=setup.master_process):  # one run per --out_dir, before it is touched
-        summary = run(args, setup, argv)
+    # one run per --out_dir, before it is touched; a signal stops the run saying what was kept and how to go on
+    signals = StopOnSignal(RunCommand(__file__, argv, setup.ddp_world_size, args), setup.master_process)
+    with run_folder.lock(args.out_dir, writer=setup.master_process), signals:
+        summary = run(args, setup, signals)
     if setup.ddp:
         distributed.finish()
     return summary
 
 
-def run(args, setup: Setup, argv) -> dict:
+def run(args, setup: Setup, signals: StopOnSignal) -> dict:
     """The phases of a run (or of an --eval_only evaluation), in an --out_dir that no other run writes."""
     setup.log(reporting.device_line(setup))
     loaded = load(args, setup)
@@ -648,17 +665,18 @@ def run(args, setup: Setup, argv) -> dict:
         optimizer = make_optimizer(model, args, setup.device)
         start_step = checkpointer.restore_position(optimizer, batches)
         if setup.master_process:
-            write_config(out, args, plan, loaded, num_trainable, setup)
-            run_folder.cut_metrics(out / "metrics.jsonl", start_step)
-        # SIGTERM or SIGINT: the step in progress ends with a checkpoint, then the run stops
-        resume = resume_command(__file__, argv, setup.ddp_world_size)
-        with checkpointer.training(out, model, optimizer, batches, plan.total_steps, start_step, resume) as after_step:
-            train_seconds = train(model, optimizer, batches, args, plan, setup, start_step, after_step)
+            with command.stop_if_a_write_fails(out, resumable=start_step > 0, what="config.json or metrics.jsonl"):
+                write_config(out, args, plan, loaded, num_trainable, setup)
+                run_folder.cut_metrics(out / "metrics.jsonl", start_step)
+        # a signal: the step in progress ends with a checkpoint, then the run stops
+        with checkpointer.training(out, model, optimizer, batches, plan.total_steps, plan.log_every,
+                                   signals) as after_step:
+            train(model, optimizer, batches, args, plan, setup, start_step, after_step)
         if setup.master_process:
             with command.stop_if_a_write_fails(out, resumable=True):
                 save_outputs(model, out, args, loaded.folder)
         described = {"method": args.method, "rank": args.rank, "trainable_parameters": num_trainable,
-                     "init_seconds": init_seconds, "train_seconds": train_seconds}
+                     "init_seconds": init_seconds, **checkpointer.timings()}
 
     with command.stop_if_a_write_fails(out, resumable=not args.eval_only):
         return report(model, loaded, args, setup, out, described)

@@ -14,6 +14,7 @@ import torch
 import lorasb
 import model as model_lib
 from machinery import commonsense, datasets, nf4, run_folder
+from machinery.input_files import read_json_object
 
 TRAINING_METHODS = (*lorasb.METHODS, "full")  # the adapters of lorasb.py, and full fine-tuning
 DEFAULT_RANK = {"lorasb": 96, "loraxs": 96, "lora": 32}  # the paper's Table 1 ranks
@@ -123,7 +124,8 @@ def parse_args(argv, description: str, eval_sets: tuple[str, ...]) -> argparse.N
     one_of("--overwrite", action="store_true", help="start over in an existing out_dir (deleting its checkpoints)")
     one_of("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     a("--save_every", type=positive_int, default=200, help="checkpoint every N optimizer steps (and at the end)")
-    a("--log_every", type=positive_int, default=10, help="print and log metrics every N optimizer steps")
+    a("--log_every", type=positive_int, help="print and log metrics every N optimizer steps (default: a twentieth of "
+      "the steps, 1 to 10: every step of a run of up to 39 steps, every 10th from 200 steps)")
     a("--seed", type=int, default=42)
     a("--device", help="cuda, cpu, ... (default: cuda when available)")
     a("--dtype", choices=("bfloat16", "float32"), help="model weights (default: bf16 on GPU, fp32 on CPU)")
@@ -204,6 +206,61 @@ def check_model(args, config: model_lib.ModelConfig) -> list[str]:
     return problems
 
 
+def context_length(folder: Path, config: model_lib.ModelConfig) -> tuple[int, str] | None:
+    """The most tokens (prompt and new tokens together) the model takes, and where config.json says so: its
+    max_position_embeddings (the positions it was trained on), or its sliding window when that is shorter (model.py
+    computes no longer input); None when config.json says neither."""
+    positions = read_json_object(folder / "config.json").get("max_position_embeddings")
+    said = ((positions, "max_position_embeddings"), (config.sliding_window, "sliding_window"))
+    limits = [(n, what) for n, what in said if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    return min(limits, default=None)
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of the device the run computes on (all of it: a bound no allocation can pass), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_sizes(args, folder: Path, config: model_lib.ModelConfig, prompt_lengths: dict[str, list[int]],
+                tasks: dict, setup) -> list[str]:
+    """The sizes the model and the memory bound, checked before anything trains: --max_length, and for each test set
+    evaluated (`tasks`: its EvalTask by name) its longest prompt (`prompt_lengths`: in tokens) with its new-token
+    budget within the model's context length, and generation's KV cache (preallocated: --eval_batch_size prompts of
+    that many tokens) within the device's memory."""
+    memory, problems = memory_bytes(setup.device), []
+    context, whence = context_length(folder, config) or (None, "")
+    whence = f"its config.json's {whence}"
+    if context and args.max_length > context and not args.eval_only:
+        problems.append(f"--max_length {args.max_length} exceeds the {context} tokens the model takes ({whence}): "
+                        f"pass --max_length {context} or less")
+    cache_bytes_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                             * setup.compute_dtype.itemsize)  # keys and values of every layer
+    for name, lengths in prompt_lengths.items():
+        prompt = max(lengths)
+        option, budget, title = tasks[name].max_new_tokens, getattr(args, tasks[name].max_new_tokens), tasks[name].title
+        if context and prompt + budget > context:
+            problems.append(f"--{option} {budget}: {title}'s longest prompt ({prompt} tokens) and {budget} new tokens "
+                            f"exceed the {context} tokens the model takes ({whence}): pass --{option} "
+                            f"{max(context - prompt, 1)} or less" + (" (and a shorter prompt)" if prompt >= context
+                                                                      else ""))
+            continue
+        rows = min(args.eval_batch_size, math.ceil(len(lengths) / setup.ddp_world_size))
+        cache = rows * (prompt + budget) * cache_bytes_per_token
+        if memory and cache > memory:
+            problems.append(f"--eval_batch_size {args.eval_batch_size} with --{option} {budget}: generation's KV cache "
+                            f"({rows} prompts of up to {prompt + budget} tokens) takes {size(cache)}, more than the "
+                            f"{size(memory)} of {setup.device}: lower either")
+    return problems
+
+
+def size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
 def too_many_init_samples(args, num_init: int, most: int, num_examples: int, ddp_world_size: int) -> str:
     """Why the first-update estimate cannot take `num_init` examples when it can take at most `most`."""
     return (f"{'--num_init_samples' if args.num_init_samples else 'the default number of init samples'} {num_init}: "
@@ -213,11 +270,11 @@ def too_many_init_samples(args, num_init: int, most: int, num_examples: int, ddp
 
 
 def lr_1_warning(args, lr_1: float, warmup_steps: int, total_steps: int) -> str | None:
-    """A warning when lr_1 defaults to the peak learning rate (a schedule with at most one warmup step)."""
+    """A warning, in plain words, when lr_1 defaults to the peak learning rate (a schedule with at most one warmup
+    step)."""
     if args.lr_1 is not None or warmup_steps > 1:
         return None
     return (f"lr_1 = {lr_1:.3g} is the peak learning rate: a schedule of {total_steps} steps has {warmup_steps} "
-            f"warmup step(s), so LoRA-SB starts from a full fine-tuning step of the adapter's peak learning rate on "
-            f"every weight (truncated to rank {args.rank}), a large jump that can hurt (README: 'lr_1 sets the size "
-            f"of the initialization'). More steps or a larger --warmup_ratio make lr_1 = --lr / warmup_steps a full "
-            f"fine-tuning step of sensible size.")
+            f"warmup step(s), so LoRA-SB starts from a full fine-tuning step at the peak learning rate (lr_1 is the "
+            f"size of that step, which it keeps in rank {args.rank}): a large jump that can hurt. More steps or a "
+            f"larger --warmup_ratio make lr_1 = --lr / warmup steps smaller; --lr_1 sets it.")

@@ -3,15 +3,15 @@
 <out_dir>/checkpoints/ holds, once per run, run.json (what a resumed run must share with this one, and the sha256 of
 initial_adapter.safetensors) and initial_adapter.safetensors (the adapter as initialized: B and A never change after
 it), then one folder per checkpoint: trainable.safetensors (what trains: R; B and A for LoRA; every weight for full
-fine-tuning), state.pt (optimizer, data position, torch RNG states) and manifest.json (the sha256 of both and of
-run.json, written last). A folder is written under a temporary name and renamed into place, then checkpoints/latest
-names it; the newest two are kept (an older one is renamed to a temporary name, then deleted). resume_state verifies
-the chain of hashes before the model loads, and falls back to the previous checkpoint when the latest is damaged.
+fine-tuning), state.pt (optimizer, data position, torch RNG states, training time so far) and manifest.json (the
+sha256 of both and of run.json, written last). A folder is written under a temporary name and renamed into place,
+then checkpoints/latest names it; the newest two are kept (an older one is renamed to a temporary name, then
+deleted). resume_state verifies the chain of hashes before the model loads, and falls back to the previous
+checkpoint when the latest is damaged.
 What makes a resumed run the same run is machinery/run_identity.py; when checkpoints are written (and the run stops on
 a signal or a divergence) is machinery/checkpointer.py.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -24,6 +24,7 @@ import lorasb
 from machinery import run_folder
 from machinery.command import refuse, remedy, why_not_written
 from machinery.files import atomic_write, sha256_file
+from machinery.input_files import read_json_object
 from machinery.run_identity import check_same_run
 
 CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
@@ -45,10 +46,11 @@ def write_run_record(out: Path, model, identity: dict, method: str, base_model: 
     run_folder.write_json(folder / "run.json", record)
 
 
-def save(out: Path, step: int, model, optimizer, batches, device: torch.device) -> None:
-    """Checkpoint `step`: what trains, the optimizer, the data position (batches.state_dict()) and the torch RNG
-    states, with their manifest. On a full disk (or any failed write) the run stops with the free space, the previous
-    checkpoints intact."""
+def save(out: Path, step: int, model, optimizer, batches, device: torch.device,
+         train_seconds: float | None = None) -> None:
+    """Checkpoint `step`: what trains, the optimizer, the data position (batches.state_dict()), the torch RNG
+    states and the training time of the run so far, with their manifest. On a full disk (or any failed write) the
+    run stops with the free space, the previous checkpoints intact."""
     folder = out / run_folder.CHECKPOINTS
     name = f"step-{step:07d}"
     tmp = folder / f"{run_folder.INTERRUPTED_FOLDER}{name}"
@@ -58,7 +60,7 @@ def save(out: Path, step: int, model, optimizer, batches, device: torch.device) 
         lorasb.save_safetensors(tmp / "trainable.safetensors",
                                 {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
         state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
-                 "rng": rng_states(device)}
+                 "rng": rng_states(device), "train_seconds": train_seconds}
         atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
         hashes = {f"{name}/{file}": sha256_file(tmp / file) for file in CHECKPOINT_FILES}
         run_folder.write_json(tmp / "manifest.json", {"step": step, "sha256": {
@@ -94,9 +96,9 @@ def rng_states(device: torch.device) -> dict:
 
 def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a checkpoint folder, or None: its manifest.json must list its files and run.json, each with
-    the sha256 it has now."""
+    the sha256 it has now. Only regular files are read (a FIFO put there would block the run forever)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = read_json_object(folder / "manifest.json")
         listed = manifest["sha256"]
         expected = {f"{folder.name}/{file}" for file in CHECKPOINT_FILES} | {"run.json"}
         if not isinstance(listed, dict) or set(listed) != expected:

@@ -46,6 +46,27 @@ def refuse(problems: list[str]) -> None:
     sys.exit("Cannot start:\n" + "\n".join(f"  - {p}" for p in problems) if os.environ.get("RANK", "0") == "0" else 1)
 
 
+class MissingInputs:
+    """Call it with a function that fetches an input (the model folder, a data file): its result, or None once the
+    input is found missing (offline: a DownloadError; a path that does not exist), noted so that refuse_if_any
+    reports every missing input in one run. $LORASB_TRACEBACK=1 shows the first one's traceback instead."""
+
+    def __init__(self):
+        self.missing = []
+
+    def __call__(self, fetch: Callable[[], object]):
+        try:
+            return fetch()
+        except (DownloadError, FileNotFoundError) as e:
+            if os.environ.get("LORASB_TRACEBACK") == "1":
+                raise
+            self.missing.append(str(e))
+
+    def refuse_if_any(self) -> None:
+        if self.missing:
+            refuse([*dict.fromkeys(self.missing), "check the connection, or pass local files as each line says"])
+
+
 def why_not_written(e: BaseException, folder: Path) -> str:
     """A failed write, said plainly: the disk is full (with the free space), or the error."""
     free = shutil.disk_usage(folder).free / 2**20
@@ -58,16 +79,17 @@ def remedy(e: BaseException) -> str:
 
 
 @contextmanager
-def stop_if_a_write_fails(out: Path, resumable: bool) -> Iterator[None]:
-    """The outputs written after training (the adapter, its PEFT export or the model folder, the predictions,
-    summary.json): a write that fails (a full disk) stops the run with one message, not a traceback. The checkpoints
-    stay as they are, so --resume redoes the end; an --eval_only run is run again."""
+def stop_if_a_write_fails(out: Path, resumable: bool, what: str = "the outputs") -> Iterator[None]:
+    """What a run writes besides its checkpoints (the run record before the first step; after training the adapter,
+    its PEFT export or the model folder, the predictions, summary.json): a write that fails (a full disk) stops the
+    run with one message, not a traceback. The checkpoints stay as they are, so --resume redoes the end; a run
+    without one (an --eval_only run, or one stopped before its first step) is run again."""
     try:
         yield
     except OSError as e:
         again = ("run again with --resume: it writes them from the last checkpoint (which is intact)" if resumable
                  else "run again with --overwrite")
-        sys.exit(f"Stopped: the outputs could not be written to {out}: {why_not_written(e, out)}. "
+        sys.exit(f"Stopped: {what} could not be written to {out}: {why_not_written(e, out)}. "
                  f"{remedy(e).capitalize()}, then {again}.")
 
 

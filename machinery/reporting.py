@@ -1,6 +1,7 @@
 """What the trainer tells its user beyond the progress bars: the device line that opens a run, the peak memory, and
 the summary that closes it (each test set's accuracy, the held-out loss, the timings and the files written)."""
 
+import re
 import resource
 import sys
 from pathlib import Path
@@ -48,8 +49,28 @@ def print_summary(summary: dict, tasks: list, out: Path, outputs: list[str]) -> 
     if "commonsense_accuracy" in summary:
         accuracies.append(f"commonsense mean accuracy: {summary['commonsense_accuracy']:.2%}")
     trained = (f"trainable parameters {summary['trainable_parameters']:,} | init {summary['init_seconds']:.1f} s | "
-               f"training {summary['train_seconds']:.1f} s | ") if "train_seconds" in summary else ""  # not eval-only
+               f"{training_time(summary)} | ") if "train_seconds" in summary else ""  # not eval-only
     print(f"\n{'=' * 72}\n" + "\n".join(accuracies) + f"\nheld-out loss {summary['held_out_loss']:.4f} on "
           f"{summary['held_out_loss_on']}  [{summary['method']}, rank {summary['rank']}, {summary['model']}]\n"
           f"{trained}peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB\n"
           f"outputs in {out}/: {', '.join(outputs)}\n{'=' * 72}")
+
+
+def training_time(summary: dict) -> str:
+    """The whole run's training time; of a resumed run, also the part since it resumed."""
+    whole = summary["train_seconds"]
+    if "resumed_train_seconds" not in summary:
+        return f"training {whole:.1f} s"
+    part = f"{summary['resumed_train_seconds']:.1f} s since it resumed at step {summary['resumed_at_step']}"
+    return f"training {whole:.1f} s ({part})" if whole is not None else \
+        f"training {part} (its checkpoint did not record the time before)"
+
+
+def plainly(warning: str) -> str:
+    """A warning of data.py, in words a user reads once and understands (any other as it is)."""
+    found = re.match(r"(\d+) of (\d+) prompts tokenize differently alone than inside prompt \+ response", warning)
+    if not found:
+        return warning
+    return (f"in {found[1]} of {found[2]} training examples the tokenizer joins the last character of the prompt and "
+            f"the first of the answer into one token, so there the line between the text the model reads and the "
+            f"answer it learns is one token off (as in the authors' runs; nothing to do)")

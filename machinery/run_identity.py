@@ -11,7 +11,7 @@ import torch
 from machinery import run_folder
 from machinery.command import refuse
 from machinery.files import sha256_file
-from machinery.input_files import regular_file
+from machinery.input_files import read_json_object, regular_file
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --eval_limit, may change).
 RESUME_KEYS = ("model", "method", "rank", "lora_alpha", "targets", "train_data", "num_train", "epochs", "max_steps",
@@ -66,7 +66,7 @@ def model_fingerprint(folder: Path) -> str:
 def check_same_run(folder: Path, identity: dict) -> None:
     """Refuse to resume a run whose settings, processes, dtype, training data or model differ from the recorded ones
     (checkpoints/run.json, verified by the manifests), or whose initial adapter is damaged."""
-    recorded = json.loads((folder / "run.json").read_text())
+    recorded = read_json_object(folder / "run.json")
     adapter_sha256 = recorded.pop("initial_adapter sha256", None)
     changed = [f"--{key}: {recorded['settings'].get(key)!r} -> {value!r}" for key, value in identity["settings"].items()
                if recorded["settings"].get(key) != value]

@@ -2,6 +2,7 @@
 cases, the pruning of old checkpoints, the resume command and signals (the trainer's end-to-end checkpoint tests are
 in test_train.py)."""
 
+import argparse
 import json
 import os
 import re
@@ -118,10 +119,14 @@ def test_the_resume_command_is_the_run_s_with_resume_in_place_of_overwrite():
 def test_copies_of_one_signal_are_one_notice():
     """Under torchrun a worker gets Ctrl-C's SIGINT and torchrun's forwarded copy together: that is no second signal
     (which would exit at once)."""
-    stop = checkpointer.StopOnSignal("python train_gsm8k.py --resume")
-    stop.handle(signal.SIGINT, None)
-    stop.handle(signal.SIGINT, None)
+    stop = checkpointer.StopOnSignal(checkpointer.RunCommand("train_gsm8k.py", [], 1, argparse.Namespace(
+        out_dir="runs/x", eval_only=False, resume=False)))
+    with stop.deferred():  # in training
+        stop.handle(signal.SIGINT, None)
+        stop.handle(signal.SIGINT, None)
     assert stop.received == signal.SIGINT and stop.requested()
+    with pytest.raises(checkpointer.Stopped):  # outside training: the run stops at once
+        checkpointer.StopOnSignal(stop.command).handle(signal.SIGINT, None)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")

@@ -45,3 +45,17 @@ def test_runs_as_a_file_from_the_repository_root(tmp_path):
                            str(tmp_path / "a.svg")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "a.svg").read_text().startswith("<svg")
+
+
+def test_by_default_the_loss_is_drawn_beside_its_moving_average_and_the_held_out_loss(tmp_path):
+    """What a reader compares (before: the raw loss alone, so a 2-point run read as "it got worse")."""
+    losses = [3.0 - 0.1 * i + (0.3 if i % 2 else 0.0) for i in range(20)]
+    write_metrics(tmp_path / "run", losses)
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"held_out_loss": 1.234}))
+    svg_text = plot_run.main([str(tmp_path / "run")]).read_text()
+    assert ">run (3-step mean)<" in svg_text and ">run (each logged step)<" in svg_text
+    assert ">run held-out loss 1.234<" in svg_text and 'stroke-dasharray="6,4"' in svg_text
+    assert svg_text.count("<circle") == 20 + 20 + 1  # the loss, its mean, the held-out loss at the last step
+    assert plot_run.moving_average(losses, 3)[-1] == pytest.approx(sum(losses[-3:]) / 3)
+    svg_text = plot_run.main([str(tmp_path / "run"), "--smooth", "1"]).read_text()
+    assert "mean" not in svg_text and svg_text.count("<circle") == 21

@@ -66,7 +66,7 @@ def test_a_run_refused_before_it_began_leaves_no_folder(tmp_path, tiny_model_dir
     monkeypatch.setattr(hub, "CACHE_DIR", tmp_path / "cache")
     out = tmp_path / "runs" / "offline"
     for model in (tiny_model_dir, tmp_path / "no-model"):  # the data cannot be downloaded; the model is missing
-        with pytest.raises(SystemExit, match="Stopped: "):
+        with pytest.raises(SystemExit, match="Cannot start:\n  - "):  # every missing input at once
             command.run(functools.partial(train_gsm8k.main, ["--model", str(model), "--out_dir", str(out),
                                                              "--device", "cpu"]))
         assert not (tmp_path / "runs").exists()
