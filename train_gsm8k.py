@@ -67,18 +67,14 @@ MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                       "special_tokens_map.json")  # copied beside the weights of a fully fine-tuned model
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Arguments: parsed once (defaults that depend on other arguments are resolved there), then never rewritten.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Arguments: parsed once (defaults that depend on other arguments are resolved there), then never rewritten. -----
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The run's arguments: every option and its check are in machinery/arguments.py."""
     return arguments.parse_args(argv, __doc__, tuple(EVAL_TASKS))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Setup: one process, or one of torchrun's (ddp_rank of ddp_world_size); device, dtypes, seed.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Setup: one process, or one of torchrun's (ddp_rank of ddp_world_size); device, dtypes, seed. -------------------
 
 @dataclass
 class Setup:
@@ -139,9 +135,7 @@ class Setup:
         return list(range(self.ddp_rank, n, self.ddp_world_size))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Load: the model folder, the tokenizer and the data (downloaded into the cache when not given as local files).
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Load: the model folder, the tokenizer and the data (downloaded into the cache unless given as local files). --
 
 def training_data_files(args) -> list[Path]:
     if args.train_data == "gsm8k":
@@ -249,9 +243,7 @@ def training_examples(loaded: Loaded, args, setup: Setup) -> list[dict]:
     return kept
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The schedule: the number of steps, the LR of each, and what the LoRA-SB initialization derives from it.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- The schedule: the number of steps, the LR of each, and what the LoRA-SB initialization derives from it. --------
 
 @dataclass
 class Plan:
@@ -317,9 +309,7 @@ def max_init_samples(num_examples: int, batch_size: int, world_size: int) -> int
     return min(world_size * capacity, world_size * (capacity - short) + world_size - 1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Initializing the adapters: the one place where the method enters the run.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Initializing the adapters: the one place where the method enters the run. --------------------------------------
 
 def causal_lm_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of next-token prediction over the labelled (response) tokens of a batch, in fp32: their mean,
@@ -416,9 +406,7 @@ def describe_trainable(model, reference_counts: dict[str, int], setup: Setup) ->
     return trainable
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Training: AdamW on whatever requires grad, gradient accumulation over micro-batches, the LR schedule above.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Training: AdamW on whatever requires grad, gradient accumulation over micro-batches, the LR schedule above. ----
 
 def make_optimizer(model, args, device: torch.device) -> torch.optim.AdamW:
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -477,9 +465,7 @@ def write_config(out: Path, args, plan: Plan, loaded: Loaded, num_trainable: int
                                                 "model_config": vars(loaded.config), "torch": torch.__version__})
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Save: the adapter and its PEFT export, or the fine-tuned model folder.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Save: the adapter and its PEFT export, or the fine-tuned model folder. -----------------------------------------
 
 def save_trainable(model, path: Path, method: str, base_model: str) -> None:
     """The adapter (safetensors + metadata), or for full fine-tuning every weight under its Hugging Face name."""
@@ -502,10 +488,7 @@ def save_outputs(model, out: Path, args, folder: Path) -> None:
         lorasb.export_peft(model, out / "peft_adapter", base_model=args.model)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: the model as evaluated (--eval_merge), the held-out loss, then on each test set batched greedy decoding
-# with a KV cache, the authors' prompt, stop strings and scoring.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- Evaluation: the model as evaluated, the held-out loss, then each test set's greedy answers, scored. -----------
 
 def load_adapter_to_evaluate(model, args, setup: Setup) -> dict:
     """With --eval_only: load --adapter if given; returns what the summary says was evaluated."""
@@ -619,9 +602,7 @@ def report(model, loaded: Loaded, args, setup: Setup, out: Path, described: dict
     return summary
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The run.
-# ---------------------------------------------------------------------------------------------------------------------
+# ----- The run. -------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
