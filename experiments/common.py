@@ -35,6 +35,15 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub name (default: {DEFAULT_MODEL})")
 
 
+def add_gsm8k_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --data_dir, --device and --dtype of an experiment on GSM8K (the study and the 4-bit base)."""
+    add_model_argument(parser)
+    parser.add_argument("--data_dir", default=os.environ.get("LORASB_GSM8K_DIR"),
+                        help="GSM8K folder (default: $LORASB_GSM8K_DIR, else downloaded)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+
+
 def method_ranks(budget) -> dict[str, int | None]:
     """The rank each method trains at under a budget with a rank (LoRA-SB, LoRA-XS) and a lora_rank."""
     return {"full": None, "lora": budget.lora_rank, "loraxs": budget.rank, "lorasb": budget.rank}

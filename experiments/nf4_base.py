@@ -20,7 +20,6 @@ study's rules: experiments/common.Results); the trained adapters go to the study
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -141,11 +140,7 @@ def summarize(results: Results) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     """The arguments experiments/study.py's Study needs, its budget the study's (or its quick one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_argument(p)
-    p.add_argument("--data_dir", default=os.environ.get("LORASB_GSM8K_DIR"),
-                   help="GSM8K folder (default: $LORASB_GSM8K_DIR, else downloaded)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    common.add_gsm8k_run_arguments(p)
     p.add_argument("--out", default=None, help="folder of nf4_base.json and nf4_base.md (default: runs/nf4_base, or "
                    "runs/nf4_base-quick with --quick; the committed results are --out experiments/results)")
     p.add_argument("--quick", action="store_true", help="the study's tiny budget: every part runs, the figures mean "

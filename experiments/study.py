@@ -28,7 +28,6 @@ The claims:
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -88,11 +87,7 @@ QUICK = Budget(steps=4, batch_size=2, micro_batch_size=1, rank=4, lora_rank=2,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_argument(p)
-    p.add_argument("--data_dir", default=os.environ.get("LORASB_GSM8K_DIR"),
-                   help="GSM8K folder (default: $LORASB_GSM8K_DIR, else downloaded)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    common.add_gsm8k_run_arguments(p)
     p.add_argument("--out", default=None, help="folder of study.json, the plots and the trained weights (default: "
                    "runs/study, or runs/study-quick with --quick; the committed results are --out experiments/results)")
     p.add_argument("--quick", action="store_true", help="a tiny budget: every part runs, the figures mean nothing")
