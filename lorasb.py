@@ -101,10 +101,20 @@ def lorasb_factors(update: torch.Tensor, rank: int,
                    svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-SB initialization (Thm 6): B = U_r, R = diag(S_r), A = V_r^T from dW ~= U_r S_r V_r^T, so B R A = [dW]_r.
     `svd` is "exact" or "randomized" (truncated_svd), or "authors" (authors_svd)."""
-    if svd not in SVDS:
-        raise ValueError(f"unknown svd {svd!r}; choose one of {SVDS}")
+    if problem := svd_problem("lorasb", svd):
+        raise ValueError(problem)
     u, s, vh = authors_svd(update, rank) if svd == "authors" else truncated_svd(update, rank, svd == "randomized")
     return u.contiguous(), torch.diag(s), vh.contiguous()
+
+
+def svd_problem(method: str, svd: str) -> str | None:
+    """Why `svd` cannot initialize `method`, or None: "exact" or "randomized" for LoRA-SB and LoRA-XS, "authors" for
+    LoRA-SB only (LoRA's initialization has no SVD)."""
+    if svd not in SVDS:
+        return f"unknown svd {svd!r}; choose one of {SVDS}"
+    if svd == "authors" and method != "lorasb":
+        return f"svd='authors' is LoRA-SB's initialization, not {method!r}'s"
+    return None
 
 
 def r_gradient(grad_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -270,8 +280,7 @@ def add_adapters(model: nn.Module, method: str, rank: int, targets: Iterable[str
         (method not in METHODS, f"unknown method {method!r}; choose one of {METHODS}"),
         (method == "lorasb" and updates is None, "method 'lorasb' needs updates=estimate_first_update(...)"),
         (method == "lora" and lora_alpha is None, "method 'lora' needs lora_alpha (its scale is lora_alpha / rank)"),
-        (svd not in SVDS, f"unknown svd {svd!r}; choose one of {SVDS}"),
-        (svd == "authors" and method != "lorasb", f"svd='authors' is LoRA-SB's initialization, not {method!r}'s"),
+        (svd_problem(method, svd) is not None, svd_problem(method, svd)),
     ] if bad]
     found = find_targets(model, targets) if not problems else {}
     problems += rank_problems(found, rank)
@@ -472,8 +481,8 @@ def loraxs_factors(weight: torch.Tensor, rank: int, generator: torch.Generator |
                    svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-XS initialization (the authors' baseline): W0 ~= U_r S_r V_r^T gives B = U_r, A = S_r V_r^T (S folded into
     A, so A A^T != I), R ~ N(0, 1e-5^2): B R A is tiny, the model starts at ~W0. `svd`: "exact" or "randomized"."""
-    if svd not in ("exact", "randomized"):
-        raise ValueError(f"LoRA-XS's svd is 'exact' or 'randomized', not {svd!r}")
+    if problem := svd_problem("loraxs", svd):
+        raise ValueError(problem)
     u, s, vh = truncated_svd(weight, rank, randomized=svd == "randomized")
     r = torch.randn(rank, rank, generator=generator, device="cpu").to(weight.device) * 1e-5
     return u.contiguous(), r, (s[:, None] * vh).contiguous()

@@ -155,8 +155,8 @@ def check_args(args, ddp_world_size: int) -> list[str]:
     errors = []
     if args.rank is not None and args.rank < 1:  # here, not in argparse, to be listed with the other problems
         errors.append(f"--rank {args.rank}: the rank must be at least 1")
-    if args.init_svd == "authors" and args.method != "lorasb":
-        errors.append(f"--init_svd authors is LoRA-SB's initialization; --method {args.method} does not use it")
+    if problem := lorasb.svd_problem(args.method, args.init_svd):
+        errors.append(f"--init_svd {args.init_svd} with --method {args.method}: {problem}")
     if args.batch_size % (args.micro_batch_size * ddp_world_size):
         errors.append(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
                       f"{args.micro_batch_size} x {ddp_world_size} GPU(s): gradient accumulation needs a whole number")

@@ -713,7 +713,7 @@ def test_bad_evaluation_and_switch_arguments_are_refused(tmp_path, tiny_model_di
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--method", "lora", "--init_svd", "authors", "--math_path",
             str(tmp_path / "no"))
     message = str(refused.value)
-    for expected in ["--init_svd authors is LoRA-SB's", "--math_path"]:
+    for expected in ["--init_svd authors with --method lora: svd='authors' is LoRA-SB's", "--math_path"]:
         assert expected in message
 
 
