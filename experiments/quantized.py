@@ -168,6 +168,7 @@ def timed_passes(groups, record: dict):
         record["passes"] += 1
         record["estimate_seconds"] += time.perf_counter() - start
         yield group
+        del group  # this group's dW are freed before the next pass allocates its sums, as add_adapters frees its own
 
 
 def measure(name: str, part, results: dict):
