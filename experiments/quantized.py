@@ -5,7 +5,7 @@ layer (machinery/nf4.py: no full-precision copy of the projections ever exists),
 on a few short samples in groups of target layers (lorasb.estimate_by_group under --group_gib: one pass over the
 samples per group, each group's dW turned into B, R, A by add_adapters before the next group is estimated), the
 adapters at rank 96 (randomized SVD), and one training step (forward, backward, AdamW on R). Each part's time and peak
-resident memory (VmHWM of /proc/self/status, reset before each part; ru_maxrss for the whole process) go to a JSON
+resident memory (VmHWM of /proc/self/status, reset before each part; the whole run's is the largest) go to a JSON
 file, beside the analytic memory of the same run on fp32 and bf16 bases and the GPU memory to expect on one GPU
 (derived, labelled as an estimate).
 
@@ -22,7 +22,6 @@ memory the machine has available. Re-running with the same settings prints the s
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -208,7 +207,8 @@ def run(args, config: model_lib.ModelConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     measure("training_step", step, results)
-    results["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # not ru_maxrss: resetting VmHWM before each part (clear_refs) resets it too, so it holds the last part's peak only
+    results["peak_rss_bytes"] = max(part["peak_rss_bytes"] for part in results["parts"].values())
     return results
 
 
@@ -232,7 +232,7 @@ def report(results: dict) -> str:
     lines = [f"{name}: {p['seconds']:.1f} s, peak resident {p['peak_rss_bytes'] / GiB:.3f} GiB"
              + (f" ({p['passes']} passes of the estimate: {p['estimate_seconds']:.1f} s; the SVDs the rest)"
                 if "passes" in p else "") for name, p in results["parts"].items()]
-    lines.append(f"whole run: peak resident (ru_maxrss) {results['ru_maxrss_bytes'] / GiB:.3f} GiB; frozen weights "
+    lines.append(f"whole run: peak resident {results['peak_rss_bytes'] / GiB:.3f} GiB; frozen weights "
                  f"{results['frozen_bytes'] / GiB:.3f} GiB")
     lines += [f"derived, {name}: {parts['total'] / GiB:.3f} GiB" for name, parts in results["analytic"].items()]
     return "\n".join(lines)
