@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bench_args = bench.parse_args([*(["--config", args.config] if args.config else ["--model", args.model]
                                      if args.model else []), "--device", "cpu", "--dtype", args.dtype,
                                    "--batch", str(args.batch), "--seq", str(args.seq)])
-    return argparse.Namespace(**{**vars(bench_args), **vars(args), "dtype": bench_args.dtype})
+    args.model, args.device, args.dtype = bench_args.model, bench_args.device, bench_args.dtype  # resolved by bench
+    return args
 
 
 def load_module(path: Path, name: str):
