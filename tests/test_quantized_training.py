@@ -6,9 +6,6 @@ import copy
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,8 +14,6 @@ import data
 import lorasb
 import model as model_lib
 import train_gsm8k
-from conftest import REPO
-from test_train import free_port
 from machinery import checkpoints, nf4
 
 
@@ -173,15 +168,3 @@ def test_the_estimate_in_groups_gives_the_same_initialization_and_says_its_passe
     assert f"10 pass(es) over them, {8192 / 2**30:.2f} GiB" in capsys.readouterr().out
     got, expected = grouped.state_dict(), one_pass.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
-
-
-def test_torchrun_on_an_nf4_base_with_a_grouped_estimate(tmp_path, tiny_model_dir, tiny_gsm8k_dir):
-    out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(REPO / "train_gsm8k.py"), *trainer_argv(out, tiny_model_dir, tiny_gsm8k_dir, "--max_steps", "2",
-                                                          "--init_group_gib", str(8192 / 2**30))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "10 pass(es)" in result.stdout
-    assert json.loads((out / "summary.json").read_text())["quantize"] == "nf4"

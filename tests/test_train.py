@@ -622,12 +622,15 @@ def test_torchrun_with_two_cpu_processes(tmp_path, tiny_model_dir, tiny_gsm8k_di
                str(REPO / "train_gsm8k.py"), "--model", str(tiny_model_dir), "--data_dir", str(tiny_gsm8k_dir),
                "--out_dir", str(out), "--device", "cpu", "--batch_size", "4", "--micro_batch_size", "2",
                "--max_steps", "2", "--rank", "4", "--num_init_samples", "6", "--eval_limit", "5",
-               "--max_new_tokens", "4"]
+               "--max_new_tokens", "4", "--quantize", "nf4", "--init_group_gib", str(8192 / 2**30)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr and "FutureWarning" not in result.stderr  # a clean exit
+    # on a 4-bit base, the estimate in groups: each pass's sums all-reduced over the two processes
+    assert "pass(es)" in result.stdout and "1 pass(es)" not in result.stdout
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["quantize"] == "nf4"
     assert summary["gsm8k"]["total"] == 5  # the questions were split over the two ranks and gathered back
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["index"] for p in predictions] == [0, 1, 2, 3, 4]

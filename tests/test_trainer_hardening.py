@@ -132,8 +132,9 @@ def printed_command(stderr: str, after: str) -> list[str]:
     return command[2:]
 
 
+# Each case is a trainer process of its own (~5 s): one per phase and signal the others leave untested, so that the
+# default suite stays under 3 minutes (SIGINT is tested at the final save, SIGTERM at the model load and evaluation).
 @pytest.mark.parametrize("target, name", [("model_lib.load_model", "SIGTERM"),
-                                          ("estimate_update_from_examples", "SIGINT"),
                                           ("estimate_update_from_examples", "SIGHUP")])
 def test_a_signal_before_training_stops_with_one_message_and_the_command_that_starts_again(
         tmp_path, tiny_model_dir, tiny_gsm8k_dir, target, name):
@@ -151,8 +152,7 @@ def test_a_signal_before_training_stops_with_one_message_and_the_command_that_st
     assert (out / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("target, name", [("held_out_loss", "SIGTERM"), ("generate_answers", "SIGHUP"),
-                                          ("save_outputs", "SIGINT")])
+@pytest.mark.parametrize("target, name", [("generate_answers", "SIGHUP"), ("save_outputs", "SIGINT")])
 def test_a_signal_after_training_stops_with_one_message_and_resume_writes_the_outputs(
         finished_run, tmp_path, tiny_model_dir, tiny_gsm8k_dir, target, name):
     out, signum = tmp_path / "run", signal.Signals[name]
