@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Llama checkpoint folder with a byte-level tokenizer, a tiny GSM8K-format data folder and a
 tiny MATH test file, all written by the tests themselves (no download, no reference library)."""
 
+import errno
 import json
 import os
 import signal
@@ -54,6 +55,22 @@ TINY_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vo
                "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024, "hidden_act": "silu",
                "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": 256, "torch_dtype": "float32"}
+
+
+def full_disk_during(monkeypatch, owner, name: str) -> None:
+    """Make owner.<name> run on a full disk: while it runs, every os.fdopen (how atomic_write opens its temporary file)
+    raises ENOSPC. monkeypatch.undo() (or the test's end) restores both."""
+    real = getattr(owner, name)
+
+    def no_space(fd, mode):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def on_a_full_disk(*args):
+        monkeypatch.setattr(os, "fdopen", no_space)
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, on_a_full_disk)
 
 
 def bytes_to_unicode() -> dict[int, str]:

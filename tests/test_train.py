@@ -23,7 +23,7 @@ import data
 import lorasb
 import model as model_lib
 import train_gsm8k
-from conftest import REPO, TINY_MATH, deadline, write_tiny_gsm8k
+from conftest import REPO, TINY_MATH, deadline, full_disk_during, write_tiny_gsm8k
 from machinery import checkpoints, command, hub, run_identity
 from machinery.tokenizer import Tokenizer
 
@@ -279,22 +279,11 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
 
 def test_a_full_disk_while_writing_the_outputs_says_so_and_resume_writes_them(stopped_run, tmp_path, tiny_model_dir,
                                                                               tiny_gsm8k_dir, monkeypatch):
-    real_save_outputs, real_fdopen = train_gsm8k.save_outputs, os.fdopen
-
-    def no_space(fd, mode):
-        os.close(fd)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def save_on_a_full_disk(*args):
-        monkeypatch.setattr(lorasb.os, "fdopen", no_space)
-        real_save_outputs(*args)
-
-    monkeypatch.setattr(train_gsm8k, "save_outputs", save_on_a_full_disk)
+    full_disk_during(monkeypatch, train_gsm8k, "save_outputs")
     with pytest.raises(SystemExit, match=r"the outputs could not be written to .*: the disk is full \(.* MiB free "
                                          r"there\)\. Make room, then run again with --resume"):
         run(tmp_path, tiny_model_dir, tiny_gsm8k_dir)
-    monkeypatch.setattr(lorasb.os, "fdopen", real_fdopen)
-    monkeypatch.setattr(train_gsm8k, "save_outputs", real_save_outputs)
+    monkeypatch.undo()
     out = tmp_path / "run"
     assert (out / "checkpoints" / "latest").read_text() == "step-0000004" and not (out / "adapter.safetensors").exists()
     run(tmp_path, tiny_model_dir, tiny_gsm8k_dir, "--resume")

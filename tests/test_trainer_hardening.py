@@ -2,7 +2,6 @@
 are no regular files, sizes the model or the memory cannot hold, signals outside the training loop, a full disk
 before the first step, and what a short run shows its user."""
 
-import errno
 import json
 import os
 import re
@@ -15,9 +14,8 @@ import warnings
 
 import pytest
 
-import lorasb
 import train_gsm8k
-from conftest import REPO, deadline
+from conftest import REPO, deadline, full_disk_during
 from machinery import checkpoints, hub
 
 
@@ -53,17 +51,7 @@ def test_resume_skips_a_checkpoint_whose_manifest_is_a_fifo_without_waiting(fini
 
 def test_a_full_disk_before_the_first_step_says_so_in_one_message(tmp_path, tiny_model_dir, tiny_gsm8k_dir,
                                                                   monkeypatch):
-    real_write_run_record = checkpoints.write_run_record
-
-    def no_space(fd, mode):
-        os.close(fd)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def write_on_a_full_disk(*args):
-        monkeypatch.setattr(lorasb.os, "fdopen", no_space)
-        real_write_run_record(*args)
-
-    monkeypatch.setattr(checkpoints, "write_run_record", write_on_a_full_disk)
+    full_disk_during(monkeypatch, checkpoints, "write_run_record")
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"^Stopped: the run record \(checkpoints/run.json and the adapter as "
                                          r"initialized\), before the first step, could not be written to .*: the disk "
